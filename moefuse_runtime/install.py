@@ -1,0 +1,208 @@
+"""`install` and `uninstall`: walk a model and (un)fuse its SwitchGLU layers.
+
+One layer at a time: build the new arrays, evaluate them, swap them in, drop
+the old ones, then go on. No list of modules is ever held (mlx's
+``named_modules()`` would keep every replaced projection alive until the
+end), so the extra memory at any moment is one layer's gate and up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwitchGLU
+
+from . import projections
+from .config import ENABLE_ENV, env_flag
+from .layer import FUSED_NAME, fuse_layer, is_fused, unfuse_layer, why_not_fusable
+from .memory import default_reserve_bytes, format_bytes, headroom
+from .report import FuseReport, LayerResult, Outcome
+
+logger = logging.getLogger(__name__)
+
+
+def find_switch_glus(model: nn.Module) -> Iterator[tuple[str, SwitchGLU]]:
+    """Every SwitchGLU in ``model`` with its dotted path, found lazily."""
+    yield from _walk(model, "")
+
+
+def _walk(value: object, path: str) -> Iterator[tuple[str, SwitchGLU]]:
+    if isinstance(value, SwitchGLU):
+        yield path, value
+        return
+    if isinstance(value, dict):
+        children = value.items()
+    elif isinstance(value, (list, tuple)):
+        children = ((str(i), v) for i, v in enumerate(value))
+    else:
+        return
+    for key, child in children:
+        if isinstance(child, (dict, list, tuple)):
+            yield from _walk(child, f"{path}.{key}" if path else str(key))
+
+
+def install(
+    model: nn.Module,
+    *,
+    enabled: bool | None = None,
+    reserve_bytes: int | None = None,
+    group: mx.distributed.Group | None = None,
+) -> FuseReport:
+    """Fuse gate and up of every SwitchGLU in ``model``, in place.
+
+    Args:
+        model: A loaded (possibly lazily loaded, sharded or pipelined) model.
+        enabled: Overrides ``EXO_FUSED_MOE``; None reads it (unset = on).
+        reserve_bytes: Memory to leave free on the device; None takes
+            ``MOEFUSE_RESERVE_GB`` or 5% of device memory (at least 1 GiB).
+            A layer whose fusion would cut into it is left unfused, and so
+            is every layer after it.
+        group: With tensor-parallel ranks, the group whose ranks must agree
+            on each layer's fuse/skip verdict, so all run the same path.
+
+    Returns:
+        A `FuseReport`; layers that could not be fused say why. Never raises
+        for a layer: any failure leaves that layer unfused and working.
+    """
+    if enabled is False:
+        return _disabled_report(model, "disabled by enabled=False")
+    if enabled is None and not env_flag(ENABLE_ENV, default=True):
+        return _disabled_report(model, f"disabled by {ENABLE_ENV}=0")
+    reserve = default_reserve_bytes() if reserve_bytes is None else int(reserve_bytes)
+    return _run("install", model, lambda: _Fuser(reserve, group))
+
+
+def uninstall(model: nn.Module) -> FuseReport:
+    """Split every fused layer back into ``gate_proj`` and ``up_proj``.
+
+    The arrays come back bitwise identical and the layer regains its
+    original class, so the model saves and loads as an ordinary mlx-lm model.
+    """
+    return _run("uninstall", model, _Unfuser)
+
+
+def _disabled_report(model: nn.Module, why: str) -> FuseReport:
+    layers = tuple(
+        LayerResult(path, Outcome.SKIPPED, why) for path, _ in find_switch_glus(model)
+    )
+    report = FuseReport(layers=layers, disabled_reason=why)
+    logger.info("moefuse_runtime: %s", report.summary())
+    return report
+
+
+def _run(action: str, model: nn.Module, make_step) -> FuseReport:
+    step = make_step()
+    before = mx.get_active_memory()
+    start = time.perf_counter()
+    layers = []
+    layer = None
+    for path, layer in find_switch_glus(model):
+        result = step(path, layer)
+        logger.debug("%s %s: %s %s", action, path, result.outcome, result.reason)
+        layers.append(result)
+    del layer  # the last layer's old arrays must not outlive the loop
+    report = FuseReport(
+        layers=tuple(layers),
+        action=action,
+        seconds=time.perf_counter() - start,
+        active_bytes_before=before,
+        active_bytes_after=mx.get_active_memory(),
+        max_layer_bytes=max(
+            (r.nbytes for r in layers if r.outcome in (Outcome.FUSED, Outcome.UNFUSED)),
+            default=0,
+        ),
+        notes=getattr(step, "notes", ()),
+    )
+    logger.info("moefuse_runtime: %s", report.summary())
+    return report
+
+
+class _Fuser:
+    """Fuses one layer per call; remembers when memory ran out to stop there."""
+
+    def __init__(self, reserve: int, group: mx.distributed.Group | None) -> None:
+        self.reserve = reserve
+        self.group = group
+        self.stopped: str | None = None
+        self.notes: tuple[str, ...] = ()
+        if group is not None and group.size() > 1:
+            self.notes = (f"verdicts agreed across {group.size()} ranks",)
+
+    def __call__(self, path: str, layer: SwitchGLU) -> LayerResult:
+        if is_fused(layer):
+            fused = layer[FUSED_NAME]
+            return LayerResult(
+                path, Outcome.ALREADY_FUSED, "", projections.describe(fused), projections.nbytes(fused)
+            )
+        reason = why_not_fusable(layer)
+        kind = projections.describe(layer["gate_proj"]) if "gate_proj" in layer else ""
+        need = sum(projections.nbytes(layer[k]) for k in ("gate_proj", "up_proj") if k in layer)
+        if reason is None:
+            reason = self.stopped or self._headroom_verdict(path, need)
+        reason = self._agree(reason)
+        fused = None
+        if reason is None:
+            try:
+                fused = projections.fuse(layer["gate_proj"], layer["up_proj"])
+            except Exception as error:  # noqa: BLE001 - any failure leaves the layer as it was
+                reason = self._failure(path, error)
+        reason = self._agree(reason)
+        if reason is not None:
+            return LayerResult(path, Outcome.SKIPPED, reason, kind, need)
+        fuse_layer(layer, fused)
+        return LayerResult(path, Outcome.FUSED, "", kind, need)
+
+    def _headroom_verdict(self, path: str, need: int) -> str | None:
+        room = headroom()
+        if room.available - need >= self.reserve:
+            return None
+        self.stopped = (
+            f"headroom: stopped at {path}, which needs {format_bytes(need)} while "
+            f"{room.source} leaves {format_bytes(room.available)} "
+            f"and {format_bytes(self.reserve)} must stay free"
+        )
+        return self.stopped
+
+    def _failure(self, path: str, error: Exception) -> str:
+        message = f"{type(error).__name__}: {error}"
+        if _is_allocation_error(error):
+            self.stopped = f"headroom: allocation failed at {path} ({message}); stopped fusing"
+            return self.stopped
+        return f"failed while fusing ({message}); layer left unfused"
+
+    def _agree(self, reason: str | None) -> str | None:
+        """With a group, a layer is fused only where every rank can fuse it."""
+        if self.group is None or self.group.size() < 2:
+            return reason
+        vetoes = mx.distributed.all_sum(mx.array(0 if reason is None else 1), group=self.group)
+        if reason is None and vetoes.item() > 0:
+            return "another rank could not fuse this layer (verdicts agreed across ranks)"
+        return reason
+
+
+class _Unfuser:
+    def __call__(self, path: str, layer: SwitchGLU) -> LayerResult:
+        if not is_fused(layer):
+            return LayerResult(path, Outcome.SKIPPED, "not fused")
+        fused = layer[FUSED_NAME]
+        kind, size = projections.describe(fused), projections.nbytes(fused)
+        try:
+            gate, up = projections.split(fused)
+        except Exception as error:  # noqa: BLE001 - the layer stays fused and correct
+            return LayerResult(path, Outcome.SKIPPED, f"failed to split: {error}", kind, size)
+        del fused
+        unfuse_layer(layer, gate, up)
+        return LayerResult(path, Outcome.UNFUSED, "", kind, size)
+
+
+def _is_allocation_error(error: Exception) -> bool:
+    if isinstance(error, MemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        word in text for word in ("malloc", "out of memory", "allocat")
+    )

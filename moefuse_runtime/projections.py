@@ -1,0 +1,119 @@
+"""The weight math: gate and up concatenated along the output axis, and back.
+
+Every expert projection in mlx-lm stores its arrays with the output axis at
+position 1: ``weight`` (experts, out, in), quantized ``scales``/``biases``
+(experts, out, groups) and ``bias`` (experts, out). Quantization groups run
+along the input axis, so stacking two projections' rows is itself a valid
+projection of the same kind, and each output column is computed from the very
+same numbers as before: the outputs are bitwise equal. The one exception is a
+per-expert ``global_scale`` (nvfp4), which cannot be stacked: it must be the
+same for gate and up.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+OUTPUT_AXIS = 1
+SHARED_KEYS = frozenset({"global_scale"})
+"""Arrays that gate and up must share instead of being concatenated."""
+
+SUPPORTED = (SwitchLinear, QuantizedSwitchLinear)
+
+
+def arrays(projection: nn.Module) -> dict[str, mx.array]:
+    """The projection's own arrays (not those of any child module)."""
+    return {k: v for k, v in projection.items() if isinstance(v, mx.array)}
+
+
+def settings(projection: nn.Module) -> dict[str, object]:
+    """Public non-array attributes that change the math (bits, mode, ...)."""
+    return {
+        k: v
+        for k, v in vars(projection).items()
+        if not k.startswith("_") and not isinstance(v, mx.array)
+    }
+
+
+def nbytes(projection: nn.Module) -> int:
+    return sum(a.nbytes for a in arrays(projection).values())
+
+
+def describe(projection: nn.Module) -> str:
+    """A short name of the projection's storage, for reports."""
+    if isinstance(projection, QuantizedSwitchLinear):
+        mode = getattr(projection, "mode", "affine")
+        return f"{mode} {projection.bits}-bit g{projection.group_size}"
+    weight = projection.get("weight")
+    return str(weight.dtype).removeprefix("mlx.core.") if weight is not None else "?"
+
+
+def mismatch(gate: nn.Module, up: nn.Module) -> str | None:
+    """Why gate and up cannot become one projection, or None when they can."""
+    if type(gate) is not type(up):
+        return f"gate is {type(gate).__name__} but up is {type(up).__name__}"
+    if type(gate) not in SUPPORTED:
+        return f"unknown projection class {type(gate).__name__}"
+    if settings(gate) != settings(up):
+        return f"gate is {describe(gate)} but up is {describe(up)}"
+    gate_arrays, up_arrays = arrays(gate), arrays(up)
+    if gate_arrays.keys() != up_arrays.keys():
+        return f"gate holds {sorted(gate_arrays)} but up holds {sorted(up_arrays)}"
+    for key, g in gate_arrays.items():
+        u = up_arrays[key]
+        if g.dtype != u.dtype or g.shape != u.shape:
+            return (
+                f"{key}: gate is {g.dtype} {tuple(g.shape)} "
+                f"but up is {u.dtype} {tuple(u.shape)}"
+            )
+        if key in SHARED_KEYS and not mx.array_equal(g, u).item():
+            return f"gate and up have different {key} values"
+    return None
+
+
+def fuse(gate: nn.Module, up: nn.Module) -> nn.Module:
+    """One projection computing ``concat([gate(x), up(x)], axis=-1)``.
+
+    The result is a new module of the same class, with its arrays evaluated,
+    so the caller can drop gate and up right after. Neither input changes.
+    """
+    fused = _empty_like(gate)
+    up_arrays = arrays(up)
+    for key, g in arrays(gate).items():
+        fused[key] = (
+            g if key in SHARED_KEYS else mx.concatenate([g, up_arrays[key]], OUTPUT_AXIS)
+        )
+    mx.eval(arrays(fused))
+    return fused
+
+
+def split(fused: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The inverse of `fuse`: gate and up as separate, contiguous projections."""
+    gate, up = _empty_like(fused), _empty_like(fused)
+    for key, a in arrays(fused).items():
+        if key in SHARED_KEYS:
+            gate[key] = up[key] = a
+        else:
+            g, u = mx.split(a, 2, axis=OUTPUT_AXIS)
+            gate[key], up[key] = mx.contiguous(g), mx.contiguous(u)
+    mx.eval(arrays(gate), arrays(up))
+    return gate, up
+
+
+def _empty_like(projection: nn.Module) -> nn.Module:
+    """A module of the same class and settings (frozen state too), no arrays.
+
+    Calling the class's constructor would allocate a random weight of the
+    full size, which is exactly the memory a tight machine does not have.
+    """
+    cls = type(projection)
+    empty = cls.__new__(cls)
+    empty.__dict__.update(copy.deepcopy(vars(projection)))
+    for key, value in projection.items():
+        if not isinstance(value, mx.array):
+            empty[key] = copy.deepcopy(value)
+    return empty

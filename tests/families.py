@@ -1,0 +1,236 @@
+"""Tiny configurations of every mlx-lm model family that builds a SwitchGLU.
+
+The families are discovered from ``mlx_lm.models`` (any module whose source
+names SwitchGLU); each gets one shared tiny config, which
+``ModelArgs.from_dict`` trims to the fields the family knows, plus the few
+family-specific fields (per-layer lists, nested text configs) listed below.
+A family that appears in a new mlx-lm and cannot be built from this table
+fails `test_every_family_builds`, so the table cannot silently go stale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import pkgutil
+import typing
+
+import mlx.nn as nn
+import mlx_lm.models
+
+LAYERS = 3
+TINY = {
+    "hidden_size": 64,
+    "dim": 64,
+    "intermediate_size": 96,
+    "ffn_hidden_size": 96,
+    "moe_intermediate_size": 32,
+    "expert_ffn_hidden_size": 32,
+    "shared_expert_intermediate_size": 48,
+    "shared_intermediate_size": 48,
+    "num_hidden_layers": LAYERS,
+    "num_layers": LAYERS,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_attention_groups": 2,
+    "head_dim": 16,
+    "vocab_size": 128,
+    "rms_norm_eps": 1e-5,
+    "norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 512,
+    "model_max_length": 512,
+    "num_experts": 8,
+    "n_routed_experts": 8,
+    "num_local_experts": 8,
+    "moe_num_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_topk": 2,
+    "moe_k": 2,
+    "n_shared_experts": 1,
+    "num_shared_experts": 1,
+    "num_shared_expert": 1,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [0],
+    "first_k_dense_replace": 1,
+    "num_dense_layers": 1,
+    "norm_topk_prob": True,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 32,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    "n_group": 1,
+    "topk_group": 1,
+    "routed_scaling_factor": 1.0,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "use_bias": False,
+    "sliding_window": 8,
+    "sliding_window_size": 8,
+    "rope_scaling": None,
+}
+
+
+def _layers(pattern: list) -> list:
+    return (pattern * LAYERS)[:LAYERS]
+
+
+_YARN = {
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "factor": 40,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "original_max_position_embeddings": 4096,
+    "type": "yarn",
+}
+
+_KDA = {"num_heads": 4, "head_dim": 16, "kda_layers": [1], "short_conv_kernel_size": 4}
+
+OVERRIDES: dict[str, dict] = {
+    "afmoe": {"layer_types": _layers(["sliding_attention", "full_attention"])},
+    "exaone_moe": {
+        "layer_types": _layers(["sliding_attention", "full_attention"]),
+        "is_moe_layer": [False] + [True] * (LAYERS - 1),
+    },
+    "granitemoehybrid": {"layer_types": _layers(["attention"])},
+    "mimo_v2_flash": {
+        "hybrid_layer_pattern": _layers([0, 1]),
+        "moe_layer_freq": [0] + [1] * (LAYERS - 1),
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+        "routed_scaling_factor": None,
+        "n_group": 2,
+        "swa_num_attention_heads": 4,
+        "swa_num_key_value_heads": 2,
+        "v_head_dim": 16,
+        "swa_head_dim": 16,
+        "swa_v_head_dim": 16,
+        "partial_rotary_factor": 0.5,
+    },
+    "deepseek_v2": {"rope_scaling": _YARN},
+    "mistral4": {
+        "rope_parameters": {**_YARN, "llama_4_scaling_beta": 0.1, "rope_theta": 10000.0}
+    },
+    "mellum": {
+        "layer_types": _layers(["sliding_attention", "full_attention"]),
+        "rope_parameters": {
+            "sliding_attention": {"rope_theta": 10000.0},
+            "full_attention": {"rope_theta": 10000.0},
+        },
+    },
+    "longcat_flash": {
+        "attention_method": "MLA",
+        "zero_expert_type": "identity",
+        "zero_expert_num": 2,
+        "mla_scale_q_lora": True,
+        "mla_scale_kv_lora": True,
+    },
+    "hunyuan": {
+        "rope_scaling": {"alpha": 1000.0, "factor": 1.0, "type": "dynamic"},
+        "use_mixed_mlp_moe": True, "use_cla": True, "cla_share_factor": 2,
+    },
+    "jamba": {
+        "attn_layer_offset": 1,
+        "attn_layer_period": 2,
+        "expert_layer_offset": 1,
+        "expert_layer_period": 2,
+        "mamba_d_conv": 4,
+        "mamba_d_state": 16,
+        "mamba_expand": 2,
+    },
+    "kimi_linear": {
+        "linear_attn_config": _KDA,
+    },
+    "lfm2_moe": {"full_attn_idxs": [0, 2], "conv_bias": True, "conv_L_cache": 3},
+    "qwen3_next": {
+        "linear_num_value_heads": 4,
+        "linear_num_key_heads": 4,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+        "linear_conv_kernel_dim": 3,
+        "partial_rotary_factor": 0.5,
+        "full_attention_interval": 2,
+    },
+    "gemma4_text": {
+        "enable_moe_block": True,
+        "top_k_experts": 2,
+        "sliding_window_pattern": 2,
+        "hidden_size_per_layer_input": 0,
+        "num_kv_shared_layers": 0,
+        "global_head_dim": 16,
+        "num_global_key_value_heads": 2,
+    },
+    # Families whose ModelArgs nest the language model's args in text_config.
+    "kimi_k3": {"num_experts_per_token": 2, "linear_attn_config": _KDA},
+    "llama4": {
+        "attention_chunk_size": 8,
+        "interleave_moe_layer_step": 2,
+        "intermediate_size_mlp": 96,
+        "use_qk_norm": True,
+        "num_experts_per_tok": 1,
+        "num_hidden_layers": 4,  # its forward reads the cache of layer 3
+    },
+    "minimax_m3_vl": {"dense_intermediate_size": 96, "moe_layer_freq": [0] + [1] * (LAYERS - 1)},
+    "muse_spark": {
+        "post_norm_eps": 1e-5,
+        "rope_parameters": {"rope_theta": 10000.0},
+        "layer_rope_theta": [0.0] * LAYERS,  # rope has a Metal-only kernel
+        "layer_types": _layers(["full_attention"]),
+        "final_logit_softcapping": 30.0,
+        "output_multiplier": 1.0,
+        "moe_hidden_size": 32,
+        "num_shared_experts": 0,
+    },
+}
+
+
+def discover() -> list[str]:
+    """Names of the mlx_lm.models modules whose source builds a SwitchGLU."""
+    found = []
+    for info in pkgutil.iter_modules(mlx_lm.models.__path__):
+        spec = importlib.util.find_spec(f"mlx_lm.models.{info.name}")
+        source = open(spec.origin).read() if spec and spec.origin else ""
+        if "SwitchGLU(" in source and info.name != "switch_layers":
+            found.append(info.name)
+    return sorted(found)
+
+
+def config_for(family: str) -> dict:
+    """The tiny config; nested under text_config where the family wants it."""
+    module = importlib.import_module(f"mlx_lm.models.{family}")
+    config = _filled(module.ModelArgs, {"model_type": family, **TINY, **OVERRIDES.get(family, {})})
+    text_args = getattr(module, "TextArgs", None)
+    if "text_config" in {f.name for f in dataclasses.fields(module.ModelArgs)} and text_args:
+        config["text_config"] = _filled(text_args, dict(config))
+    return config
+
+
+def _filled(args_class: type, config: dict) -> dict:
+    for field in dataclasses.fields(args_class):
+        if field.name in config:
+            continue
+        if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            config[field.name] = _filler(field)
+    return config
+
+
+def _filler(field: dataclasses.Field) -> object:
+    if field.name == "text_config":
+        return {}
+    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    if "int" in kind:
+        return 2
+    if "float" in kind:
+        return 1.0
+    if "bool" in kind:
+        return False
+    raise KeyError(f"no tiny value for required field {field.name}: {field.type}")
+
+
+def build(family: str) -> nn.Module:
+    module = importlib.import_module(f"mlx_lm.models.{family}")
+    args = module.ModelArgs.from_dict(config_for(family))
+    return module.Model(args)

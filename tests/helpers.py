@@ -1,0 +1,72 @@
+"""Builders shared by the tests: SwitchGLU layers of every projection kind."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwitchGLU
+
+import moefuse_runtime
+
+CPU_FLOAT_ONLY = "mlx's CPU gather_mm supports float32 only; run on the GPU"
+CPU_GLOBAL_SCALE = "mlx's CPU gather_qmm has no global_scale; run on the GPU"
+
+
+def on_cpu() -> bool:
+    return mx.default_device() == mx.cpu
+
+
+def switch_glu(
+    dims: int = 64,
+    hidden: int = 32,
+    experts: int = 8,
+    *,
+    dtype: mx.Dtype = mx.float32,
+    bias: bool = False,
+    quant: dict | None = None,
+    global_scale: bool = False,
+    seed: int = 0,
+) -> SwitchGLU:
+    """A SwitchGLU with random weights (and biases), float or quantized."""
+    mx.random.seed(seed)
+    layer = SwitchGLU(dims, hidden, experts, bias=bias)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        proj = layer[name]
+        proj.weight = (mx.random.normal(proj.weight.shape) * 0.2).astype(dtype)
+        if bias:
+            proj.bias = (mx.random.normal(proj.bias.shape) * 0.2).astype(dtype)
+        if quant is not None:
+            layer[name] = proj.to_quantized(**quant, global_scale=global_scale)
+    mx.eval(layer.parameters())
+    return layer
+
+
+def route(tokens: int, experts: int, top_k: int, batch: int = 1, seed: int = 1) -> mx.array:
+    """Expert indices (batch, tokens, top_k), duplicates across tokens included."""
+    mx.random.seed(seed)
+    return mx.random.randint(0, experts, (batch, tokens, top_k)).astype(mx.uint32)
+
+
+def fused_matches(layer: SwitchGLU, x: mx.array, indices: mx.array) -> bool:
+    """Fuse ``layer`` in place and tell whether its output is bitwise the same."""
+    before = layer(x, indices)
+    mx.eval(before)
+    report = moefuse_runtime.install(layer, reserve_bytes=0)
+    assert report.fused == ("",), report
+    after = layer(x, indices)
+    return after.dtype == before.dtype and mx.array_equal(after, before).item()
+
+
+def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 32, mode: str = "affine"):
+    """nn.quantize every layer whose input width the group size divides."""
+
+    def predicate(_path: str, module: nn.Module) -> bool:
+        weight = module.get("weight") if isinstance(module, dict) else None
+        return (
+            hasattr(module, "to_quantized")
+            and weight is not None
+            and weight.shape[-1] % group_size == 0
+        )
+
+    nn.quantize(model, group_size, bits, mode=mode, class_predicate=predicate)
+    return model
