@@ -29,8 +29,7 @@ def env_flag(name: str, default: bool) -> bool:
     if value in _FALSE:
         return False
     raise ValueError(
-        f"{name}={raw!r} is not understood: use 1/true/on to enable "
-        f"or 0/false/off to disable"
+        f"{name}={raw!r} is not understood: use 1/true/on to enable or 0/false/off to disable"
     )
 
 

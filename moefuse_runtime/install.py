@@ -86,9 +86,7 @@ def uninstall(model: nn.Module) -> FuseReport:
 
 
 def _disabled_report(model: nn.Module, why: str) -> FuseReport:
-    layers = tuple(
-        LayerResult(path, Outcome.SKIPPED, why) for path, _ in find_switch_glus(model)
-    )
+    layers = tuple(LayerResult(path, Outcome.SKIPPED, why) for path, _ in find_switch_glus(model))
     report = FuseReport(layers=layers, disabled_reason=why)
     logger.info("moefuse_runtime: %s", report.summary())
     return report
@@ -136,7 +134,11 @@ class _Fuser:
         if is_fused(layer):
             fused = layer[FUSED_NAME]
             return LayerResult(
-                path, Outcome.ALREADY_FUSED, "", projections.describe(fused), projections.nbytes(fused)
+                path,
+                Outcome.ALREADY_FUSED,
+                "",
+                projections.describe(fused),
+                projections.nbytes(fused),
             )
         reason = why_not_fusable(layer)
         kind = projections.describe(layer["gate_proj"]) if "gate_proj" in layer else ""

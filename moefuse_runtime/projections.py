@@ -58,18 +58,22 @@ def mismatch(gate: nn.Module, up: nn.Module) -> str | None:
         return f"gate is {type(gate).__name__} but up is {type(up).__name__}"
     if type(gate) not in SUPPORTED:
         return f"unknown projection class {type(gate).__name__}"
-    if settings(gate) != settings(up):
-        return f"gate is {describe(gate)} but up is {describe(up)}"
+    gate_settings, up_settings = settings(gate), settings(up)
+    absent = object()
+    differ = sorted(
+        k
+        for k in gate_settings.keys() | up_settings.keys()
+        if gate_settings.get(k, absent) != up_settings.get(k, absent)
+    )
+    if differ:
+        return f"gate and up differ in {', '.join(differ)}: {describe(gate)} vs {describe(up)}"
     gate_arrays, up_arrays = arrays(gate), arrays(up)
     if gate_arrays.keys() != up_arrays.keys():
         return f"gate holds {sorted(gate_arrays)} but up holds {sorted(up_arrays)}"
     for key, g in gate_arrays.items():
         u = up_arrays[key]
         if g.dtype != u.dtype or g.shape != u.shape:
-            return (
-                f"{key}: gate is {g.dtype} {tuple(g.shape)} "
-                f"but up is {u.dtype} {tuple(u.shape)}"
-            )
+            return f"{key}: gate is {g.dtype} {tuple(g.shape)} but up is {u.dtype} {tuple(u.shape)}"
         if key in SHARED_KEYS and not mx.array_equal(g, u).item():
             return f"gate and up have different {key} values"
     return None
@@ -84,9 +88,7 @@ def fuse(gate: nn.Module, up: nn.Module) -> nn.Module:
     fused = _empty_like(gate)
     up_arrays = arrays(up)
     for key, g in arrays(gate).items():
-        fused[key] = (
-            g if key in SHARED_KEYS else mx.concatenate([g, up_arrays[key]], OUTPUT_AXIS)
-        )
+        fused[key] = g if key in SHARED_KEYS else mx.concatenate([g, up_arrays[key]], OUTPUT_AXIS)
     mx.eval(arrays(fused))
     return fused
 

@@ -104,7 +104,7 @@ class FuseReport:
         ]
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         lines = [
-            "  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4]
+            "  ".join([*(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)), row[4]])
             for row in rows
         ]
         return "\n".join([*(line.rstrip() for line in lines), self.summary()])

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import inspect
+import pathlib
 import pkgutil
-import typing
 
 import mlx.nn as nn
 import mlx_lm.models
@@ -111,9 +110,7 @@ OVERRIDES: dict[str, dict] = {
         "partial_rotary_factor": 0.5,
     },
     "deepseek_v2": {"rope_scaling": _YARN},
-    "mistral4": {
-        "rope_parameters": {**_YARN, "llama_4_scaling_beta": 0.1, "rope_theta": 10000.0}
-    },
+    "mistral4": {"rope_parameters": {**_YARN, "llama_4_scaling_beta": 0.1, "rope_theta": 10000.0}},
     "mellum": {
         "layer_types": _layers(["sliding_attention", "full_attention"]),
         "rope_parameters": {
@@ -130,7 +127,9 @@ OVERRIDES: dict[str, dict] = {
     },
     "hunyuan": {
         "rope_scaling": {"alpha": 1000.0, "factor": 1.0, "type": "dynamic"},
-        "use_mixed_mlp_moe": True, "use_cla": True, "cla_share_factor": 2,
+        "use_mixed_mlp_moe": True,
+        "use_cla": True,
+        "cla_share_factor": 2,
     },
     "jamba": {
         "attn_layer_offset": 1,
@@ -189,13 +188,12 @@ OVERRIDES: dict[str, dict] = {
 
 def discover() -> list[str]:
     """Names of the mlx_lm.models modules whose source builds a SwitchGLU."""
-    found = []
-    for info in pkgutil.iter_modules(mlx_lm.models.__path__):
-        spec = importlib.util.find_spec(f"mlx_lm.models.{info.name}")
-        source = open(spec.origin).read() if spec and spec.origin else ""
-        if "SwitchGLU(" in source and info.name != "switch_layers":
-            found.append(info.name)
-    return sorted(found)
+    folder = pathlib.Path(mlx_lm.models.__path__[0])
+    return sorted(
+        info.name
+        for info in pkgutil.iter_modules([str(folder)])
+        if "SwitchGLU(" in (folder / f"{info.name}.py").read_text() and info.name != "switch_layers"
+    )
 
 
 def config_for(family: str) -> dict:
@@ -220,7 +218,11 @@ def _filled(args_class: type, config: dict) -> dict:
 def _filler(field: dataclasses.Field) -> object:
     if field.name == "text_config":
         return {}
-    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    kind = (
+        field.type
+        if isinstance(field.type, str)
+        else getattr(field.type, "__name__", str(field.type))
+    )
     if "int" in kind:
         return 2
     if "float" in kind:

@@ -5,12 +5,12 @@ For each family (discovered, see families.py): a tiny model, float32 and
 with a KV cache (the unsorted path). Every logit must be bitwise equal.
 """
 
+import families
 import mlx.core as mx
 import pytest
 from helpers import quantize_model
 from mlx_lm.models.cache import make_prompt_cache
 
-import families
 import moefuse_runtime
 
 FAMILIES = families.discover()
@@ -55,7 +55,7 @@ def test_family_parity(family, quantized):
     assert report.total >= 1 and len(report.fused) == report.total, str(report)
 
     fused = logits_sequence(model, prompt)
-    for step, (a, b) in enumerate(zip(reference, fused)):
+    for step, (a, b) in enumerate(zip(reference, fused, strict=True)):
         assert mx.array_equal(a, b).item(), f"{family} step {step} differs"
 
 
@@ -65,7 +65,9 @@ def test_family_fuses_and_unfuses(family):
     model = quantize_model(families.build(family))
     before = dict(_switch_arrays(model))
     assert moefuse_runtime.install(model, reserve_bytes=0).fused
-    assert all(moefuse_runtime.is_fused(layer) for _, layer in moefuse_runtime.find_switch_glus(model))
+    assert all(
+        moefuse_runtime.is_fused(layer) for _, layer in moefuse_runtime.find_switch_glus(model)
+    )
     assert moefuse_runtime.uninstall(model).unfused
     after = dict(_switch_arrays(model))
     assert before.keys() == after.keys()

@@ -37,13 +37,17 @@ def test_microscaled_quantized(mode, bits, group_size, pairs):
 def test_nvfp4_with_shared_global_scale(pairs):
     if on_cpu():
         pytest.skip(CPU_GLOBAL_SCALE)
-    layer = switch_glu(128, 128, quant={"bits": 4, "group_size": 16, "mode": "nvfp4"}, global_scale=True)
+    layer = switch_glu(
+        128, 128, quant={"bits": 4, "group_size": 16, "mode": "nvfp4"}, global_scale=True
+    )
     layer.up_proj.global_scale = layer.gate_proj.global_scale
     assert run(layer, pairs)
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("quant", [None, {"bits": 4, "group_size": 64}, {"bits": 8, "group_size": 32, "mode": "mxfp8"}])
+@pytest.mark.parametrize(
+    "quant", [None, {"bits": 4, "group_size": 64}, {"bits": 8, "group_size": 32, "mode": "mxfp8"}]
+)
 @pytest.mark.parametrize("pairs", [5, 300])
 def test_bias(quant, bias, pairs):
     assert run(switch_glu(128, 128, bias=bias, quant=quant), pairs)
@@ -85,7 +89,9 @@ def test_odd_hidden_width():
 
 
 def test_global_scale_is_shared_not_stacked():
-    layer = switch_glu(128, 128, quant={"bits": 4, "group_size": 16, "mode": "nvfp4"}, global_scale=True)
+    layer = switch_glu(
+        128, 128, quant={"bits": 4, "group_size": 16, "mode": "nvfp4"}, global_scale=True
+    )
     layer.up_proj.global_scale = layer.gate_proj.global_scale
     fused = projections.fuse(layer.gate_proj, layer.up_proj)
     assert fused.global_scale.shape == (8,)

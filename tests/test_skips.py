@@ -1,0 +1,113 @@
+"""Layers that must not be fused are left alone, each with a reason."""
+
+import mlx.core as mx
+import mlx.nn as nn
+from helpers import route, switch_glu
+from mlx_lm.models.switch_layers import SwitchGLU
+
+import moefuse_runtime
+
+
+def skipped_reason(layer):
+    x = mx.random.normal((1, 70, 128))
+    indices = route(70, 8, 1)
+    before = layer(x, indices)
+    report = moefuse_runtime.install(layer, reserve_bytes=0)
+    assert report.fused == () and not moefuse_runtime.is_fused(layer)
+    assert mx.array_equal(layer(x, indices), before).item()
+    assert "gate_proj" in layer and "up_proj" in layer
+    return report.skipped[""]
+
+
+def test_mixed_bits():
+    layer = switch_glu(128, 128, quant={"bits": 4, "group_size": 64})
+    layer.up_proj = switch_glu(128, 128, quant={"bits": 8, "group_size": 64}).up_proj
+    assert "8-bit" in skipped_reason(layer) and "4-bit" in skipped_reason(layer)
+
+
+def test_mixed_group_size():
+    layer = switch_glu(128, 128, quant={"bits": 4, "group_size": 64})
+    layer.up_proj = switch_glu(128, 128, quant={"bits": 4, "group_size": 32}).up_proj
+    assert "g32" in skipped_reason(layer)
+
+
+def test_mixed_mode_and_class():
+    layer = switch_glu(128, 128, quant={"bits": 4, "group_size": 32, "mode": "mxfp4"})
+    layer.up_proj = switch_glu(128, 128, quant={"bits": 4, "group_size": 32}).up_proj
+    assert "mxfp4" in skipped_reason(layer)
+    layer = switch_glu(128, 128)
+    layer.up_proj = switch_glu(128, 128, quant={"bits": 4, "group_size": 32}).up_proj
+    assert "SwitchLinear but up is QuantizedSwitchLinear" in skipped_reason(layer)
+
+
+def test_mixed_dtype():
+    layer = switch_glu(128, 128)
+    layer.up_proj.weight = layer.up_proj.weight.astype(mx.float16)
+    assert "float16" in moefuse_runtime.install(layer, reserve_bytes=0).skipped[""]
+
+
+def test_mismatched_global_scales():
+    layer = switch_glu(
+        128, 128, quant={"bits": 4, "group_size": 16, "mode": "nvfp4"}, global_scale=True
+    )
+    report = moefuse_runtime.install(layer, reserve_bytes=0)
+    assert report.skipped[""] == "gate and up have different global_scale values"
+
+
+def test_global_scale_on_one_side_only():
+    layer = switch_glu(
+        128, 128, quant={"bits": 4, "group_size": 16, "mode": "nvfp4"}, global_scale=True
+    )
+    layer.up_proj = switch_glu(
+        128, 128, quant={"bits": 4, "group_size": 16, "mode": "nvfp4"}
+    ).up_proj
+    assert "global_scale" in moefuse_runtime.install(layer, reserve_bytes=0).skipped[""]
+
+
+class MyProjection(nn.Module):
+    def __init__(self, proj):
+        super().__init__()
+        self.inner = proj
+
+    def __call__(self, x, indices, sorted_indices=False):
+        return self.inner(x, indices, sorted_indices=sorted_indices)
+
+
+def test_unknown_projection_class():
+    layer = switch_glu(128, 128)
+    layer.gate_proj, layer.up_proj = MyProjection(layer.gate_proj), MyProjection(layer.up_proj)
+    assert skipped_reason(layer) == "unknown projection class MyProjection"
+
+
+class CustomGLU(SwitchGLU):
+    def __call__(self, x, indices):
+        return super().__call__(x, indices) * 2
+
+
+def test_subclass_with_its_own_forward():
+    layer = switch_glu(128, 128)
+    layer.__class__ = CustomGLU
+    assert skipped_reason(layer) == "CustomGLU overrides SwitchGLU.__call__"
+
+
+class PlainSubclass(SwitchGLU):
+    """A subclass that keeps SwitchGLU's forward can be fused."""
+
+
+def test_subclass_keeping_the_forward_is_fused_and_restored():
+    layer = switch_glu(128, 128)
+    layer.__class__ = PlainSubclass
+    x, indices = mx.random.normal((1, 70, 128)), route(70, 8, 1)
+    before = layer(x, indices)
+    assert moefuse_runtime.install(layer, reserve_bytes=0).fused == ("",)
+    assert isinstance(layer, PlainSubclass) and type(layer).__name__ == "FusedPlainSubclass"
+    assert mx.array_equal(layer(x, indices), before).item()
+    moefuse_runtime.uninstall(layer)
+    assert type(layer) is PlainSubclass
+
+
+def test_model_without_switch_glu():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    report = moefuse_runtime.install(model)
+    assert report.total == 0 and report.fused == ()
+    assert report.summary().startswith("fused 0/0 SwitchGLU layers")
