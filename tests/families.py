@@ -14,6 +14,7 @@ import dataclasses
 import importlib
 import pathlib
 import pkgutil
+import re
 
 import mlx.nn as nn
 import mlx_lm.models
@@ -88,6 +89,14 @@ _YARN = {
 
 _KDA = {"num_heads": 4, "head_dim": 16, "kda_layers": [1], "short_conv_kernel_size": 4}
 
+_LINEAR_ATTENTION = {
+    "linear_num_value_heads": 4,
+    "linear_num_key_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_conv_kernel_dim": 3,
+}
+
 OVERRIDES: dict[str, dict] = {
     "afmoe": {"layer_types": _layers(["sliding_attention", "full_attention"])},
     "exaone_moe": {
@@ -125,6 +134,25 @@ OVERRIDES: dict[str, dict] = {
         "mla_scale_q_lora": True,
         "mla_scale_kv_lora": True,
     },
+    "longcat_flash_ngram": {
+        "attention_method": "MLA",
+        "zero_expert_type": "identity",
+        "zero_expert_num": 2,
+        "mla_scale_q_lora": True,
+        "mla_scale_kv_lora": True,
+        "ngram_vocab_size_ratio": 2,
+    },
+    "glm_moe_dsa": {
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+        "rope_parameters": {"rope_theta": 10000.0},
+        "index_head_dim": 16,
+        "index_n_heads": 2,
+        "index_topk": 8,
+        "moe_layer_freq": 1,
+    },
+    "qwen3_5": {"full_attention_interval": 2, **_LINEAR_ATTENTION},
+    "qwen3_5_moe": {"full_attention_interval": 2, **_LINEAR_ATTENTION},
     "hunyuan": {
         "rope_scaling": {"alpha": 1000.0, "factor": 1.0, "type": "dynamic"},
         "use_mixed_mlp_moe": True,
@@ -144,15 +172,7 @@ OVERRIDES: dict[str, dict] = {
         "linear_attn_config": _KDA,
     },
     "lfm2_moe": {"full_attn_idxs": [0, 2], "conv_bias": True, "conv_L_cache": 3},
-    "qwen3_next": {
-        "linear_num_value_heads": 4,
-        "linear_num_key_heads": 4,
-        "linear_key_head_dim": 16,
-        "linear_value_head_dim": 16,
-        "linear_conv_kernel_dim": 3,
-        "partial_rotary_factor": 0.5,
-        "full_attention_interval": 2,
-    },
+    "qwen3_next": {"partial_rotary_factor": 0.5, "full_attention_interval": 2, **_LINEAR_ATTENTION},
     "gemma4_text": {
         "enable_moe_block": True,
         "top_k_experts": 2,
@@ -186,23 +206,36 @@ OVERRIDES: dict[str, dict] = {
 }
 
 
+TEXT_ARGS_NAMES = ("TextArgs", "TextConfig", "TextModelArgs")
+
+
 def discover() -> list[str]:
-    """Names of the mlx_lm.models modules whose source builds a SwitchGLU."""
+    """mlx_lm.models modules that build a SwitchGLU, directly or by importing
+    from a module that does (kimi_k25 reuses deepseek_v3, and so on)."""
     folder = pathlib.Path(mlx_lm.models.__path__[0])
-    return sorted(
-        info.name
+    sources = {
+        info.name: (folder / f"{info.name}.py").read_text()
         for info in pkgutil.iter_modules([str(folder)])
-        if "SwitchGLU(" in (folder / f"{info.name}.py").read_text() and info.name != "switch_layers"
-    )
+        if info.name != "switch_layers"
+    }
+    found = {name for name, source in sources.items() if "SwitchGLU(" in source}
+    while importers := {
+        name
+        for name, source in sources.items()
+        if name not in found and set(re.findall(r"from \.(\w+) import", source)) & found
+    }:
+        found |= importers
+    return sorted(found)
 
 
 def config_for(family: str) -> dict:
     """The tiny config; nested under text_config where the family wants it."""
     module = importlib.import_module(f"mlx_lm.models.{family}")
     config = _filled(module.ModelArgs, {"model_type": family, **TINY, **OVERRIDES.get(family, {})})
-    text_args = getattr(module, "TextArgs", None)
-    if "text_config" in {f.name for f in dataclasses.fields(module.ModelArgs)} and text_args:
-        config["text_config"] = _filled(text_args, dict(config))
+    if "text_config" in {f.name for f in dataclasses.fields(module.ModelArgs)}:
+        text_args = next((getattr(module, n) for n in TEXT_ARGS_NAMES if hasattr(module, n)), None)
+        text = dict(config)
+        config["text_config"] = _filled(text_args, text) if text_args else text
     return config
 
 
