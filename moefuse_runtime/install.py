@@ -21,6 +21,7 @@ from .config import ENABLE_ENV, env_flag
 from .layer import FUSED_NAME, fuse_layer, is_fused, unfuse_layer, why_not_fusable
 from .memory import default_reserve_bytes, format_bytes, headroom
 from .report import FuseReport, LayerResult, Outcome
+from .sharding import guard_shard
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ def install(
             is every layer after it.
         group: With tensor-parallel ranks, the group whose ranks must agree
             on each layer's fuse/skip verdict, so all run the same path.
+            Install after ``model.shard(group)`` fuses the local shards;
+            install before it is safe too (see `sharding`).
 
     Returns:
         A `FuseReport`; layers that could not be fused say why. Never raises
@@ -73,7 +76,10 @@ def install(
     if enabled is None and not env_flag(ENABLE_ENV, default=True):
         return _disabled_report(model, f"disabled by {ENABLE_ENV}=0")
     reserve = default_reserve_bytes() if reserve_bytes is None else int(reserve_bytes)
-    return _run("install", model, lambda: _Fuser(reserve, group))
+    report = _run("install", model, lambda: _Fuser(reserve, *_agreeing_group(model, group)))
+    if report.fused or report.already_fused:
+        guard_shard(model)  # a later model.shard(group) must still work
+    return report
 
 
 def uninstall(model: nn.Module) -> FuseReport:
@@ -122,16 +128,17 @@ def _run(action: str, model: nn.Module, make_step) -> FuseReport:
 class _Fuser:
     """Fuses one layer per call; remembers when memory ran out to stop there."""
 
-    def __init__(self, reserve: int, group: mx.distributed.Group | None) -> None:
+    def __init__(
+        self, reserve: int, group: mx.distributed.Group | None, notes: tuple[str, ...]
+    ) -> None:
         self.reserve = reserve
         self.group = group
         self.stopped: str | None = None
-        self.notes: tuple[str, ...] = ()
-        if group is not None and group.size() > 1:
-            self.notes = (f"verdicts agreed across {group.size()} ranks",)
+        self.notes = notes
 
     def __call__(self, path: str, layer: SwitchGLU) -> LayerResult:
         if is_fused(layer):
+            self._agree(None), self._agree(None)  # in step with the peers' two votes
             fused = layer[FUSED_NAME]
             return LayerResult(
                 path,
@@ -180,8 +187,10 @@ class _Fuser:
         """With a group, a layer is fused only where every rank can fuse it."""
         if self.group is None or self.group.size() < 2:
             return reason
+        # Evaluated on every rank, vetoing or not: a lazy collective left
+        # unevaluated on one rank would leave its peers waiting forever.
         vetoes = mx.distributed.all_sum(mx.array(0 if reason is None else 1), group=self.group)
-        if reason is None and vetoes.item() > 0:
+        if vetoes.item() > 0 and reason is None:
             return "another rank could not fuse this layer (verdicts agreed across ranks)"
         return reason
 
@@ -199,6 +208,25 @@ class _Unfuser:
         del fused
         unfuse_layer(layer, gate, up)
         return LayerResult(path, Outcome.UNFUSED, "", kind, size)
+
+
+def _agreeing_group(
+    model: nn.Module, group: mx.distributed.Group | None
+) -> tuple[mx.distributed.Group | None, tuple[str, ...]]:
+    """The group to agree verdicts in, if its ranks hold the same layers.
+
+    Tensor-parallel ranks hold a shard of every layer, so layer i is the same
+    layer everywhere and one vote per layer keeps them on the same path.
+    Pipeline ranks hold different layers: their verdicts stay their own (and
+    a vote count that differs between ranks would hang the collectives).
+    """
+    if group is None or group.size() < 2:
+        return None, ()
+    count = sum(1 for _ in find_switch_glus(model))
+    counts = mx.distributed.all_gather(mx.array([count]), group=group).tolist()
+    if min(counts) != max(counts):
+        return None, (f"ranks hold different layers ({counts} SwitchGLU); verdicts are per rank",)
+    return group, (f"verdicts agreed across {group.size()} ranks",)
 
 
 def _is_allocation_error(error: Exception) -> bool:

@@ -20,15 +20,17 @@ import mlx.nn as nn
 import mlx_lm.models
 
 LAYERS = 3
+# Widths are multiples of 64 so that, split over 2 ranks by model.shard(),
+# every shard still divides into quantization groups of 32.
 TINY = {
     "hidden_size": 64,
     "dim": 64,
-    "intermediate_size": 96,
-    "ffn_hidden_size": 96,
-    "moe_intermediate_size": 32,
-    "expert_ffn_hidden_size": 32,
-    "shared_expert_intermediate_size": 48,
-    "shared_intermediate_size": 48,
+    "intermediate_size": 128,
+    "ffn_hidden_size": 128,
+    "moe_intermediate_size": 64,
+    "expert_ffn_hidden_size": 64,
+    "shared_expert_intermediate_size": 64,
+    "shared_intermediate_size": 64,
     "num_hidden_layers": LAYERS,
     "num_layers": LAYERS,
     "num_attention_heads": 4,
@@ -134,6 +136,8 @@ OVERRIDES: dict[str, dict] = {
         "mla_scale_q_lora": True,
         "mla_scale_kv_lora": True,
     },
+    # Pipelines split it by layer groups: two groups of two for two ranks.
+    "bailing_hybrid": {"num_hidden_layers": 4, "layer_group_size": 2},
     "longcat_flash_ngram": {
         "attention_method": "MLA",
         "zero_expert_type": "identity",
@@ -187,12 +191,12 @@ OVERRIDES: dict[str, dict] = {
     "llama4": {
         "attention_chunk_size": 8,
         "interleave_moe_layer_step": 2,
-        "intermediate_size_mlp": 96,
+        "intermediate_size_mlp": 128,
         "use_qk_norm": True,
         "num_experts_per_tok": 1,
         "num_hidden_layers": 4,  # its forward reads the cache of layer 3
     },
-    "minimax_m3_vl": {"dense_intermediate_size": 96, "moe_layer_freq": [0] + [1] * (LAYERS - 1)},
+    "minimax_m3_vl": {"dense_intermediate_size": 128, "moe_layer_freq": [0] + [1] * (LAYERS - 1)},
     "muse_spark": {
         "post_norm_eps": 1e-5,
         "rope_parameters": {"rope_theta": 10000.0},
@@ -200,7 +204,7 @@ OVERRIDES: dict[str, dict] = {
         "layer_types": _layers(["full_attention"]),
         "final_logit_softcapping": 30.0,
         "output_multiplier": 1.0,
-        "moe_hidden_size": 32,
+        "moe_hidden_size": 64,
         "num_shared_experts": 0,
     },
 }

@@ -1,0 +1,226 @@
+"""One rank of a distributed test; run by test_sharding.py under mlx.launch.
+
+Prints one JSON line per check ({"rank", "check", "family", "ok", ...}) and
+exits non-zero on the first exception, so a failing rank fails the test with
+its traceback shown.
+"""
+
+import argparse
+import json
+
+import families
+import mlx.core as mx
+from helpers import quantize_model
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.pipeline import PipelineMixin
+
+import moefuse_runtime
+
+PROMPT_TOKENS = 40  # x batch 2 x top-k 2 = 160 pairs: the sorted path
+DECODE_STEPS = 3
+
+
+def build(family, quantized):
+    mx.random.seed(0)
+    model = families.build(family)
+    if quantized:
+        quantize_model(model)
+    mx.eval(model.parameters())
+    return model
+
+
+def logits(model):
+    mx.random.seed(1)
+    prompt = mx.random.randint(0, 128, (2, PROMPT_TOKENS))
+    cache = make_prompt_cache(model)
+    out = [model(prompt, cache=cache)]
+    mx.eval(out)  # one step at a time: pipelines send and receive per step
+    for _ in range(DECODE_STEPS):
+        out.append(model(mx.argmax(out[-1][:, -1:, :], axis=-1), cache=cache))
+        mx.eval(out[-1])
+    return out
+
+
+def same(a, b):
+    return all(mx.array_equal(x, y).item() for x, y in zip(a, b, strict=True))
+
+
+def same_parameters(a, b):
+    pa, pb = dict(tree_flatten(a.parameters())), dict(tree_flatten(b.parameters()))
+    return pa.keys() == pb.keys() and all(mx.array_equal(pa[k], pb[k]).item() for k in pa)
+
+
+OUT = None
+
+
+def emit(group, check, family, ok, **extra):
+    line = json.dumps({"rank": group.rank(), "check": check, "family": family, "ok": ok, **extra})
+    with open(f"{OUT}/rank{group.rank()}.jsonl", "a") as f:
+        f.write(line + "\n")
+
+
+def fused_count(model):
+    return sum(moefuse_runtime.is_fused(m) for _, m in moefuse_runtime.find_switch_glus(model))
+
+
+def tensor_parallel(group, family, quantized):
+    reference_model = build(family, quantized)
+    reference_model.shard(group)
+    reference = logits(reference_model)
+
+    after = build(family, quantized)
+    after.shard(group)
+    report = moefuse_runtime.install(after, group=group, reserve_bytes=0)
+    emit(
+        group,
+        "shard-then-install",
+        family,
+        same(logits(after), reference),
+        fused=len(report.fused),
+        total=report.total,
+        notes=list(report.notes),
+    )
+
+    before = build(family, quantized)
+    moefuse_runtime.install(before, reserve_bytes=0)
+    before.shard(group)
+    emit(
+        group,
+        "install-then-shard",
+        family,
+        same(logits(before), reference),
+        fused=fused_count(before),
+        total=report.total,
+    )
+
+    moefuse_runtime.uninstall(before)
+    emit(
+        group,
+        "uninstall-after-shard",
+        family,
+        same(logits(before), reference) and same_parameters(before, reference_model),
+        fused=fused_count(before),
+        total=report.total,
+    )
+
+
+def pipelined(model):
+    """The model's PipelineMixin part (model.model in most families)."""
+    return next(m for _, m in model.named_modules() if isinstance(m, PipelineMixin))
+
+
+def pipeline(group, family, quantized):
+    reference_model = build(family, quantized)
+    pipelined(reference_model).pipeline(group)
+    reference = logits(reference_model)
+    local = sum(layer is not None for layer in pipelined(reference_model).pipeline_layers)
+
+    after = build(family, quantized)
+    pipelined(after).pipeline(group)
+    report = moefuse_runtime.install(after, group=group, reserve_bytes=0)
+    emit(
+        group,
+        "pipeline-then-install",
+        family,
+        same(logits(after), reference),
+        fused=len(report.fused),
+        total=report.total,
+        local_layers=local,
+    )
+
+    before = build(family, quantized)
+    moefuse_runtime.install(before, reserve_bytes=0)
+    pipelined(before).pipeline(group)
+    emit(
+        group,
+        "install-then-pipeline",
+        family,
+        same(logits(before), reference),
+        fused=fused_count(before),
+        total=report.total,
+    )
+
+
+def agreement(group, family, quantized):
+    """Rank 1 has no headroom: with the group, no rank fuses; without, ranks diverge."""
+    starved = group.rank() == 1
+    for with_group in (True, False):
+        model = build(family, quantized)
+        model.shard(group)
+        reference = logits(model)
+        report = moefuse_runtime.install(
+            model, group=group if with_group else None, reserve_bytes=(1 << 60) if starved else 0
+        )
+        emit(
+            group,
+            f"agreement-{'group' if with_group else 'local'}",
+            family,
+            same(logits(model), reference),
+            fused=len(report.fused),
+            total=report.total,
+            reasons=sorted(set(report.skipped.values())),
+        )
+
+
+def segments(group, family, quantized):
+    """Shard a fused qwen3_moe by hand, its stacked gate_up as 1 or 2 segments
+    (the model's own shard() is qwen3_moe.Model.shard; this mirrors it)."""
+    from mlx.nn.layers.distributed import shard_inplace, shard_linear
+
+    assert family == "qwen3_moe", "this control mirrors qwen3_moe's shard()"
+    reference_model = build(family, quantized)
+    reference_model.shard(group)
+    reference = logits(reference_model)
+    for count in (1, 2):
+        model = build(family, quantized)
+        moefuse_runtime.install(model, reserve_bytes=0)
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            for name, how in (
+                ("q", "all-to-sharded"),
+                ("k", "all-to-sharded"),
+                ("v", "all-to-sharded"),
+                ("o", "sharded-to-all"),
+            ):
+                attn[f"{name}_proj"] = shard_linear(attn[f"{name}_proj"], how, group=group)
+            attn.n_heads //= group.size()
+            attn.n_kv_heads //= group.size()
+            mlp = layer.mlp
+            if "switch_mlp" in mlp:
+                mlp.sharding_group = group
+                shard_inplace(
+                    mlp.switch_mlp.gate_up_proj, "all-to-sharded", segments=count, group=group
+                )
+                shard_inplace(mlp.switch_mlp.down_proj, "sharded-to-all", group=group)
+            else:
+                mlp.gate_proj = shard_linear(mlp.gate_proj, "all-to-sharded", group=group)
+                mlp.up_proj = shard_linear(mlp.up_proj, "all-to-sharded", group=group)
+                mlp.down_proj = shard_linear(mlp.down_proj, "sharded-to-all", group=group)
+        emit(group, f"segments-{count}", family, same(logits(model), reference))
+
+
+CHECKS = {
+    "tensor": tensor_parallel,
+    "pipeline": pipeline,
+    "agreement": agreement,
+    "segments": segments,
+}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("check", choices=sorted(CHECKS))
+    parser.add_argument("--families", nargs="+", required=True)
+    parser.add_argument("--quantized", action="store_true")
+    parser.add_argument("--out", required=True, help="folder for rank<N>.jsonl")
+    args = parser.parse_args()
+    global OUT
+    OUT = args.out
+    group = mx.distributed.init(strict=True)
+    for family in args.families:
+        CHECKS[args.check](group, family, args.quantized)
+
+
+if __name__ == "__main__":
+    main()
