@@ -20,6 +20,18 @@ from .install import install
 from .report import FuseReport
 
 PRESETS: dict[str, dict[str, int]] = {
+    # Qwen3-30B-A3B's real dimensions (random weights), for benchmarks.
+    "qwen3-30b-a3b": {
+        "hidden_size": 2048,
+        "num_hidden_layers": 48,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 768,
+        "vocab_size": 151936,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "head_dim": 128,
+    },
     "tiny": {
         "hidden_size": 256,
         "num_hidden_layers": 4,
@@ -40,11 +52,13 @@ PRESETS: dict[str, dict[str, int]] = {
 QUANTIZATION = {"group_size": 64, "bits": 4}
 
 
-def demo_config(preset: str = "tiny") -> dict:
+def demo_config(preset: str = "tiny", layers: int | None = None) -> dict:
     """A qwen3_moe ``config.json`` dictionary for one of the `PRESETS`."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    sizes = PRESETS[preset]
+    sizes = dict(PRESETS[preset])
+    if layers is not None:
+        sizes["num_hidden_layers"] = layers
     return {
         "model_type": "qwen3_moe",
         "architectures": ["Qwen3MoeForCausalLM"],
@@ -64,14 +78,16 @@ def demo_config(preset: str = "tiny") -> dict:
     }
 
 
-def build_demo_model(preset: str = "tiny", seed: int = 0) -> nn.Module:
+def build_demo_model(preset: str = "tiny", seed: int = 0, layers: int | None = None) -> nn.Module:
     """The demo model in memory: random weights, 4-bit, evaluated."""
     mx.random.seed(seed)
-    model = qwen3_moe.Model(qwen3_moe.ModelArgs.from_dict(demo_config(preset)))
+    model = qwen3_moe.Model(qwen3_moe.ModelArgs.from_dict(demo_config(preset, layers)))
     # Random init is uniform in +-1/sqrt(d); scale the embedding alike so
     # that logits have a spread and greedy decoding is not a constant.
     model.model.embed_tokens.weight = mx.random.normal(model.model.embed_tokens.weight.shape)
     nn.quantize(model, **QUANTIZATION, class_predicate=_quantizable)
+    for layer in model.model.layers:  # still lazy: one layer's float weights at a time
+        mx.eval(layer.parameters())
     mx.eval(model.parameters())
     return model
 
