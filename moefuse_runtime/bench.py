@@ -56,7 +56,6 @@ def streaming_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
     for _ in range(2):
         timed(lambda: x * 2)
     seconds = statistics.median(timed(lambda: x * 2) for _ in range(repeats))
-    del x
     return 2 * nbytes / seconds
 
 
@@ -123,7 +122,7 @@ def bench_layers(
         for r in range(rounds + 2):  # two warm-up rounds
             x, idx = inputs[r % len(inputs)]
             for name, stack in (("unfused", unfused), ("fused", fused)):
-                seconds = timed(lambda s=stack: [layer(x, idx) for layer in s]) / layers
+                seconds = timed(lambda s=stack, x=x, i=idx: [layer(x, i) for layer in s]) / layers
                 if r >= 2:
                     times[name].append(seconds * 1e3)
         distinct = statistics.mean(len(set(i.flatten().tolist())) for _, i in inputs)
