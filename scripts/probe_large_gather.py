@@ -1,9 +1,11 @@
-"""Probe: does gather_mm run on one expert tensor of a given size? (one process)
+"""Probe: does a SwitchLinear-layout gather_mm run for one expert tensor size?
 
-    python scripts/probe_large_gather.py EXPERTS OUT IN [dtype]
+    python scripts/probe_large_gather.py EXPERTS OUT IN DTYPE TOKENS TOPK
 
-Exit 0 and print the output's checksum, or crash. Used to find the size at
-which MLX's CUDA gather_mm fails, since a fused gate_up is twice as tall.
+One size per process (an illegal memory access poisons the CUDA context).
+The weight is (experts, out, in) and used transposed, as SwitchLinear does;
+the routing hits the last experts, whose offsets are the largest. Used to
+find where MLX's CUDA gather_mm fails, since a fused gate_up is twice as tall.
 """
 
 import sys
@@ -11,10 +13,12 @@ import sys
 import mlx.core as mx
 
 experts, out_dims, in_dims = (int(a) for a in sys.argv[1:4])
-dtype = getattr(mx, sys.argv[4]) if len(sys.argv) > 4 else mx.bfloat16
-w = mx.zeros((experts, in_dims, out_dims), dtype=dtype) + 1e-3
-x = mx.ones((1, 1, 1, in_dims), dtype=dtype)
-idx = mx.array([[experts - 1]], dtype=mx.uint32)
-y = mx.gather_mm(x, w, rhs_indices=idx)
+dtype = getattr(mx, sys.argv[4])
+tokens, top_k = int(sys.argv[5]), int(sys.argv[6])
+w = mx.full((experts, out_dims, in_dims), 1e-3, dtype=dtype)
+x = mx.ones((1, tokens, 1, 1, in_dims), dtype=dtype)
+idx = (experts - 1 - mx.arange(tokens * top_k) % experts).reshape(1, tokens, top_k)
+y = mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=idx.astype(mx.uint32))
 mx.eval(y)
-print(f"elements={w.size} bytes={w.nbytes} ok sum={y.astype(mx.float32).sum().item():.4f}")
+expected = in_dims * 1e-3
+print(f"bytes={w.nbytes} ok={abs(y[..., -1].max().item() - expected) < 0.05 * expected}")
