@@ -9,8 +9,9 @@ See README.md for what is fused, what is skipped and why.
 
 from __future__ import annotations
 
-from .config import ENABLE_ENV, RESERVE_ENV
-from .install import find_switch_glus, install, uninstall
+from .config import ENABLE_ENV, RESERVE_ENV, env_flag
+from .hooks import autopatch, is_patched, unpatch
+from .install import find_switch_glus, install, plan, uninstall
 from .layer import FusedSwitchGLU, is_fused
 from .report import FuseReport, LayerResult, Outcome
 
@@ -23,8 +24,16 @@ __all__ = [
     "FusedSwitchGLU",
     "LayerResult",
     "Outcome",
+    "autopatch",
     "find_switch_glus",
     "install",
     "is_fused",
+    "is_patched",
+    "plan",
     "uninstall",
+    "unpatch",
 ]
+
+# Servers opt in without code changes: EXO_FUSED_MOE=1 in the environment.
+if env_flag(ENABLE_ENV, default=False):
+    autopatch()

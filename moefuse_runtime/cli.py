@@ -1,11 +1,98 @@
-"""``moefuse``: demo, bench (and run, inspect, make-demo-model)."""
+"""``moefuse``: run, inspect, make-demo-model, demo, bench.
+
+Errors a user can make (a missing folder, a folder that is not a model, a
+model without MoE layers, a command that does not exist) end with one line on
+stderr and a non-zero exit code, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from . import bench, demo
+from .config import ENABLE_ENV, env_flag
+
+SITECUSTOMIZE_DIR = Path(__file__).resolve().parent / "_sitecustomize"
+
+
+class UsageError(Exception):
+    """A mistake of the user's: reported in one line, exit code 2."""
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """exec CMD with fusion active in it and in every Python child it starts."""
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not command:
+        raise UsageError("moefuse run: give a command, e.g. moefuse run -- mlx_lm.server ...")
+    env = dict(os.environ)
+    env.setdefault(ENABLE_ENV, "1")
+    os.environ[ENABLE_ENV] = env[ENABLE_ENV]
+    try:
+        env_flag(ENABLE_ENV, default=True)
+    except ValueError as error:
+        raise UsageError(f"moefuse run: {error}") from None
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = os.pathsep.join([str(SITECUSTOMIZE_DIR), *([path] if path else [])])
+    try:
+        os.execvpe(command[0], command, env)
+    except FileNotFoundError:
+        print(f"moefuse run: command not found: {command[0]}", file=sys.stderr)
+        return 127
+    except PermissionError:
+        print(f"moefuse run: cannot execute: {command[0]}", file=sys.stderr)
+        return 126
+
+
+def _model_dir(path: str, command: str) -> Path:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UsageError(f"moefuse {command}: no such directory: {path}")
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"moefuse {command}: not an MLX model directory (no config.json): {path}")
+    return folder
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Dry run: load lazily, say per SwitchGLU what install would do, change nothing."""
+    from mlx_lm.utils import load_model
+
+    from .install import plan
+    from .memory import default_reserve_bytes, format_bytes, headroom
+
+    folder = _model_dir(args.model, "inspect")
+    try:
+        model, config = load_model(folder, lazy=True, strict=False)
+    except Exception as error:  # noqa: BLE001 - any loader error is the user's model
+        print(f"moefuse inspect: cannot load {folder}: {error}", file=sys.stderr)
+        return 1
+    reserve = default_reserve_bytes() if args.reserve_gb is None else int(args.reserve_gb * 1e9)
+    report = plan(model, reserve_bytes=reserve)
+    print(f"model: {folder} ({config.get('model_type', '?')})")
+    room = headroom()
+    print(
+        f"headroom now: {format_bytes(room.available)} ({room.source}); "
+        f"reserve kept free: {format_bytes(reserve)}"
+    )
+    if report.total == 0:
+        print(
+            "moefuse inspect: no SwitchGLU layers in this model: nothing to fuse", file=sys.stderr
+        )
+        return 1
+    print(report)
+    return 0
+
+
+def cmd_make_demo_model(args: argparse.Namespace) -> int:
+    folder = Path(args.dir)
+    if folder.exists() and any(folder.iterdir()) and not args.force:
+        raise UsageError(f"moefuse make-demo-model: {folder} is not empty (use --force)")
+    demo.write_demo_model(folder, args.preset)
+    print(f"wrote a {args.preset} 4-bit qwen3_moe model with random weights to {folder}")
+    print(f"try: HF_HUB_OFFLINE=1 moefuse run -- mlx_lm.server --model {folder}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -53,6 +140,27 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    p = commands.add_parser(
+        "run",
+        help="run a command with fusion active (e.g. moefuse run -- mlx_lm.server ...)",
+        description="Run CMD with EXO_FUSED_MOE=1 (unless set) and a sitecustomize "
+        "that fuses every model mlx-lm's or exo's loaders return, in CMD and its "
+        "Python children.",
+    )
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    p.set_defaults(handler=cmd_run)
+
+    p = commands.add_parser("inspect", help="dry run: what install would do to a model")
+    p.add_argument("model", metavar="MODEL_DIR", help="a local MLX model directory")
+    p.add_argument("--reserve-gb", type=float, default=None, help="memory to keep free (GB)")
+    p.set_defaults(handler=cmd_inspect)
+
+    p = commands.add_parser("make-demo-model", help="write a small random MoE model directory")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--preset", choices=["tiny", "small"], default="tiny")
+    p.add_argument("--force", action="store_true", help="write into a non-empty directory")
+    p.set_defaults(handler=cmd_make_demo_model)
+
     p = commands.add_parser("demo", help="fuse the built-in demo model and compare outputs")
     p.add_argument("--preset", choices=sorted(demo.PRESETS), default="tiny")
     p.add_argument("--steps", type=int, default=64, help="tokens to decode")
@@ -81,7 +189,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = setup_arg_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except UsageError as error:
+        print(error, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,9 +7,12 @@ demo, the CLI and the tests exercise real code paths on any machine.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -141,3 +144,70 @@ def run_demo(
     return DemoResult(
         report, outputs["unfused"], outputs["fused"], median["unfused"], median["fused"]
     )
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = """\
+Mixture of experts models route every token to a few experts out of many.
+Each expert is a gated feed forward network: gate, up and down projections.
+The gate and up projections read the same input, so they can be one matmul.
+Servers load a model, shard it over machines, and answer chat requests.
+The quick brown fox jumps over the lazy dog while the server streams tokens.
+Hello, how are you today? I am a small demo model with random weights.
+"""
+
+
+def build_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer trained here on a few lines of text.
+
+    Byte-level, so any text round-trips; its vocabulary (at most
+    ``vocab_size``) fits the model's embedding.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS.splitlines() * 4, trainer)
+    return tokenizer
+
+
+def write_demo_model(path: str | os.PathLike, preset: str = "tiny") -> Path:
+    """A real mlx-lm model directory: config, 4-bit safetensors, tokenizer.
+
+    Loadable by ``mlx_lm.load`` and servable by ``mlx_lm.server`` offline.
+    """
+    from mlx_lm.utils import save_model
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = demo_config(preset)
+    tokenizer = build_tokenizer(config["vocab_size"])
+    eos_id = tokenizer.token_to_id("<|im_end|>")
+    config["eos_token_id"] = eos_id
+    save_model(folder, build_demo_model(preset))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save(str(folder / "tokenizer.json"))
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "chat_template": CHAT_TEMPLATE,
+        "model_max_length": config["max_position_embeddings"],
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_id}))
+    return folder

@@ -20,7 +20,7 @@ from . import projections
 from .config import ENABLE_ENV, env_flag
 from .layer import FUSED_NAME, fuse_layer, is_fused, unfuse_layer, why_not_fusable
 from .memory import default_reserve_bytes, format_bytes, headroom
-from .report import FuseReport, LayerResult, Outcome
+from .report import RELAID, FuseReport, LayerResult, Outcome
 from .sharding import guard_shard
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,16 @@ def install(
     return report
 
 
+def plan(model: nn.Module, *, reserve_bytes: int | None = None) -> FuseReport:
+    """What `install` would do on this machine now, changing nothing.
+
+    Each layer's verdict (fusable or why not, and the headroom check against
+    the memory free now) is reported with outcome ``would fuse``/``skipped``.
+    """
+    reserve = default_reserve_bytes() if reserve_bytes is None else int(reserve_bytes)
+    return _run("plan", model, lambda: _Fuser(reserve, None, (), dry_run=True))
+
+
 def uninstall(model: nn.Module) -> FuseReport:
     """Split every fused layer back into ``gate_proj`` and ``up_proj``.
 
@@ -94,7 +104,7 @@ def uninstall(model: nn.Module) -> FuseReport:
 def _disabled_report(model: nn.Module, why: str) -> FuseReport:
     layers = tuple(LayerResult(path, Outcome.SKIPPED, why) for path, _ in find_switch_glus(model))
     report = FuseReport(layers=layers, disabled_reason=why)
-    logger.info("moefuse_runtime: %s", report.summary())
+    logger.info("%s", report.summary())
     return report
 
 
@@ -116,12 +126,12 @@ def _run(action: str, model: nn.Module, make_step) -> FuseReport:
         active_bytes_before=before,
         active_bytes_after=mx.get_active_memory(),
         max_layer_bytes=max(
-            (r.nbytes for r in layers if r.outcome in (Outcome.FUSED, Outcome.UNFUSED)),
+            (r.nbytes for r in layers if r.outcome in RELAID),
             default=0,
         ),
         notes=getattr(step, "notes", ()),
     )
-    logger.info("moefuse_runtime: %s", report.summary())
+    logger.info("%s", report.summary())
     return report
 
 
@@ -129,9 +139,14 @@ class _Fuser:
     """Fuses one layer per call; remembers when memory ran out to stop there."""
 
     def __init__(
-        self, reserve: int, group: mx.distributed.Group | None, notes: tuple[str, ...]
+        self,
+        reserve: int,
+        group: mx.distributed.Group | None,
+        notes: tuple[str, ...],
+        dry_run: bool = False,
     ) -> None:
         self.reserve = reserve
+        self.dry_run = dry_run
         self.group = group
         self.stopped: str | None = None
         self.notes = notes
@@ -152,6 +167,10 @@ class _Fuser:
         need = sum(projections.nbytes(layer[k]) for k in ("gate_proj", "up_proj") if k in layer)
         if reason is None:
             reason = self.stopped or self._headroom_verdict(path, need)
+        if self.dry_run:
+            self.stopped = None  # nothing is allocated: each layer on its own
+            outcome = Outcome.WOULD_FUSE if reason is None else Outcome.SKIPPED
+            return LayerResult(path, outcome, reason or "", kind, need)
         reason = self._agree(reason)
         fused = None
         if reason is None:

@@ -13,9 +13,14 @@ class Outcome(str, Enum):
     SKIPPED = "skipped"
     ALREADY_FUSED = "already fused"
     UNFUSED = "unfused"
+    WOULD_FUSE = "would fuse"
 
     def __str__(self) -> str:
         return self.value
+
+
+RELAID = (Outcome.FUSED, Outcome.UNFUSED, Outcome.WOULD_FUSE)
+"""Outcomes whose gate and up are (or would be) re-laid in memory."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,10 @@ class FuseReport:
         return self._paths(Outcome.UNFUSED)
 
     @property
+    def would_fuse(self) -> tuple[str, ...]:
+        return self._paths(Outcome.WOULD_FUSE)
+
+    @property
     def already_fused(self) -> tuple[str, ...]:
         return self._paths(Outcome.ALREADY_FUSED)
 
@@ -75,8 +84,11 @@ class FuseReport:
         """One line, e.g. ``fused 48/48 SwitchGLU layers in 0.41 s ...``."""
         if self.disabled_reason:
             return f"fused 0/{self.total} SwitchGLU layers: {self.disabled_reason}"
-        done = self.fused if self.action == "install" else self.unfused
-        verb = "fused" if self.action == "install" else "unfused"
+        done, verb = {
+            "install": (self.fused, "fused"),
+            "uninstall": (self.unfused, "unfused"),
+            "plan": (self.would_fuse, "would fuse"),
+        }[self.action]
         parts = [f"{verb} {len(done)}/{self.total} SwitchGLU layers"]
         extras = []
         if self.already_fused:
@@ -86,8 +98,9 @@ class FuseReport:
         if extras:
             parts.append(f"({', '.join(extras)})")
         parts.append(f"in {self.seconds:.2f} s;")
-        moved = sum(r.nbytes for r in self.layers if r.outcome in (Outcome.FUSED, Outcome.UNFUSED))
-        parts.append(f"{format_bytes(moved)} re-laid;")
+        moved = sum(r.nbytes for r in self.layers if r.outcome in RELAID)
+        relaid = "to re-lay" if self.action == "plan" else "re-laid"
+        parts.append(f"{format_bytes(moved)} {relaid};")
         parts.append(
             f"active memory {format_bytes(self.active_bytes_before)} -> "
             f"{format_bytes(self.active_bytes_after)}"

@@ -1,0 +1,161 @@
+"""Zero-code activation: fuse every model that mlx-lm's or exo's loaders return.
+
+``autopatch()`` registers wrapt post-import hooks: they fire at once if the
+target module is already imported, otherwise when it is. Each hook wraps one
+loader and then replaces the aliases other modules already took of it
+(``mlx_lm/server.py`` does ``from .utils import load, sharded_load``; a module
+imported later gets the wrapper from the patched module itself).
+
+The loaders wrapped are the ones that return a model *after* its sharding:
+
+- ``mlx_lm.utils.load`` (what ``mlx_lm.load``, ``mlx_lm.generate`` and
+  ``mlx_lm.server`` call) and ``mlx_lm.utils.sharded_load`` (tensor and
+  pipeline parallel; ``pipeline_load`` goes through it).
+- exo's ``load_mlx_items``, a generator that loads, shards with exo's own
+  strategies, and returns ``(model, tokenizer, vision)``.
+
+``mlx_lm.utils.load_model`` is deliberately left alone: sharding code (exo's,
+mlx-lm's ``sharded_load``) calls it and then reaches for ``gate_proj``.
+
+A hook never raises into the host: a failure is logged and the model stays
+unfused. wrapt does not make patches idempotent, so each wrapper is marked.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import wrapt
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Target:
+    module: str
+    name: str
+    wrapper: Callable
+
+
+def _install_quietly(model: object, group: object = None) -> None:
+    from .install import install
+
+    try:
+        install(model, group=group)
+    except Exception:  # noqa: BLE001 - a server must keep serving, unfused
+        logger.exception("moefuse_runtime: install failed; the model is left unfused")
+
+
+def _after_load(wrapped, instance, args, kwargs):
+    """mlx_lm.utils.load -> (model, tokenizer[, config])."""
+    result = wrapped(*args, **kwargs)
+    if _active:
+        _install_quietly(result[0])
+    return result
+
+
+def _after_sharded_load(wrapped, instance, args, kwargs):
+    """mlx_lm.utils.sharded_load(repo, pipeline_group, tensor_group, ...)."""
+    result = wrapped(*args, **kwargs)
+    if _active:
+        pipeline_group = kwargs.get("pipeline_group", args[1] if len(args) > 1 else None)
+        tensor_group = kwargs.get("tensor_group", args[2] if len(args) > 2 else None)
+        if tensor_group is None and pipeline_group is None:
+            import mlx.core as mx
+
+            tensor_group = mx.distributed.init()  # what sharded_load itself uses
+        _install_quietly(result[0], group=tensor_group)
+    return result
+
+
+def _after_exo_load(wrapped, instance, args, kwargs):
+    """exo's load_mlx_items(bound_instance, group): a generator returning
+    (model, tokenizer, vision_processor) once loaded and sharded."""
+    result = yield from wrapped(*args, **kwargs)
+    if _active:
+        _install_quietly(result[0], group=kwargs.get("group", args[1] if len(args) > 1 else None))
+    return result
+
+
+TARGETS = (
+    Target("mlx_lm.utils", "load", _after_load),
+    Target("mlx_lm.utils", "sharded_load", _after_sharded_load),
+    Target("exo.worker.engines.mlx.utils_mlx", "load_mlx_items", _after_exo_load),
+)
+
+_active = False
+_registered = False
+
+
+def autopatch() -> None:
+    """Fuse every model the loaders return from now on (idempotent)."""
+    global _active, _registered
+    if _active:
+        logger.debug("moefuse_runtime: autopatch() already active")
+        return
+    _active = True
+    if not _registered:
+        for module in {t.module for t in TARGETS}:
+            wrapt.register_post_import_hook(_patch_module, module)
+        _registered = True
+    else:  # hooks fired before: re-apply to the modules that are loaded
+        for module in {t.module for t in TARGETS}:
+            if module in sys.modules:
+                _patch_module(sys.modules[module])
+    logger.debug("moefuse_runtime: autopatch active")
+
+
+def autopatch_on_import(_module) -> None:
+    """For `moefuse run`'s sitecustomize: registered by name with wrapt, so
+    that Python processes that never import mlx-lm never import us either."""
+    autopatch()
+
+
+def unpatch() -> None:
+    """Undo `autopatch`: the original loaders are put back everywhere."""
+    global _active
+    _active = False
+    for target in TARGETS:
+        module = sys.modules.get(target.module)
+        current = getattr(module, target.name, None)
+        if _is_ours(current):
+            _replace_everywhere(current, current.__wrapped__, target.name)
+
+
+def is_patched() -> bool:
+    return _active
+
+
+def _patch_module(module) -> None:
+    """Post-import hook: wrap this module's targets and their aliases."""
+    if not _active:
+        return
+    for target in TARGETS:
+        if target.module != module.__name__:
+            continue
+        try:
+            original = getattr(module, target.name)
+            if _is_ours(original):
+                continue
+            wrapper = wrapt.FunctionWrapper(original, target.wrapper)
+            _replace_everywhere(original, wrapper, target.name)
+            logger.debug("moefuse_runtime: wrapped %s.%s", target.module, target.name)
+        except Exception:  # noqa: BLE001 - an exception here would break the import
+            logger.exception("moefuse_runtime: could not wrap %s.%s", target.module, target.name)
+
+
+def _is_ours(function: object) -> bool:
+    return isinstance(function, wrapt.FunctionWrapper) and getattr(
+        function, "_self_wrapper", None
+    ) in {t.wrapper for t in TARGETS}
+
+
+def _replace_everywhere(old: object, new: object, name: str) -> None:
+    """Rebind ``name`` in every loaded module that holds ``old`` under it."""
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)  # vars(): no lazy __getattr__
+        if isinstance(namespace, dict) and namespace.get(name) is old:
+            setattr(module, name, new)
