@@ -9,6 +9,8 @@ See README.md for what is fused, what is skipped and why.
 
 from __future__ import annotations
 
+import logging
+
 from .config import ENABLE_ENV, RESERVE_ENV, env_flag
 from .hooks import autopatch, is_patched, unpatch
 from .install import find_switch_glus, install, plan, uninstall
@@ -34,6 +36,20 @@ __all__ = [
     "unpatch",
 ]
 
-# Servers opt in without code changes: EXO_FUSED_MOE=1 in the environment.
-if env_flag(ENABLE_ENV, default=False):
-    autopatch()
+
+def _autopatch_if_asked() -> None:
+    """Servers opt in without code changes: EXO_FUSED_MOE=1 in the environment.
+
+    A malformed value must not break ``import moefuse_runtime`` (nor the
+    ``moefuse`` CLI that reports it); `install` raises on it instead.
+    """
+    try:
+        wanted = env_flag(ENABLE_ENV, default=False)
+    except ValueError as error:
+        logging.getLogger(__name__).error("%s; not patching the loaders", error)
+        return
+    if wanted:
+        autopatch()
+
+
+_autopatch_if_asked()

@@ -101,7 +101,8 @@ def bench_layers(
 ) -> list[LayerRow]:
     """Time ``layers`` distinct layers (so weights do not sit in cache), A/B."""
     hidden, experts, top_k, width = LAYER_SHAPES[shape]
-    experts, width = max(top_k, experts // scale), max(64, width // scale)
+    # Scaled widths stay multiples of 64 (the quantization group size).
+    experts, width = max(top_k, experts // scale), max(64, width // scale // 64 * 64)
     unfused = [make_layer(hidden, experts, width, kind, seed) for seed in range(layers)]
     fused = [make_layer(hidden, experts, width, kind, seed) for seed in range(layers)]
     for layer in fused:
@@ -276,32 +277,36 @@ def run_suite(
     os.makedirs(out_dir, exist_ok=True)
     stream = streaming_bandwidth(1 << 28 if scale > 1 else 1 << 30)
     log(f"streaming bandwidth: {stream / 1e9:.0f} GB/s")
-    layer_rows = []
-    for shape in shapes:
-        for kind in kinds:
-            rows = bench_layers(shape, kind, tokens, layers, rounds, stream, scale)
-            for row in rows:
-                log(format_layer_row(row))
-            layer_rows += as_dicts(rows)
-            free()
-    model = bench_model(
-        lambda: build_demo_model(model_preset, layers=model_layers),
-        decode_tokens=decode_tokens,
-        rounds=model_rounds,
-    )
-    log(format_model(model))
     result = {
         "device": mx.device_info().get("device_name", str(mx.default_device())),
         "backend": str(mx.default_device()),
         "mlx": mx.__version__,
         "python": platform.python_version(),
         "streaming_bandwidth_bytes_per_s": stream,
-        "layers": layer_rows,
-        "model": {"preset": model_preset, "layers": model_layers, **model},
+        "layers": [],
     }
-    with open(os.path.join(out_dir, "bench.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    plot(layer_rows, os.path.join(out_dir, "bench.png"))
+
+    def save() -> None:  # after every step: a crash later keeps what was measured
+        with open(os.path.join(out_dir, "bench.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        plot(result["layers"], os.path.join(out_dir, "bench.png"))
+
+    for shape in shapes:
+        for kind in kinds:
+            rows = bench_layers(shape, kind, tokens, layers, rounds, stream, scale)
+            for row in rows:
+                log(format_layer_row(row))
+            result["layers"] += as_dicts(rows)
+            free()
+            save()
+    model = bench_model(
+        lambda: build_demo_model(model_preset, layers=model_layers),
+        decode_tokens=decode_tokens,
+        rounds=model_rounds,
+    )
+    log(format_model(model))
+    result["model"] = {"preset": model_preset, "layers": model_layers, **model}
+    save()
     return result
 
 

@@ -93,19 +93,15 @@ _registered = False
 def autopatch() -> None:
     """Fuse every model the loaders return from now on (idempotent)."""
     global _active, _registered
-    if _active:
-        logger.debug("moefuse_runtime: autopatch() already active")
-        return
     _active = True
     if not _registered:
         for module in {t.module for t in TARGETS}:
             wrapt.register_post_import_hook(_patch_module, module)
         _registered = True
-    else:  # hooks fired before: re-apply to the modules that are loaded
-        for module in {t.module for t in TARGETS}:
-            if module in sys.modules:
-                _patch_module(sys.modules[module])
-    logger.debug("moefuse_runtime: autopatch active")
+    # Hooks fire once per import; modules already loaded are (re)patched here.
+    for module in {t.module for t in TARGETS}:
+        if module in sys.modules:
+            _patch_module(sys.modules[module])
 
 
 def autopatch_on_import(_module) -> None:
@@ -122,7 +118,7 @@ def unpatch() -> None:
         module = sys.modules.get(target.module)
         current = getattr(module, target.name, None)
         if _is_ours(current):
-            _replace_everywhere(current, current.__wrapped__, target.name)
+            _replace_everywhere(current, current.__wrapped__)
 
 
 def is_patched() -> bool:
@@ -137,11 +133,11 @@ def _patch_module(module) -> None:
         if target.module != module.__name__:
             continue
         try:
-            original = getattr(module, target.name)
-            if _is_ours(original):
-                continue
+            original = getattr(module, target.name, None)
+            if original is None or _is_ours(original):
+                continue  # still being imported, or done already
             wrapper = wrapt.FunctionWrapper(original, target.wrapper)
-            _replace_everywhere(original, wrapper, target.name)
+            _replace_everywhere(original, wrapper)
             logger.debug("moefuse_runtime: wrapped %s.%s", target.module, target.name)
         except Exception:  # noqa: BLE001 - an exception here would break the import
             logger.exception("moefuse_runtime: could not wrap %s.%s", target.module, target.name)
@@ -153,9 +149,13 @@ def _is_ours(function: object) -> bool:
     ) in {t.wrapper for t in TARGETS}
 
 
-def _replace_everywhere(old: object, new: object, name: str) -> None:
-    """Rebind ``name`` in every loaded module that holds ``old`` under it."""
+def _replace_everywhere(old: object, new: object) -> None:
+    """Rebind every module global that holds ``old``, under any name
+    (``from mlx_lm.utils import load as load_model_and_tokenizer`` too)."""
     for module in list(sys.modules.values()):
         namespace = getattr(module, "__dict__", None)  # vars(): no lazy __getattr__
-        if isinstance(namespace, dict) and namespace.get(name) is old:
-            setattr(module, name, new)
+        if not isinstance(namespace, dict):
+            continue
+        for name, value in list(namespace.items()):
+            if value is old:
+                namespace[name] = new

@@ -1,0 +1,32 @@
+"""Fixtures shared by the CLI, hook and server tests."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory) -> Path:
+    """A tiny demo model directory, written once per test session."""
+    from moefuse_runtime.demo import write_demo_model
+
+    return write_demo_model(tmp_path_factory.mktemp("demo") / "model")
+
+
+def run(args, *, env=None, timeout=300, cwd=None) -> subprocess.CompletedProcess:
+    """A subprocess with HF offline and this venv's scripts first on PATH."""
+    full_env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        **(env or {}),
+    }
+    return subprocess.run(
+        args, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd
+    )

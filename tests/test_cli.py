@@ -1,0 +1,128 @@
+"""The ``moefuse`` command: each subcommand's happy path and its errors."""
+
+import json
+import sys
+
+import pytest
+from conftest import run
+
+SUBCOMMANDS = ["run", "inspect", "make-demo-model", "demo", "bench"]
+
+
+@pytest.mark.parametrize("command", [[], *([c] for c in SUBCOMMANDS)])
+def test_help(command):
+    out = run(["moefuse", *command, "--help"])
+    assert out.returncode == 0 and out.stdout.startswith("usage: moefuse")
+
+
+def test_python_dash_m_entry_point():
+    out = run([sys.executable, "-m", "moefuse_runtime", "--help"])
+    assert out.returncode == 0 and "make-demo-model" in out.stdout
+
+
+def test_make_demo_model_is_loadable_by_mlx_lm(demo_model):
+    files = {p.name for p in demo_model.iterdir()}
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= files
+    assert any(name.endswith(".safetensors") for name in files)
+    config = json.loads((demo_model / "config.json").read_text())
+    assert config["model_type"] == "qwen3_moe" and config["quantization"]["bits"] == 4
+    code = (
+        "import sys, mlx_lm; m, t = mlx_lm.load(sys.argv[1]); "
+        "p = t.apply_chat_template([{'role': 'user', 'content': 'hi'}], "
+        "add_generation_prompt=True); "
+        "print(t.decode(p))"
+    )
+    out = run([sys.executable, "-c", code, str(demo_model)], env={"EXO_FUSED_MOE": ""})
+    assert out.returncode == 0, out.stderr
+    assert "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n" in out.stdout
+
+
+def test_make_demo_model_command_and_its_errors(tmp_path):
+    target = tmp_path / "m"
+    out = run(["moefuse", "make-demo-model", str(target)])
+    assert out.returncode == 0, out.stderr
+    assert (target / "config.json").is_file()
+    again = run(["moefuse", "make-demo-model", str(target)])
+    assert again.returncode == 2 and "is not empty" in again.stderr
+    assert "Traceback" not in again.stderr
+
+
+def test_inspect_happy_path_changes_nothing(demo_model):
+    before = {p.name: p.stat().st_mtime_ns for p in demo_model.iterdir()}
+    out = run(["moefuse", "inspect", str(demo_model)])
+    assert out.returncode == 0, out.stderr
+    assert "would fuse 4/4 SwitchGLU layers" in out.stdout
+    assert "affine 4-bit g64" in out.stdout and "headroom now:" in out.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in demo_model.iterdir()} == before
+
+
+def test_inspect_headroom_verdict(demo_model):
+    out = run(["moefuse", "inspect", str(demo_model), "--reserve-gb", "1000000"])
+    assert out.returncode == 0
+    assert out.stdout.count("headroom:") == 4 and "would fuse 0/4" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "target,message",
+    [("missing", "no such directory"), ("empty", "not an MLX model directory")],
+)
+def test_inspect_errors(tmp_path, target, message):
+    (tmp_path / "empty").mkdir()
+    out = run(["moefuse", "inspect", str(tmp_path / target)])
+    assert out.returncode == 2 and message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_inspect_model_without_switch_glu(tmp_path):
+    code = f"""
+import json, mlx.core as mx
+from mlx_lm.models import llama
+from mlx_lm.utils import save_model
+config = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+              num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=128)
+model = llama.Model(llama.ModelArgs.from_dict(config))
+mx.eval(model.parameters())
+save_model({str(tmp_path)!r}, model)
+open({str(tmp_path / "config.json")!r}, "w").write(json.dumps(config))
+"""
+    assert run([sys.executable, "-c", code]).returncode == 0
+    out = run(["moefuse", "inspect", str(tmp_path)])
+    assert out.returncode == 1 and "no SwitchGLU layers" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_inspect_unloadable_model(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "no_such_architecture"}')
+    out = run(["moefuse", "inspect", str(tmp_path)])
+    assert out.returncode == 1 and "cannot load" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_run_errors():
+    missing = run(["moefuse", "run"])
+    assert missing.returncode == 2 and "give a command" in missing.stderr
+    unknown = run(["moefuse", "run", "--", "no-such-command-anywhere"])
+    assert unknown.returncode == 127 and "command not found" in unknown.stderr
+
+
+def test_run_passes_the_exit_code_through():
+    out = run(["moefuse", "run", "--", sys.executable, "-c", "import sys; sys.exit(7)"])
+    assert out.returncode == 7
+
+
+def test_demo_command():
+    out = run(["moefuse", "demo", "--steps", "8", "--rounds", "1"])
+    assert out.returncode == 0, out.stderr
+    assert "fused 4/4 SwitchGLU layers" in out.stdout and "identical: True" in out.stdout
+
+
+def test_bench_quick_writes_json_and_png(tmp_path):
+    out = run(["moefuse", "bench", "--quick", "--out", str(tmp_path)])
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["streaming_bandwidth_bytes_per_s"] > 0
+    assert [r["tokens"] for r in result["layers"]] == [1, 16]
+    assert all(r["ratio"] > 0 and r["weight_bytes"] > 0 for r in result["layers"])
+    assert result["model"]["greedy_tokens_match"] is True
+    assert result["model"]["install"]["fused_layers"] == 2
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"

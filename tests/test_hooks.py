@@ -1,0 +1,189 @@
+"""Zero-code activation: the loaders' hooks, in real Python processes."""
+
+import sys
+import textwrap
+
+from conftest import run
+
+PYTHON = sys.executable
+
+LOAD_AND_REPORT = """
+import sys
+{before}
+import mlx_lm
+from mlx_lm.utils import load as utils_load
+import mlx_lm.generate, mlx_lm.server
+{after}
+import moefuse_runtime
+generate_module = sys.modules["mlx_lm.generate"]  # mlx_lm.generate is the function
+for loader in (mlx_lm.load, utils_load, generate_module.load, mlx_lm.server.load):
+    model, _ = loader(sys.argv[1])
+    layers = [m for _, m in moefuse_runtime.find_switch_glus(model)]
+    print("FUSED", sum(moefuse_runtime.is_fused(m) for m in layers), len(layers))
+"""
+
+
+def script(before="", after=""):
+    return LOAD_AND_REPORT.format(before=before, after=after)
+
+
+def fused_counts(out):
+    return [line for line in out.stdout.splitlines() if line.startswith("FUSED")]
+
+
+def test_moefuse_run_fuses_every_loader_alias(demo_model):
+    out = run(["moefuse", "run", "--", PYTHON, "-c", script(), str(demo_model)])
+    assert out.returncode == 0, out.stderr
+    assert fused_counts(out) == ["FUSED 4 4"] * 4
+    assert "fused 4/4 SwitchGLU layers" in out.stderr
+
+
+def test_autopatch_after_mlx_lm_was_imported(demo_model):
+    """mlx_lm and server's `from .utils import load` alias exist before autopatch."""
+    after = "import moefuse_runtime; moefuse_runtime.autopatch()"
+    out = run([PYTHON, "-c", script(after=after), str(demo_model)], env={"EXO_FUSED_MOE": ""})
+    assert out.returncode == 0, out.stderr
+    assert fused_counts(out) == ["FUSED 4 4"] * 4
+
+
+def test_import_with_env_opts_in(demo_model):
+    out = run(
+        [PYTHON, "-c", script(before="import moefuse_runtime"), str(demo_model)],
+        env={"EXO_FUSED_MOE": "1"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert fused_counts(out) == ["FUSED 4 4"] * 4
+
+
+def test_plain_import_does_not_patch(demo_model):
+    out = run(
+        [PYTHON, "-c", script(before="import moefuse_runtime"), str(demo_model)],
+        env={"EXO_FUSED_MOE": ""},
+    )
+    assert out.returncode == 0, out.stderr
+    assert fused_counts(out) == ["FUSED 0 4"] * 4
+
+
+def test_env_zero_under_moefuse_run_disables(demo_model):
+    out = run(
+        ["moefuse", "run", "--", PYTHON, "-c", script(), str(demo_model)],
+        env={"EXO_FUSED_MOE": "0"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert fused_counts(out) == ["FUSED 0 4"] * 4
+    assert "disabled by EXO_FUSED_MOE=0" in out.stderr
+
+
+def test_bad_env_value_is_refused_by_moefuse_run():
+    out = run(["moefuse", "run", "--", PYTHON, "-c", "pass"], env={"EXO_FUSED_MOE": "ture"})
+    assert out.returncode == 2
+    assert "EXO_FUSED_MOE='ture' is not understood" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_autopatch_is_idempotent_and_unpatch_restores(demo_model):
+    code = textwrap.dedent(
+        """
+        import sys, mlx_lm, mlx_lm.server, mlx_lm.utils
+        import moefuse_runtime
+        from moefuse_runtime import find_switch_glus, is_fused
+        kept = [mlx_lm.utils.load]  # module globals get rebound; a list item does not
+        moefuse_runtime.autopatch(); moefuse_runtime.autopatch()
+        wrapped = mlx_lm.utils.load
+        assert wrapped is not kept[0] and wrapped.__wrapped__ is kept[0]
+        original = kept[0]
+        assert mlx_lm.load is wrapped and mlx_lm.server.load is wrapped
+        model, _ = mlx_lm.load(sys.argv[1])
+        assert all(is_fused(m) for _, m in find_switch_glus(model))
+        moefuse_runtime.unpatch()
+        assert mlx_lm.utils.load is original and mlx_lm.server.load is original
+        model, _ = mlx_lm.load(sys.argv[1])
+        assert not any(is_fused(m) for _, m in find_switch_glus(model))
+        moefuse_runtime.autopatch()
+        assert mlx_lm.server.load.__wrapped__ is kept[0]
+        print("OK")
+        """
+    )
+    out = run([PYTHON, "-c", code, str(demo_model)], env={"EXO_FUSED_MOE": ""})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "OK"
+
+
+def test_mlx_lm_generate_prints_the_same_text(demo_model):
+    args = ["--model", str(demo_model), "--prompt", "Hello, how are you?", "--max-tokens", "24"]
+    plain = run(["mlx_lm.generate", *args], env={"EXO_FUSED_MOE": ""})
+    fused = run(["moefuse", "run", "--", "mlx_lm.generate", *args])
+    assert plain.returncode == 0 and fused.returncode == 0, fused.stderr
+    text = plain.stdout.split("==========")[1]
+    assert len(text.strip()) > 0
+    assert fused.stdout.split("==========")[1] == text
+    assert "fused 4/4 SwitchGLU layers" in fused.stderr
+
+
+# A stand-in for exo's MLX engine (exo is not on PyPI; see README): the same
+# module path, a load_mlx_items generator that loads lazily with
+# mlx_lm.utils.load_model, evaluates layer by layer, yields progress and returns
+# (model, tokenizer, vision), and a builder that imported it by name.
+EXO_UTILS = """
+from pathlib import Path
+from mlx_lm.utils import load_model
+import mlx.core as mx
+
+def load_mlx_items(bound_instance, group):
+    model, _ = load_model(Path(bound_instance), lazy=True, strict=False)
+    for i, layer in enumerate(model.layers):
+        mx.eval(layer)
+        yield i
+    return model, "tokenizer", None
+"""
+EXO_BUILDER = """
+from .utils_mlx import load_mlx_items
+
+def build(path):
+    progress = []
+    model, tokenizer, vision = yield from load_mlx_items(path, None)
+    return model
+"""
+
+
+def exo_stand_in(root):
+    package = root / "exo" / "worker" / "engines" / "mlx"
+    package.mkdir(parents=True)
+    for folder in (root / "exo", root / "exo" / "worker", root / "exo" / "worker" / "engines"):
+        (folder / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "utils_mlx.py").write_text(EXO_UTILS)
+    (package / "builder.py").write_text(EXO_BUILDER)
+
+
+EXO_RUN = """
+import sys
+{before}
+from exo.worker.engines.mlx import builder
+{after}
+import moefuse_runtime
+gen = builder.build(sys.argv[1])
+try:
+    while True:
+        next(gen)
+except StopIteration as stop:
+    model = stop.value
+layers = [m for _, m in moefuse_runtime.find_switch_glus(model)]
+print("FUSED", sum(moefuse_runtime.is_fused(m) for m in layers), len(layers))
+"""
+
+
+def test_exo_stand_in_under_moefuse_run(tmp_path, demo_model):
+    exo_stand_in(tmp_path)
+    code = EXO_RUN.format(before="", after="")
+    out = run(["moefuse", "run", "--", PYTHON, "-c", code, str(demo_model)], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert fused_counts(out) == ["FUSED 4 4"]
+
+
+def test_exo_stand_in_patched_after_its_import(tmp_path, demo_model):
+    exo_stand_in(tmp_path)
+    code = EXO_RUN.format(before="", after="import moefuse_runtime; moefuse_runtime.autopatch()")
+    out = run([PYTHON, "-c", code, str(demo_model)], cwd=tmp_path, env={"EXO_FUSED_MOE": ""})
+    assert out.returncode == 0, out.stderr
+    assert fused_counts(out) == ["FUSED 4 4"]

@@ -1,0 +1,106 @@
+"""A real mlx_lm.server started through ``moefuse run``, queried over HTTP.
+
+Two servers on 127.0.0.1 serve the same demo model, one plain and one fused;
+the same chat requests (temperature 0) are sent to both concurrently, and the
+answers must be identical. Requests and waits are bounded.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+PROMPTS = [
+    "Hello, how are you?",
+    "Tell me about mixture of experts.",
+    "The quick brown fox",
+    "Why do servers shard models?",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: Path, log: Path, fused: bool):
+        self.port = free_port()
+        self.log_path = log
+        command = ["mlx_lm.server", "--model", str(model), "--port", str(self.port)]
+        if fused:
+            command = ["moefuse", "run", "--", *command]
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "EXO_FUSED_MOE": "1" if fused else "",
+        }
+        self.log = open(log, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            command, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+    def wait_ready(self, timeout=120):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"server exited:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/models", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        pytest.fail(f"server not ready in {timeout} s:\n{self.log_path.read_text()[-3000:]}")
+
+    def chat(self, prompt: str) -> str:
+        body = {
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 24,
+            "temperature": 0.0,
+        }
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.load(response)
+        return answer["choices"][0]["message"]["content"]
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def test_fused_server_answers_exactly_like_a_plain_one(demo_model, tmp_path):
+    plain = Server(demo_model, tmp_path / "plain.log", fused=False)
+    fused = Server(demo_model, tmp_path / "fused.log", fused=True)
+    try:
+        plain.wait_ready()
+        fused.wait_ready()
+        jobs = [(server, prompt) for prompt in PROMPTS for server in (plain, fused)]
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            answers = list(pool.map(lambda job: job[0].chat(job[1]), jobs))
+    finally:
+        plain.stop()
+        fused.stop()
+    plain_answers, fused_answers = answers[0::2], answers[1::2]
+    assert fused_answers == plain_answers
+    assert all(len(a) > 0 for a in plain_answers)
+    assert len(set(plain_answers)) > 1  # the prompts matter: not a constant reply
+    assert "fused 4/4 SwitchGLU layers" in (tmp_path / "fused.log").read_text()
+    assert "fused" not in (tmp_path / "plain.log").read_text().lower()
