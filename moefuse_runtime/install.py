@@ -9,6 +9,7 @@ end), so the extra memory at any moment is one layer's gate and up.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Iterator
 
@@ -114,7 +115,7 @@ def _run(action: str, model: nn.Module, make_step) -> FuseReport:
     start = time.perf_counter()
     layers = []
     layer = None
-    for path, layer in find_switch_glus(model):
+    for path, layer in _with_progress(find_switch_glus(model), model, action):
         result = step(path, layer)
         logger.debug("%s %s: %s %s", action, path, result.outcome, result.reason)
         layers.append(result)
@@ -133,6 +134,21 @@ def _run(action: str, model: nn.Module, make_step) -> FuseReport:
     )
     logger.info("%s", report.summary())
     return report
+
+
+PROGRESS_MIN_LAYERS = 8
+
+
+def _with_progress(items, model: nn.Module, action: str):
+    """A tqdm bar on a terminal, for models with many layers; else as is."""
+    if not sys.stderr.isatty():
+        return items
+    total = sum(1 for _ in find_switch_glus(model))
+    if total < PROGRESS_MIN_LAYERS:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc=f"moefuse {action}", unit="layer", leave=False)
 
 
 class _Fuser:

@@ -66,3 +66,14 @@ def test_report_table_is_readable():
     assert text[0].split() == ["layer", "outcome", "kind", "gate+up", "reason"]
     assert "fused" in text[1] and "float32" in text[1]
     assert text[-1] == report.summary()
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
+    from test_memory import stack
+
+    model = stack(layers=8, dims=64, hidden=64)
+    moefuse_runtime.install(model, reserve_bytes=0)
+    assert "moefuse install" not in capsys.readouterr().err
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    moefuse_runtime.uninstall(model)
+    assert "moefuse uninstall" in capsys.readouterr().err
