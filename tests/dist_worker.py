@@ -8,38 +8,12 @@ its traceback shown.
 import argparse
 import json
 
-import families
 import mlx.core as mx
-from helpers import quantize_model
+from helpers import build_family, logits_sequence
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.pipeline import PipelineMixin
 
 import moefuse_runtime
-
-PROMPT_TOKENS = 40  # x batch 2 x top-k 2 = 160 pairs: the sorted path
-DECODE_STEPS = 3
-
-
-def build(family, quantized):
-    mx.random.seed(0)
-    model = families.build(family)
-    if quantized:
-        quantize_model(model)
-    mx.eval(model.parameters())
-    return model
-
-
-def logits(model):
-    mx.random.seed(1)
-    prompt = mx.random.randint(0, 128, (2, PROMPT_TOKENS))
-    cache = make_prompt_cache(model)
-    out = [model(prompt, cache=cache)]
-    mx.eval(out)  # one step at a time: pipelines send and receive per step
-    for _ in range(DECODE_STEPS):
-        out.append(model(mx.argmax(out[-1][:, -1:, :], axis=-1), cache=cache))
-        mx.eval(out[-1])
-    return out
 
 
 def same(a, b):
@@ -65,31 +39,31 @@ def fused_count(model):
 
 
 def tensor_parallel(group, family, quantized):
-    reference_model = build(family, quantized)
+    reference_model = build_family(family, quantized)
     reference_model.shard(group)
-    reference = logits(reference_model)
+    reference = logits_sequence(reference_model)
 
-    after = build(family, quantized)
+    after = build_family(family, quantized)
     after.shard(group)
     report = moefuse_runtime.install(after, group=group, reserve_bytes=0)
     emit(
         group,
         "shard-then-install",
         family,
-        same(logits(after), reference),
+        same(logits_sequence(after), reference),
         fused=len(report.fused),
         total=report.total,
         notes=list(report.notes),
     )
 
-    before = build(family, quantized)
+    before = build_family(family, quantized)
     moefuse_runtime.install(before, reserve_bytes=0)
     before.shard(group)
     emit(
         group,
         "install-then-shard",
         family,
-        same(logits(before), reference),
+        same(logits_sequence(before), reference),
         fused=fused_count(before),
         total=report.total,
     )
@@ -99,7 +73,7 @@ def tensor_parallel(group, family, quantized):
         group,
         "uninstall-after-shard",
         family,
-        same(logits(before), reference) and same_parameters(before, reference_model),
+        same(logits_sequence(before), reference) and same_parameters(before, reference_model),
         fused=fused_count(before),
         total=report.total,
     )
@@ -111,32 +85,32 @@ def pipelined(model):
 
 
 def pipeline(group, family, quantized):
-    reference_model = build(family, quantized)
+    reference_model = build_family(family, quantized)
     pipelined(reference_model).pipeline(group)
-    reference = logits(reference_model)
+    reference = logits_sequence(reference_model)
     local = sum(layer is not None for layer in pipelined(reference_model).pipeline_layers)
 
-    after = build(family, quantized)
+    after = build_family(family, quantized)
     pipelined(after).pipeline(group)
     report = moefuse_runtime.install(after, group=group, reserve_bytes=0)
     emit(
         group,
         "pipeline-then-install",
         family,
-        same(logits(after), reference),
+        same(logits_sequence(after), reference),
         fused=len(report.fused),
         total=report.total,
         local_layers=local,
     )
 
-    before = build(family, quantized)
+    before = build_family(family, quantized)
     moefuse_runtime.install(before, reserve_bytes=0)
     pipelined(before).pipeline(group)
     emit(
         group,
         "install-then-pipeline",
         family,
-        same(logits(before), reference),
+        same(logits_sequence(before), reference),
         fused=fused_count(before),
         total=report.total,
     )
@@ -146,9 +120,9 @@ def agreement(group, family, quantized):
     """Rank 1 has no headroom: with the group, no rank fuses; without, ranks diverge."""
     starved = group.rank() == 1
     for with_group in (True, False):
-        model = build(family, quantized)
+        model = build_family(family, quantized)
         model.shard(group)
-        reference = logits(model)
+        reference = logits_sequence(model)
         report = moefuse_runtime.install(
             model, group=group if with_group else None, reserve_bytes=(1 << 60) if starved else 0
         )
@@ -156,7 +130,7 @@ def agreement(group, family, quantized):
             group,
             f"agreement-{'group' if with_group else 'local'}",
             family,
-            same(logits(model), reference),
+            same(logits_sequence(model), reference),
             fused=len(report.fused),
             total=report.total,
             reasons=sorted(set(report.skipped.values())),
@@ -169,11 +143,11 @@ def segments(group, family, quantized):
     from mlx.nn.layers.distributed import shard_inplace, shard_linear
 
     assert family == "qwen3_moe", "this control mirrors qwen3_moe's shard()"
-    reference_model = build(family, quantized)
+    reference_model = build_family(family, quantized)
     reference_model.shard(group)
-    reference = logits(reference_model)
+    reference = logits_sequence(reference_model)
     for count in (1, 2):
-        model = build(family, quantized)
+        model = build_family(family, quantized)
         moefuse_runtime.install(model, reserve_bytes=0)
         for layer in model.model.layers:
             attn = layer.self_attn
@@ -197,7 +171,7 @@ def segments(group, family, quantized):
                 mlp.gate_proj = shard_linear(mlp.gate_proj, "all-to-sharded", group=group)
                 mlp.up_proj = shard_linear(mlp.up_proj, "all-to-sharded", group=group)
                 mlp.down_proj = shard_linear(mlp.down_proj, "sharded-to-all", group=group)
-        emit(group, f"segments-{count}", family, same(logits(model), reference))
+        emit(group, f"segments-{count}", family, same(logits_sequence(model), reference))
 
 
 CHECKS = {

@@ -70,3 +70,37 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 32, mode: 
 
     nn.quantize(model, group_size, bits, mode=mode, class_predicate=predicate)
     return model
+
+
+PROMPT_TOKENS = 40  # x batch 2 x top-k 2 = 160 token-expert pairs: the sorted path
+DECODE_STEPS = 3  # batch 2 x top-k 2 = 4 pairs: the unsorted path
+
+
+def build_family(family: str, quantized: bool) -> nn.Module:
+    """A family's tiny model (tests/families.py), float32 or 4-bit, evaluated."""
+    import families
+
+    mx.random.seed(0)
+    model = families.build(family)
+    if quantized:
+        quantize_model(model)
+    mx.eval(model.parameters())
+    return model
+
+
+def logits_sequence(model: nn.Module) -> list[mx.array]:
+    """Logits of a batch-2 prompt, then of greedy decode steps with a KV cache.
+
+    Evaluated step by step: pipelined models send and receive per step.
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+
+    mx.random.seed(1)
+    prompt = mx.random.randint(0, 128, (2, PROMPT_TOKENS))
+    cache = make_prompt_cache(model)
+    outputs = [model(prompt, cache=cache)]
+    mx.eval(outputs)
+    for _ in range(DECODE_STEPS):
+        outputs.append(model(mx.argmax(outputs[-1][:, -1:, :], axis=-1), cache=cache))
+        mx.eval(outputs[-1])
+    return outputs

@@ -8,14 +8,11 @@ with a KV cache (the unsorted path). Every logit must be bitwise equal.
 import families
 import mlx.core as mx
 import pytest
-from helpers import quantize_model
-from mlx_lm.models.cache import make_prompt_cache
+from helpers import build_family, logits_sequence, quantize_model
 
 import moefuse_runtime
 
 FAMILIES = families.discover()
-PROMPT_TOKENS = 40  # x batch 2 x top-k 2 = 160 token-expert pairs: sorted path
-DECODE_STEPS = 3  # batch 2 x top-k 2 = 4 pairs: unsorted path
 METAL_ONLY = "No Metal back-end"
 
 
@@ -24,28 +21,12 @@ def test_discovery_finds_the_families_we_know():
     assert len(FAMILIES) >= 30
 
 
-def logits_sequence(model, prompt):
-    """Logits of the prompt and of DECODE_STEPS greedy steps with a cache."""
-    cache = make_prompt_cache(model)
-    outputs = [model(prompt, cache=cache)]
-    for _ in range(DECODE_STEPS):
-        token = mx.argmax(outputs[-1][:, -1:, :], axis=-1)
-        outputs.append(model(token, cache=cache))
-    mx.eval(outputs)
-    return outputs
-
-
 @pytest.mark.parametrize("quantized", [False, True], ids=["float32", "4bit"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_parity(family, quantized):
-    mx.random.seed(0)
-    model = families.build(family)
-    if quantized:
-        quantize_model(model)
-    mx.eval(model.parameters())
-    prompt = mx.random.randint(0, 128, (2, PROMPT_TOKENS))
+    model = build_family(family, quantized)
     try:
-        reference = logits_sequence(model, prompt)
+        reference = logits_sequence(model)
     except RuntimeError as error:
         if METAL_ONLY in str(error):
             pytest.skip(f"{family}'s forward uses a Metal-only kernel of mlx-lm")
@@ -54,7 +35,7 @@ def test_family_parity(family, quantized):
     report = moefuse_runtime.install(model, reserve_bytes=0)
     assert report.total >= 1 and len(report.fused) == report.total, str(report)
 
-    fused = logits_sequence(model, prompt)
+    fused = logits_sequence(model)
     for step, (a, b) in enumerate(zip(reference, fused, strict=True)):
         assert mx.array_equal(a, b).item(), f"{family} step {step} differs"
 
