@@ -7,6 +7,7 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU, _gather_sort, _scatter_unsort
 
 from . import projections
+from .memory import backend
 
 FUSED_NAME = "gate_up_proj"
 
@@ -73,7 +74,9 @@ def why_not_fusable(layer: SwitchGLU) -> str | None:
     missing = [k for k in ("gate_proj", "up_proj", "down_proj") if k not in layer]
     if missing:
         return f"no {', '.join(missing)}"
-    return projections.mismatch(layer["gate_proj"], layer["up_proj"])
+    return projections.mismatch(layer["gate_proj"], layer["up_proj"]) or (
+        projections.backend_limit(layer["gate_proj"], backend())
+    )
 
 
 def fuse_layer(layer: SwitchGLU, fused_projection: nn.Module) -> None:

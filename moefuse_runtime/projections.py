@@ -24,6 +24,14 @@ SHARED_KEYS = frozenset({"global_scale"})
 
 SUPPORTED = (SwitchLinear, QuantizedSwitchLinear)
 
+CUDA_FLOAT_OFFSET_LIMIT = 1 << 31
+"""MLX 0.32.4's CUDA ``gather_mm`` on its sorted path (SwitchGLU at >= 64
+token-expert pairs) faults with an illegal memory access once an expert's byte
+offset in a float weight reaches 2**31 (measured on an H100: 64 x 4096 x 7168
+bf16 faults, 37 x 4096 x 7168 runs; the 4-bit ``gather_qmm`` path runs at
+256 x 4096 x 7168). Stacking gate and up doubles the offsets, so a layer
+whose unfused weights are safe can cross it: such layers stay unfused there."""
+
 
 def arrays(projection: nn.Module) -> dict[str, mx.array]:
     """The projection's own arrays (not those of any child module)."""
@@ -77,6 +85,21 @@ def mismatch(gate: nn.Module, up: nn.Module) -> str | None:
         if key in SHARED_KEYS and not mx.array_equal(g, u).item():
             return f"gate and up have different {key} values"
     return None
+
+
+def backend_limit(gate: nn.Module, backend: str) -> str | None:
+    """Why the fused projection would fail on this backend, or None."""
+    if backend != "cuda" or type(gate) is not SwitchLinear:
+        return None
+    weight = gate["weight"]
+    experts = weight.shape[0]
+    last_offset = (experts - 1) * 2 * (weight.nbytes // experts)
+    if last_offset < CUDA_FLOAT_OFFSET_LIMIT:
+        return None
+    return (
+        f"fused {weight.dtype} weight would put expert offsets past 2 GiB, where "
+        f"MLX's CUDA gather_mm faults (sorted path); kept unfused"
+    )
 
 
 def fuse(gate: nn.Module, up: nn.Module) -> nn.Module:

@@ -111,3 +111,30 @@ def test_model_without_switch_glu():
     report = moefuse_runtime.install(model)
     assert report.total == 0 and report.fused == ()
     assert report.summary().startswith("fused 0/0 SwitchGLU layers")
+
+
+def test_cuda_float_offset_limit(monkeypatch):
+    """On CUDA, float layers whose fused offsets would pass MLX's 2 GiB fault
+    line stay unfused; quantized layers and the CPU are not affected."""
+    from moefuse_runtime import layer as layer_module
+    from moefuse_runtime import projections
+
+    float_layer, quantized = (
+        switch_glu(128, 128),
+        switch_glu(128, 128, quant={"bits": 4, "group_size": 64}),
+    )
+    per_expert_fused = 2 * float_layer.gate_proj.weight.nbytes // 8
+    monkeypatch.setattr(projections, "CUDA_FLOAT_OFFSET_LIMIT", 7 * per_expert_fused)
+    monkeypatch.setattr(layer_module, "backend", lambda: "cuda")
+    reason = moefuse_runtime.install(float_layer, reserve_bytes=0).skipped[""]
+    assert "MLX's CUDA gather_mm faults" in reason
+    assert moefuse_runtime.install(quantized, reserve_bytes=0).fused == ("",)
+    monkeypatch.setattr(projections, "CUDA_FLOAT_OFFSET_LIMIT", 7 * per_expert_fused + 1)
+    assert moefuse_runtime.install(float_layer, reserve_bytes=0).fused == ("",)
+
+
+def test_cuda_limit_ignored_elsewhere(monkeypatch):
+    from moefuse_runtime import projections
+
+    monkeypatch.setattr(projections, "CUDA_FLOAT_OFFSET_LIMIT", 1)
+    assert moefuse_runtime.install(switch_glu(128, 128), reserve_bytes=0).fused == ("",)
