@@ -24,5 +24,5 @@ if path == "fused":
 for n in tokens:
     x = mx.random.normal((1, n, hidden)).astype(mx.bfloat16)
     idx = mx.random.randint(0, experts, (1, n, top_k)).astype(mx.uint32)
-    seconds = [timed(lambda: [layer(x, idx) for layer in stack]) for _ in range(5)]
+    seconds = [timed(lambda x=x, i=idx: [layer(x, i) for layer in stack]) for _ in range(5)]
     print(f"{path} tokens={n} ok median_ms={sorted(seconds)[2] * 1e3 / layers:.4f}", flush=True)
