@@ -169,7 +169,8 @@ class _Fuser:
 
     def __call__(self, path: str, layer: SwitchGLU) -> LayerResult:
         if is_fused(layer):
-            self._agree(None), self._agree(None)  # in step with the peers' two votes
+            self._agree(None)  # two votes, in step with peers that fuse this layer
+            self._agree(None)
             fused = layer[FUSED_NAME]
             return LayerResult(
                 path,

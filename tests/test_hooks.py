@@ -187,3 +187,42 @@ def test_exo_stand_in_patched_after_its_import(tmp_path, demo_model):
     out = run([PYTHON, "-c", code, str(demo_model)], cwd=tmp_path, env={"EXO_FUSED_MOE": ""})
     assert out.returncode == 0, out.stderr
     assert fused_counts(out) == ["FUSED 4 4"]
+
+
+SHARDED = """
+import hashlib, sys
+import mlx.core as mx
+from mlx_lm.utils import sharded_load
+import moefuse_runtime
+model, tokenizer = sharded_load(sys.argv[1])
+layers = [m for _, m in moefuse_runtime.find_switch_glus(model)]
+logits = model(mx.array([tokenizer.encode("Hello, how are you? " * 8)]))
+digest = hashlib.sha256(bytes(memoryview(logits.astype(mx.float32)))).hexdigest()[:16]
+rank = mx.distributed.init().rank()
+open(f"{sys.argv[2]}/rank{rank}.txt", "w").write(
+    f"{sum(moefuse_runtime.is_fused(m) for m in layers)}/{len(layers)} {digest}"
+)
+"""
+
+
+def test_sharded_load_on_two_ranks_under_moefuse_run(tmp_path, demo_model):
+    """moefuse run wraps mlx.launch: its rank processes inherit the activation,
+    sharded_load shards the model, then each rank fuses its shards."""
+    from test_sharding import LAUNCH, free_port
+
+    (tmp_path / "script.py").write_text(SHARDED)
+    results = {}
+    for mode in ("0", "1"):
+        out_dir = tmp_path / mode
+        out_dir.mkdir()
+        launch = [
+            PYTHON, "-c", LAUNCH, "--backend", "ring", "-n", "2", "-p", str(free_port()),
+            "--", PYTHON, str(tmp_path / "script.py"), str(demo_model), str(out_dir),
+        ]  # fmt: skip
+        out = run(["moefuse", "run", "--", *launch], env={"EXO_FUSED_MOE": mode}, timeout=240)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        results[mode] = [(out_dir / f"rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert [fused for fused, _ in results["0"]] == ["0/4", "0/4"]
+    assert [fused for fused, _ in results["1"]] == ["4/4", "4/4"]
+    # Same logits on each rank, fused or not.
+    assert [digest for _, digest in results["1"]] == [digest for _, digest in results["0"]]
