@@ -38,45 +38,36 @@ def fused_count(model):
     return sum(moefuse_runtime.is_fused(m) for _, m in moefuse_runtime.find_switch_glus(model))
 
 
-def tensor_parallel(group, family, quantized):
+def both_orders(group, family, quantized, split, names):
+    """Split (shard or pipeline) then install, and install then split: each
+    must give the unfused split model's logits. Returns the pieces for more."""
     reference_model = build_family(family, quantized)
-    reference_model.shard(group)
+    split(reference_model)
     reference = logits_sequence(reference_model)
 
     after = build_family(family, quantized)
-    after.shard(group)
+    split(after)
     report = moefuse_runtime.install(after, group=group, reserve_bytes=0)
-    emit(
-        group,
-        "shard-then-install",
-        family,
-        same(logits_sequence(after), reference),
-        fused=len(report.fused),
-        total=report.total,
-        notes=list(report.notes),
-    )
+    ok = same(logits_sequence(after), reference)
+    emit(group, names[0], family, ok, fused=len(report.fused), total=report.total,
+         notes=list(report.notes))  # fmt: skip
 
     before = build_family(family, quantized)
     moefuse_runtime.install(before, reserve_bytes=0)
-    before.shard(group)
-    emit(
-        group,
-        "install-then-shard",
-        family,
-        same(logits_sequence(before), reference),
-        fused=fused_count(before),
-        total=report.total,
-    )
+    split(before)
+    ok = same(logits_sequence(before), reference)
+    emit(group, names[1], family, ok, fused=fused_count(before), total=report.total)
+    return reference_model, reference, before, report.total
 
+
+def tensor_parallel(group, family, quantized):
+    reference_model, reference, before, total = both_orders(
+        group, family, quantized, lambda m: m.shard(group),
+        ("shard-then-install", "install-then-shard"),
+    )  # fmt: skip
     moefuse_runtime.uninstall(before)
-    emit(
-        group,
-        "uninstall-after-shard",
-        family,
-        same(logits_sequence(before), reference) and same_parameters(before, reference_model),
-        fused=fused_count(before),
-        total=report.total,
-    )
+    ok = same(logits_sequence(before), reference) and same_parameters(before, reference_model)
+    emit(group, "uninstall-after-shard", family, ok, fused=fused_count(before), total=total)
 
 
 def pipelined(model):
@@ -85,35 +76,10 @@ def pipelined(model):
 
 
 def pipeline(group, family, quantized):
-    reference_model = build_family(family, quantized)
-    pipelined(reference_model).pipeline(group)
-    reference = logits_sequence(reference_model)
-    local = sum(layer is not None for layer in pipelined(reference_model).pipeline_layers)
-
-    after = build_family(family, quantized)
-    pipelined(after).pipeline(group)
-    report = moefuse_runtime.install(after, group=group, reserve_bytes=0)
-    emit(
-        group,
-        "pipeline-then-install",
-        family,
-        same(logits_sequence(after), reference),
-        fused=len(report.fused),
-        total=report.total,
-        local_layers=local,
-    )
-
-    before = build_family(family, quantized)
-    moefuse_runtime.install(before, reserve_bytes=0)
-    pipelined(before).pipeline(group)
-    emit(
-        group,
-        "install-then-pipeline",
-        family,
-        same(logits_sequence(before), reference),
-        fused=fused_count(before),
-        total=report.total,
-    )
+    both_orders(
+        group, family, quantized, lambda m: pipelined(m).pipeline(group),
+        ("pipeline-then-install", "install-then-pipeline"),
+    )  # fmt: skip
 
 
 def agreement(group, family, quantized):
