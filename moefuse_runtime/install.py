@@ -19,7 +19,9 @@ from mlx_lm.models.switch_layers import SwitchGLU
 
 from . import projections
 from .config import ENABLE_ENV, env_flag
-from .layer import FUSED_NAME, fuse_layer, is_fused, unfuse_layer, why_not_fusable
+from .dense import DENSE_MLP
+from .dense import is_candidate as is_dense_candidate
+from .layer import FUSED_NAME, SWITCH_GLU, Kind
 from .memory import default_reserve_bytes, format_bytes, headroom
 from .report import RELAID, FuseReport, LayerResult, Outcome
 from .sharding import guard_shard
@@ -29,12 +31,21 @@ logger = logging.getLogger(__name__)
 
 def find_switch_glus(model: nn.Module) -> Iterator[tuple[str, SwitchGLU]]:
     """Every SwitchGLU in ``model`` with its dotted path, found lazily."""
-    yield from _walk(model, "")
+    for path, module, _ in _walk(model, "", dense=False):
+        yield path, module
 
 
-def _walk(value: object, path: str) -> Iterator[tuple[str, SwitchGLU]]:
+def find_targets(model: nn.Module, dense: bool) -> Iterator[tuple[str, nn.Module, Kind]]:
+    """SwitchGLUs and (with ``dense``) dense gate/up MLPs, found lazily."""
+    yield from _walk(model, "", dense)
+
+
+def _walk(value: object, path: str, dense: bool) -> Iterator[tuple[str, nn.Module, Kind]]:
     if isinstance(value, SwitchGLU):
-        yield path, value
+        yield path, value, SWITCH_GLU
+        return
+    if dense and isinstance(value, nn.Module) and is_dense_candidate(value):
+        yield path, value, DENSE_MLP
         return
     if isinstance(value, dict):
         children = value.items()
@@ -44,7 +55,7 @@ def _walk(value: object, path: str) -> Iterator[tuple[str, SwitchGLU]]:
         return
     for key, child in children:
         if isinstance(child, (dict, list, tuple)):
-            yield from _walk(child, f"{path}.{key}" if path else str(key))
+            yield from _walk(child, f"{path}.{key}" if path else str(key), dense)
 
 
 def install(
@@ -53,6 +64,7 @@ def install(
     enabled: bool | None = None,
     reserve_bytes: int | None = None,
     group: mx.distributed.Group | None = None,
+    dense: bool = False,
 ) -> FuseReport:
     """Fuse gate and up of every SwitchGLU in ``model``, in place.
 
@@ -67,30 +79,33 @@ def install(
             on each layer's fuse/skip verdict, so all run the same path.
             Install after ``model.shard(group)`` fuses the local shards;
             install before it is safe too (see `sharding`).
+        dense: Also fuse dense gated MLPs (shared experts, dense layers)
+            whose forward calls gate_proj and up_proj on one input.
 
     Returns:
         A `FuseReport`; layers that could not be fused say why. Never raises
         for a layer: any failure leaves that layer unfused and working.
     """
     if enabled is False:
-        return _disabled_report(model, "disabled by enabled=False")
+        return _disabled_report(model, dense, "disabled by enabled=False")
     if enabled is None and not env_flag(ENABLE_ENV, default=True):
-        return _disabled_report(model, f"disabled by {ENABLE_ENV}=0")
+        return _disabled_report(model, dense, f"disabled by {ENABLE_ENV}=0")
     reserve = default_reserve_bytes() if reserve_bytes is None else int(reserve_bytes)
-    report = _run("install", model, lambda: _Fuser(reserve, *_agreeing_group(model, group)))
+    fuser = _Fuser(reserve, *_agreeing_group(model, group, dense))
+    report = _run("install", model, dense, fuser)
     if report.fused or report.already_fused:
         guard_shard(model)  # a later model.shard(group) must still work
     return report
 
 
-def plan(model: nn.Module, *, reserve_bytes: int | None = None) -> FuseReport:
+def plan(model: nn.Module, *, reserve_bytes: int | None = None, dense: bool = False) -> FuseReport:
     """What `install` would do on this machine now, changing nothing.
 
     Each layer's verdict (fusable or why not, and the headroom check against
     the memory free now) is reported with outcome ``would fuse``/``skipped``.
     """
     reserve = default_reserve_bytes() if reserve_bytes is None else int(reserve_bytes)
-    return _run("plan", model, lambda: _Fuser(reserve, None, (), dry_run=True))
+    return _run("plan", model, dense, _Fuser(reserve, None, (), dry_run=True))
 
 
 def uninstall(model: nn.Module) -> FuseReport:
@@ -99,24 +114,28 @@ def uninstall(model: nn.Module) -> FuseReport:
     The arrays come back bitwise identical and the layer regains its
     original class, so the model saves and loads as an ordinary mlx-lm model.
     """
-    return _run("uninstall", model, _Unfuser)
+    return _run("uninstall", model, True, _Unfuser())
 
 
-def _disabled_report(model: nn.Module, why: str) -> FuseReport:
-    layers = tuple(LayerResult(path, Outcome.SKIPPED, why) for path, _ in find_switch_glus(model))
+def _disabled_report(model: nn.Module, dense: bool, why: str) -> FuseReport:
+    layers = tuple(
+        LayerResult(path, Outcome.SKIPPED, why, layer_type=kind.name)
+        for path, _, kind in find_targets(model, dense)
+    )
     report = FuseReport(layers=layers, disabled_reason=why)
     logger.info("%s", report.summary())
     return report
 
 
-def _run(action: str, model: nn.Module, make_step) -> FuseReport:
-    step = make_step()
+def _run(action: str, model: nn.Module, dense: bool, step) -> FuseReport:
     before = mx.get_active_memory()
     start = time.perf_counter()
     layers = []
     layer = None
-    for path, layer in _with_progress(find_switch_glus(model), model, action):
-        result = step(path, layer)
+    for path, layer, kind in _with_progress(find_targets(model, dense), model, dense, action):
+        result = step(path, layer, kind)
+        if result is None:
+            continue
         logger.debug("%s %s: %s %s", action, path, result.outcome, result.reason)
         layers.append(result)
     del layer  # the last layer's old arrays must not outlive the loop
@@ -139,11 +158,11 @@ def _run(action: str, model: nn.Module, make_step) -> FuseReport:
 PROGRESS_MIN_LAYERS = 8
 
 
-def _with_progress(items, model: nn.Module, action: str):
+def _with_progress(items, model: nn.Module, dense: bool, action: str):
     """A tqdm bar on a terminal, for models with many layers; else as is."""
     if not sys.stderr.isatty():
         return items
-    total = sum(1 for _ in find_switch_glus(model))
+    total = sum(1 for _ in find_targets(model, dense))
     if total < PROGRESS_MIN_LAYERS:
         return items
     from tqdm import tqdm
@@ -167,8 +186,8 @@ class _Fuser:
         self.stopped: str | None = None
         self.notes = notes
 
-    def __call__(self, path: str, layer: SwitchGLU) -> LayerResult:
-        if is_fused(layer):
+    def __call__(self, path: str, layer: nn.Module, kind: Kind) -> LayerResult:
+        if kind.is_fused(layer):
             self._agree(None)  # two votes, in step with peers that fuse this layer
             self._agree(None)
             fused = layer[FUSED_NAME]
@@ -178,16 +197,17 @@ class _Fuser:
                 "",
                 projections.describe(fused),
                 projections.nbytes(fused),
+                kind.name,
             )
-        reason = why_not_fusable(layer)
-        kind = projections.describe(layer["gate_proj"]) if "gate_proj" in layer else ""
+        reason = kind.why_not_fusable(layer)
+        storage = projections.describe(layer["gate_proj"]) if "gate_proj" in layer else ""
         need = sum(projections.nbytes(layer[k]) for k in ("gate_proj", "up_proj") if k in layer)
         if reason is None:
             reason = self.stopped or self._headroom_verdict(path, need)
         if self.dry_run:
             self.stopped = None  # nothing is allocated: each layer on its own
             outcome = Outcome.WOULD_FUSE if reason is None else Outcome.SKIPPED
-            return LayerResult(path, outcome, reason or "", kind, need)
+            return LayerResult(path, outcome, reason or "", storage, need, kind.name)
         reason = self._agree(reason)
         fused = None
         if reason is None:
@@ -197,9 +217,9 @@ class _Fuser:
                 reason = self._failure(path, error)
         reason = self._agree(reason)
         if reason is not None:
-            return LayerResult(path, Outcome.SKIPPED, reason, kind, need)
-        fuse_layer(layer, fused)
-        return LayerResult(path, Outcome.FUSED, "", kind, need)
+            return LayerResult(path, Outcome.SKIPPED, reason, storage, need, kind.name)
+        kind.fuse(layer, fused)
+        return LayerResult(path, Outcome.FUSED, "", storage, need, kind.name)
 
     def _headroom_verdict(self, path: str, need: int) -> str | None:
         room = headroom()
@@ -232,22 +252,25 @@ class _Fuser:
 
 
 class _Unfuser:
-    def __call__(self, path: str, layer: SwitchGLU) -> LayerResult:
-        if not is_fused(layer):
-            return LayerResult(path, Outcome.SKIPPED, "not fused")
+    def __call__(self, path: str, layer: nn.Module, kind: Kind) -> LayerResult | None:
+        if not kind.is_fused(layer):
+            if kind is DENSE_MLP:
+                return None  # every dense MLP is visited: report only fused ones
+            return LayerResult(path, Outcome.SKIPPED, "not fused", layer_type=kind.name)
         fused = layer[FUSED_NAME]
-        kind, size = projections.describe(fused), projections.nbytes(fused)
+        storage, size = projections.describe(fused), projections.nbytes(fused)
         try:
             gate, up = projections.split(fused)
         except Exception as error:  # noqa: BLE001 - the layer stays fused and correct
-            return LayerResult(path, Outcome.SKIPPED, f"failed to split: {error}", kind, size)
+            reason = f"failed to split: {error}"
+            return LayerResult(path, Outcome.SKIPPED, reason, storage, size, kind.name)
         del fused
-        unfuse_layer(layer, gate, up)
-        return LayerResult(path, Outcome.UNFUSED, "", kind, size)
+        kind.unfuse(layer, gate, up)
+        return LayerResult(path, Outcome.UNFUSED, "", storage, size, kind.name)
 
 
 def _agreeing_group(
-    model: nn.Module, group: mx.distributed.Group | None
+    model: nn.Module, group: mx.distributed.Group | None, dense: bool
 ) -> tuple[mx.distributed.Group | None, tuple[str, ...]]:
     """The group to agree verdicts in, if its ranks hold the same layers.
 
@@ -258,10 +281,10 @@ def _agreeing_group(
     """
     if group is None or group.size() < 2:
         return None, ()
-    count = sum(1 for _ in find_switch_glus(model))
+    count = sum(1 for _ in find_targets(model, dense))
     counts = mx.distributed.all_gather(mx.array([count]), group=group).tolist()
     if min(counts) != max(counts):
-        return None, (f"ranks hold different layers ({counts} SwitchGLU); verdicts are per rank",)
+        return None, (f"ranks hold different layers ({counts} to fuse); verdicts are per rank",)
     return group, (f"verdicts agreed across {group.size()} ranks",)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU, _gather_sort, _scatter_unsort
@@ -95,3 +98,17 @@ def unfuse_layer(layer: FusedSwitchGLU, gate: nn.Module, up: nn.Module) -> None:
     layer["gate_proj"], layer["up_proj"] = gate, up
     del layer[FUSED_NAME]
     layer.__class__ = type(layer).unfused_class
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How install() handles one kind of gate/up module."""
+
+    name: str
+    is_fused: Callable[[nn.Module], bool]
+    why_not_fusable: Callable[[nn.Module], str | None]
+    fuse: Callable[[nn.Module, nn.Module], None]
+    unfuse: Callable[[nn.Module, nn.Module, nn.Module], None]
+
+
+SWITCH_GLU = Kind("SwitchGLU", is_fused, why_not_fusable, fuse_layer, unfuse_layer)

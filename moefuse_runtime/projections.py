@@ -1,8 +1,11 @@
 """The weight math: gate and up concatenated along the output axis, and back.
 
-Every expert projection in mlx-lm stores its arrays with the output axis at
-position 1: ``weight`` (experts, out, in), quantized ``scales``/``biases``
-(experts, out, groups) and ``bias`` (experts, out). Quantization groups run
+Every projection in mlx-lm stores its arrays with the output axis second to
+last in ``weight``: expert projections hold ``weight`` (experts, out, in),
+quantized ``scales``/``biases`` (experts, out, groups) and ``bias``
+(experts, out); dense ``nn.Linear``/``nn.QuantizedLinear`` the same without
+the experts axis. So all arrays of one projection stack on axis
+``weight.ndim - 2``. Quantization groups run
 along the input axis, so stacking two projections' rows is itself a valid
 projection of the same kind, and each output column is computed from the very
 same numbers as before: the outputs are bitwise equal. The one exception is a
@@ -18,11 +21,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-OUTPUT_AXIS = 1
 SHARED_KEYS = frozenset({"global_scale"})
 """Arrays that gate and up must share instead of being concatenated."""
 
-SUPPORTED = (SwitchLinear, QuantizedSwitchLinear)
+SUPPORTED = (SwitchLinear, QuantizedSwitchLinear, nn.Linear, nn.QuantizedLinear)
 
 CUDA_FLOAT_OFFSET_LIMIT = 1 << 31
 """MLX 0.32.4's CUDA ``gather_mm`` on its sorted path (SwitchGLU at >= 64
@@ -53,7 +55,7 @@ def nbytes(projection: nn.Module) -> int:
 
 def describe(projection: nn.Module) -> str:
     """A short name of the projection's storage, for reports."""
-    if isinstance(projection, QuantizedSwitchLinear):
+    if hasattr(projection, "bits"):
         mode = getattr(projection, "mode", "affine")
         return f"{mode} {projection.bits}-bit g{projection.group_size}"
     weight = projection.get("weight")
@@ -102,6 +104,10 @@ def backend_limit(gate: nn.Module, backend: str) -> str | None:
     )
 
 
+def output_axis(projection: nn.Module) -> int:
+    return projection["weight"].ndim - 2
+
+
 def fuse(gate: nn.Module, up: nn.Module) -> nn.Module:
     """One projection computing ``concat([gate(x), up(x)], axis=-1)``.
 
@@ -109,9 +115,9 @@ def fuse(gate: nn.Module, up: nn.Module) -> nn.Module:
     so the caller can drop gate and up right after. Neither input changes.
     """
     fused = _empty_like(gate)
-    up_arrays = arrays(up)
+    axis, up_arrays = output_axis(gate), arrays(up)
     for key, g in arrays(gate).items():
-        fused[key] = g if key in SHARED_KEYS else mx.concatenate([g, up_arrays[key]], OUTPUT_AXIS)
+        fused[key] = g if key in SHARED_KEYS else mx.concatenate([g, up_arrays[key]], axis)
     mx.eval(arrays(fused))
     return fused
 
@@ -119,11 +125,12 @@ def fuse(gate: nn.Module, up: nn.Module) -> nn.Module:
 def split(fused: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The inverse of `fuse`: gate and up as separate, contiguous projections."""
     gate, up = _empty_like(fused), _empty_like(fused)
+    axis = output_axis(fused)
     for key, a in arrays(fused).items():
         if key in SHARED_KEYS:
             gate[key] = up[key] = a
         else:
-            g, u = mx.split(a, 2, axis=OUTPUT_AXIS)
+            g, u = mx.split(a, 2, axis=axis)
             gate[key], up[key] = mx.contiguous(g), mx.contiguous(u)
     mx.eval(arrays(gate), arrays(up))
     return gate, up

@@ -19,6 +19,8 @@ class Outcome(str, Enum):
         return self.value
 
 
+SWITCH_GLU = "SwitchGLU"
+
 RELAID = (Outcome.FUSED, Outcome.UNFUSED, Outcome.WOULD_FUSE)
 """Outcomes whose gate and up are (or would be) re-laid in memory."""
 
@@ -33,6 +35,8 @@ class LayerResult:
     kind: str = ""
     nbytes: int = 0
     """Bytes of gate and up together (the fused projection holds the same)."""
+    layer_type: str = SWITCH_GLU
+    """'SwitchGLU' or 'dense MLP'."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,12 @@ class FuseReport:
 
     @property
     def total(self) -> int:
-        return len(self.layers)
+        """SwitchGLU layers seen (dense MLPs are counted in `dense_total`)."""
+        return sum(r.layer_type == SWITCH_GLU for r in self.layers)
+
+    @property
+    def dense_total(self) -> int:
+        return len(self.layers) - self.total
 
     def summary(self) -> str:
         """One line, e.g. ``fused 48/48 SwitchGLU layers in 0.41 s ...``."""
@@ -89,7 +98,11 @@ class FuseReport:
             "uninstall": (self.unfused, "unfused"),
             "plan": (self.would_fuse, "would fuse"),
         }[self.action]
-        parts = [f"{verb} {len(done)}/{self.total} SwitchGLU layers"]
+        switch_done = sum(r.layer_type == SWITCH_GLU for r in self.layers if r.path in done)
+        parts = [f"{verb} {switch_done}/{self.total} SwitchGLU layers"]
+        if self.dense_total:
+            dense_done = len(done) - switch_done
+            parts.append(f"and {dense_done}/{self.dense_total} dense MLPs")
         extras = []
         if self.already_fused:
             extras.append(f"{len(self.already_fused)} already fused")
@@ -110,14 +123,15 @@ class FuseReport:
         return " ".join(parts).replace(" ;", ";")
 
     def __str__(self) -> str:
-        rows = [("layer", "outcome", "kind", "gate+up", "reason")]
+        rows = [("layer", "type", "outcome", "kind", "gate+up", "reason")]
         rows += [
-            (r.path, str(r.outcome), r.kind, format_bytes(r.nbytes) if r.nbytes else "", r.reason)
+            (r.path, r.layer_type, str(r.outcome), r.kind,
+             format_bytes(r.nbytes) if r.nbytes else "", r.reason)
             for r in self.layers
-        ]
-        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        ]  # fmt: skip
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
         lines = [
-            "  ".join([*(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)), row[4]])
+            "  ".join([*(c.ljust(w) for c, w in zip(row[:5], widths, strict=True)), row[5]])
             for row in rows
         ]
         return "\n".join([*(line.rstrip() for line in lines), self.summary()])

@@ -24,6 +24,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import wrapt
 
+from .dense import DENSE_MLP
+
 logger = logging.getLogger(__name__)
 
 
@@ -43,13 +45,15 @@ def guard_shard(model: nn.Module) -> bool:
 
 
 def _refuse_around_shard(wrapped, instance, args, kwargs):
-    from .install import find_switch_glus, install, uninstall
-    from .layer import is_fused
+    from .install import find_targets, install, uninstall
 
-    if instance is None or not any(is_fused(layer) for _, layer in find_switch_glus(instance)):
+    if instance is None:
+        return wrapped(*args, **kwargs)
+    fused = {kind.name for _, m, kind in find_targets(instance, dense=True) if kind.is_fused(m)}
+    if not fused:
         return wrapped(*args, **kwargs)
     uninstall(instance)
     result = wrapped(*args, **kwargs)
     group = kwargs.get("group", args[0] if args else None) or mx.distributed.init()
-    install(instance, enabled=True, group=group)
+    install(instance, enabled=True, group=group, dense=DENSE_MLP.name in fused)
     return result

@@ -1,0 +1,128 @@
+"""Dense gated MLPs (shared experts, dense layers, dense models), install(dense=True)."""
+
+import copy
+
+import families
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from helpers import build_family, logits_sequence, quantize_model
+from mlx.utils import tree_flatten
+
+import moefuse_runtime
+from moefuse_runtime.dense import Half
+
+MOE_FAMILIES = families.discover()
+DENSE_FAMILIES = families.discover_dense()
+METAL_ONLY = "No Metal back-end"
+
+
+def parity(family, quantized):
+    model = build_family(family, quantized)
+    try:
+        reference = logits_sequence(model)
+    except RuntimeError as error:
+        if METAL_ONLY in str(error):
+            pytest.skip(f"{family}'s forward uses a Metal-only kernel of mlx-lm")
+        raise
+    report = moefuse_runtime.install(model, reserve_bytes=0, dense=True)
+    fused = logits_sequence(model)
+    for step, (a, b) in enumerate(zip(reference, fused, strict=True)):
+        assert mx.array_equal(a, b).item(), f"{family} step {step} differs"
+    return report
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float32", "4bit"])
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_family_with_dense(family, quantized):
+    report = parity(family, quantized)
+    assert len([p for p in report.fused]) >= report.total  # every SwitchGLU, plus dense
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float32", "4bit"])
+@pytest.mark.parametrize("family", DENSE_FAMILIES)
+def test_dense_family(family, quantized):
+    if family in families.DENSE_NOT_BUILT:
+        pytest.skip(f"no tiny config here: {families.DENSE_NOT_BUILT[family]}")
+    report = parity(family, quantized)
+    assert report.dense_total >= 1
+    assert len(report.fused) == report.dense_total + report.total, str(report)
+
+
+def test_discovery_of_dense_families():
+    assert {"llama", "qwen2", "qwen3", "gemma", "olmo2"} <= set(DENSE_FAMILIES)
+    assert set(families.DENSE_NOT_BUILT) <= set(DENSE_FAMILIES)  # the table is not stale
+    built = [f for f in DENSE_FAMILIES if f not in families.DENSE_NOT_BUILT]
+    assert len(built) >= 20
+
+
+def test_shared_expert_and_dense_layer_are_fused():
+    model = build_family("deepseek_v3", quantized=True)
+    report = moefuse_runtime.install(model, reserve_bytes=0, dense=True)
+    dense = {r.path for r in report.layers if r.layer_type == "dense MLP"}
+    assert "model.layers.0.mlp" in dense and "model.layers.1.mlp.shared_experts" in dense
+    assert "fused 2/2 SwitchGLU layers and 3/3 dense MLPs" in report.summary()  # 1 dense + 2 shared
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp.gate_proj, Half) and "gate_up_proj" in mlp and "gate_proj" not in mlp
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(8, 16), nn.Linear(8, 16)
+        self.down_proj = nn.Linear(16, 8)
+
+    def __call__(self, x):
+        y = x * 2
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(y))
+
+
+def test_module_whose_forward_differs_is_left_alone():
+    module = TwoInputs()
+    report = moefuse_runtime.install(module, reserve_bytes=0, dense=True)
+    assert report.skipped == {
+        "": "forward of TwoInputs does not call gate_proj and up_proj on one input"
+    }
+    assert isinstance(module.gate_proj, nn.Linear)
+
+
+def test_dense_is_off_by_default():
+    model = build_family("qwen3_moe", quantized=False)
+    report = moefuse_runtime.install(model, reserve_bytes=0)
+    assert report.dense_total == 0 and isinstance(model.model.layers[0].mlp.gate_proj, nn.Linear)
+
+
+def test_uninstall_deepcopy_save_load_quantize(tmp_path):
+    model = build_family("qwen3_moe", quantized=False)
+    before = dict(tree_flatten(model.parameters()))
+    reference = logits_sequence(model)
+    moefuse_runtime.install(model, reserve_bytes=0, dense=True)
+    keys = {k for k, _ in tree_flatten(model.parameters())}
+    assert "model.layers.0.mlp.gate_up_proj.weight" in keys
+    assert not any(k.startswith("model.layers.0.mlp.gate_proj") for k in keys)
+
+    clone = copy.deepcopy(model)
+    assert all(
+        mx.array_equal(a, b).item() for a, b in zip(logits_sequence(clone), reference, strict=True)
+    )
+    path = str(tmp_path / "w.safetensors")
+    clone.save_weights(path)
+    clone.load_weights(path)
+    assert all(
+        mx.array_equal(a, b).item() for a, b in zip(logits_sequence(clone), reference, strict=True)
+    )
+
+    quantize_first = quantize_model(build_family("qwen3_moe", quantized=False))
+    moefuse_runtime.install(quantize_first, reserve_bytes=0, dense=True)
+    quantize_model(clone)
+    assert all(
+        mx.array_equal(a, b).item()
+        for a, b in zip(logits_sequence(clone), logits_sequence(quantize_first), strict=True)
+    )
+
+    report = moefuse_runtime.uninstall(model)
+    assert any(r.layer_type == "dense MLP" for r in report.layers)
+    after = dict(tree_flatten(model.parameters()))
+    assert before.keys() == after.keys()
+    assert all(mx.array_equal(before[k], after[k]).item() for k in before)
+    assert isinstance(model.model.layers[0].mlp.gate_proj, nn.Linear)
