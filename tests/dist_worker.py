@@ -34,8 +34,18 @@ def emit(group, check, family, ok, **extra):
         f.write(line + "\n")
 
 
+DENSE = False
+
+
 def fused_count(model):
     return sum(moefuse_runtime.is_fused(m) for _, m in moefuse_runtime.find_switch_glus(model))
+
+
+def dense_fused(model):
+    from moefuse_runtime.install import find_targets
+
+    kinds = [(kind.name, kind.is_fused(m)) for _, m, kind in find_targets(model, dense=True)]
+    return sum(fused for name, fused in kinds if name == "dense MLP")
 
 
 def both_orders(group, family, quantized, split, names):
@@ -47,16 +57,18 @@ def both_orders(group, family, quantized, split, names):
 
     after = build_family(family, quantized)
     split(after)
-    report = moefuse_runtime.install(after, group=group, reserve_bytes=0)
+    report = moefuse_runtime.install(after, group=group, reserve_bytes=0, dense=DENSE)
     ok = same(logits_sequence(after), reference)
-    emit(group, names[0], family, ok, fused=len(report.fused), total=report.total,
-         notes=list(report.notes))  # fmt: skip
+    emit(group, names[0], family, ok, fused=fused_count(after), total=report.total,
+         notes=list(report.notes), dense_fused=dense_fused(after),
+         dense_total=report.dense_total)  # fmt: skip
 
     before = build_family(family, quantized)
-    moefuse_runtime.install(before, reserve_bytes=0)
+    moefuse_runtime.install(before, reserve_bytes=0, dense=DENSE)
     split(before)
     ok = same(logits_sequence(before), reference)
-    emit(group, names[1], family, ok, fused=fused_count(before), total=report.total)
+    emit(group, names[1], family, ok, fused=fused_count(before), total=report.total,
+         dense_fused=dense_fused(before), dense_total=report.dense_total)  # fmt: skip
     return reference_model, reference, before, report.total
 
 
@@ -153,10 +165,11 @@ def main():
     parser.add_argument("check", choices=sorted(CHECKS))
     parser.add_argument("--families", nargs="+", required=True)
     parser.add_argument("--quantized", action="store_true")
+    parser.add_argument("--dense", action="store_true", help="install(dense=True)")
     parser.add_argument("--out", required=True, help="folder for rank<N>.jsonl")
     args = parser.parse_args()
-    global OUT
-    OUT = args.out
+    global OUT, DENSE
+    OUT, DENSE = args.out, args.dense
     group = mx.distributed.init(strict=True)
     for family in args.families:
         CHECKS[args.check](group, family, args.quantized)

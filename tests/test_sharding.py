@@ -53,14 +53,14 @@ def free_port():
     raise RuntimeError("no two consecutive free ports")
 
 
-def launch(tmp_path, check, family_names, quantized=False):
+def launch(tmp_path, check, family_names, quantized=False, dense=False):
     """Run one check on 2 ranks; return {rank: [records]}."""
     command = [
         sys.executable, "-c", LAUNCH,
         "--backend", "ring", "-n", str(RANKS), "-p", str(free_port()),
         "--", sys.executable, str(HERE / "dist_worker.py"), check,
         "--out", str(tmp_path), "--families", *family_names,
-    ] + (["--quantized"] if quantized else [])  # fmt: skip
+    ] + (["--quantized"] if quantized else []) + (["--dense"] if dense else [])  # fmt: skip
     process = subprocess.Popen(
         command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -146,3 +146,17 @@ def test_sharding_the_stacked_tensor_as_one_segment_is_caught(tmp_path):
         by_check = {r["check"]: r for r in rows}
         assert by_check["segments-1"]["ok"] is False
         assert by_check["segments-2"]["ok"] is True
+
+
+def test_tensor_parallel_with_dense_mlps_both_orders(tmp_path):
+    """Dense MLPs are sharded by shard_linear, which replaces the modules: the
+    guard unfuses them too, and re-fuses them after the model's own shard()."""
+    names = ["qwen3_moe", "deepseek_v3", "glm4_moe", "minimax"]
+    records = launch(tmp_path, "tensor", names, quantized=True, dense=True)
+    for rank, rows in records.items():
+        for row in rows:
+            assert row["ok"], f"rank {rank}: {row}"
+            if row["check"] != "uninstall-after-shard":
+                assert row["fused"] == row["total"], f"rank {rank}: {row}"
+                assert row["dense_fused"] == row["dense_total"], f"rank {rank}: {row}"
+        assert sum(r["dense_total"] for r in rows if "dense_total" in r) > 0
