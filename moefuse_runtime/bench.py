@@ -31,6 +31,13 @@ LAYER_SHAPES: dict[str, tuple[int, int, int, int]] = {
 }
 TOKENS = (1, 4, 16, 128, 512)
 
+# (hidden, intermediate) of dense gated MLPs: a dense model's, and shared experts.
+DENSE_SHAPES: dict[str, tuple[int, int]] = {
+    "llama3-8b-mlp": (4096, 14336),
+    "deepseek-v3-shared-expert": (7168, 2048),
+    "deepseek-v2-lite-shared": (2048, 2816),
+}
+
 
 def sync() -> None:
     mx.synchronize()
@@ -147,6 +154,66 @@ def bench_layers(
     return rows
 
 
+def make_dense(hidden: int, width: int, kind: str, seed: int) -> nn.Module:
+    """mlx-lm's llama MLP with random weights: 'bf16', 'fp32' or '<b>bit'."""
+    from types import SimpleNamespace
+
+    from mlx_lm.models.llama import MLP
+
+    mx.random.seed(seed)
+    mlp = MLP(SimpleNamespace(hidden_size=hidden, intermediate_size=width))
+    dtype = mx.float32 if kind == "fp32" else mx.bfloat16
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        mlp[name].weight = (mx.random.normal(mlp[name].weight.shape) * 0.02).astype(dtype)
+    if kind.endswith("bit"):
+        nn.quantize(mlp, 64, int(kind[:-3]))
+    mx.eval(mlp.parameters())
+    return mlp
+
+
+def bench_dense(
+    shape: str,
+    kind: str,
+    tokens: tuple[int, ...] = TOKENS,
+    layers: int = 4,
+    rounds: int = 20,
+    stream_bps: float = 0.0,
+    scale: int = 1,
+) -> list[LayerRow]:
+    """Dense gated MLPs, unfused vs install(dense=True), A/B like bench_layers."""
+    hidden, width = DENSE_SHAPES[shape]
+    width = max(64, width // scale // 64 * 64)
+    unfused = [make_dense(hidden, width, kind, seed) for seed in range(layers)]
+    fused = [make_dense(hidden, width, kind, seed) for seed in range(layers)]
+    for mlp in fused:
+        install(mlp, reserve_bytes=0, dense=True)
+    weight_bytes = sum(projections.nbytes(unfused[0][k]) for k in ("gate_proj", "up_proj"))
+    weight_bytes += projections.nbytes(unfused[0]["down_proj"])
+    dtype = mx.float32 if kind == "fp32" else mx.bfloat16
+    rows = []
+    for n in tokens:
+        inputs = [mx.random.normal((1, n, hidden)).astype(dtype) for _ in range(4)]
+        mx.eval(inputs)
+        times: dict[str, list[float]] = {"unfused": [], "fused": []}
+        for r in range(rounds + 2):
+            x = inputs[r % len(inputs)]
+            for name, stack in (("unfused", unfused), ("fused", fused)):
+                seconds = timed(lambda s=stack, x=x: [mlp(x) for mlp in s]) / layers
+                if r >= 2:
+                    times[name].append(seconds * 1e3)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        gbps = {k: weight_bytes / (v / 1e3) / 1e9 for k, v in med.items()}
+        rows.append(
+            LayerRow(
+                f"dense {shape}" if scale == 1 else f"dense {shape}/{scale}",
+                kind, n, summary(times["unfused"]), summary(times["fused"]),
+                med["unfused"] / med["fused"], weight_bytes, gbps["unfused"], gbps["fused"],
+                gbps["fused"] * 1e9 / stream_bps if stream_bps else 0.0,
+            )
+        )  # fmt: skip
+    return rows
+
+
 def _expert_bytes(layer: SwitchGLU, experts: int) -> int:
     total = sum(projections.nbytes(layer[k]) for k in ("gate_proj", "up_proj", "down_proj"))
     return total // experts
@@ -167,6 +234,7 @@ def bench_model(
     prompt_tokens: int = 512,
     decode_tokens: int = 64,
     rounds: int = 5,
+    dense: bool = False,
 ) -> dict:
     """Decode and prefill tok/s of two copies of a model, one fused; A/B rounds.
 
@@ -180,8 +248,11 @@ def bench_model(
     gc.collect()
     before = mx.get_active_memory()
     mx.reset_peak_memory()
-    report = install(fused, reserve_bytes=0)
+    report = install(fused, reserve_bytes=0, dense=dense)
     install_cost = {
+        "dense_fused": sum(
+            r.layer_type != "SwitchGLU" for r in report.layers if r.path in report.fused
+        ),
         "seconds": report.seconds,
         "peak_extra_bytes": mx.get_peak_memory() - before,
         "active_bytes_before": before,
@@ -265,6 +336,8 @@ def run_suite(
     model_layers: int = 8,
     model_rounds: int = 5,
     decode_tokens: int = 64,
+    dense_shapes: tuple[str, ...] = (),
+    model_dense: bool = False,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict:
     """The whole suite; writes ``bench.json`` and ``bench.png`` to ``out_dir``."""
@@ -299,25 +372,33 @@ def run_suite(
             result["layers"] += as_dicts(rows)
             free()
             save()
+    for shape in dense_shapes:
+        for kind in kinds:
+            rows = bench_dense(shape, kind, tokens, layers, rounds, stream, scale)
+            for row in rows:
+                log(format_layer_row(row))
+            result["layers"] += as_dicts(rows)
+            free()
+            save()
     model = bench_model(
         lambda: build_demo_model(model_preset, layers=model_layers),
         decode_tokens=decode_tokens,
         rounds=model_rounds,
+        dense=model_dense,
     )
     log(format_model(model))
-    result["model"] = {"preset": model_preset, "layers": model_layers, **model}
+    result["model"] = {"preset": model_preset, "layers": model_layers, "dense": model_dense,
+                       **model}  # fmt: skip
     save()
     return result
 
 
-LAYER_HEADER = (
-    "shape                  kind  tokens  unfused ms  fused ms  ratio  fused GB/s  roofline"
-)
+LAYER_HEADER = f"{'shape':<37} kind  tokens  unfused ms  fused ms  ratio  fused GB/s  roofline"
 
 
 def format_layer_row(row: LayerRow) -> str:
     return (
-        f"{row.shape:<22} {row.kind:<5} {row.tokens:>6}  {row.unfused_ms['median']:>10.4f}"
+        f"{row.shape:<37} {row.kind:<5} {row.tokens:>6}  {row.unfused_ms['median']:>10.4f}"
         f"  {row.fused_ms['median']:>8.4f}  {row.ratio:>5.3f}  {row.fused_gbps:>10.1f}"
         f"  {row.fused_roofline:>8.3f}"
     )
@@ -331,6 +412,7 @@ def format_model(model: dict) -> str:
         f"{f['decode_tok_s']['median']:.2f} [{f['decode_tok_s']['min']:.2f}.."
         f"{f['decode_tok_s']['max']:.2f}], ratio {model['decode_ratio']:.3f}; prefill ratio "
         f"{model['prefill_ratio']:.3f}; greedy tokens match: {model['greedy_tokens_match']}; "
+        f"{model['install']['dense_fused']} dense MLPs fused; "
         f"install {model['install']['seconds']:.2f} s, peak extra "
         f"{model['install']['peak_extra_bytes'] / 2**20:.1f} MiB"
     )

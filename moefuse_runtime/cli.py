@@ -115,6 +115,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.layers, args.rounds, args.scale = 2, 3, 16
         args.model_preset, args.model_layers, args.model_rounds = "tiny", 2, 1
         args.decode_tokens = 8
+        args.dense_shapes = ["deepseek-v2-lite-shared"]
     print(bench.LAYER_HEADER)
     result = bench.run_suite(
         args.out,
@@ -128,6 +129,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model_layers=args.model_layers,
         model_rounds=args.model_rounds,
         decode_tokens=args.decode_tokens,
+        dense_shapes=tuple(args.dense_shapes),
+        model_dense=args.model_dense,
         log=print,
     )
     print(f"wrote {args.out}/bench.json and {args.out}/bench.png")
@@ -182,6 +185,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-layers", type=int, default=8)
     p.add_argument("--model-rounds", type=int, default=5)
     p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--dense-shapes", nargs="*", default=[], choices=list(bench.DENSE_SHAPES),
+                   help="dense gated MLP shapes to time too")  # fmt: skip
+    p.add_argument("--model-dense", action="store_true",
+                   help="the fused model copy also fuses its dense MLPs")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run")
     p.set_defaults(handler=cmd_bench)
     return parser

@@ -7,6 +7,7 @@ demo, the CLI and the tests exercise real code paths on any machine.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import time
@@ -17,12 +18,11 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import generate_step
-from mlx_lm.models import qwen3_moe
 
 from .install import install
 from .report import FuseReport
 
-PRESETS: dict[str, dict[str, int]] = {
+PRESETS: dict[str, dict[str, int | str]] = {
     # Qwen3-30B-A3B's real dimensions (random weights), for benchmarks.
     "qwen3-30b-a3b": {
         "hidden_size": 2048,
@@ -34,6 +34,30 @@ PRESETS: dict[str, dict[str, int]] = {
         "num_attention_heads": 32,
         "num_key_value_heads": 4,
         "head_dim": 128,
+    },
+    # DeepSeek-V2-Lite's dimensions on mlx-lm's deepseek_v3 classes: a MoE
+    # model with shared experts and a dense first layer, for dense fusion.
+    "deepseek-v2-lite": {
+        "model_type": "deepseek_v3",
+        "hidden_size": 2048,
+        "intermediate_size": 10944,
+        "moe_intermediate_size": 1408,
+        "num_hidden_layers": 27,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "n_routed_experts": 64,
+        "n_shared_experts": 2,
+        "num_experts_per_tok": 6,
+        "first_k_dense_replace": 1,
+        "kv_lora_rank": 512,
+        "q_lora_rank": 1536,
+        "qk_rope_head_dim": 64,
+        "qk_nope_head_dim": 128,
+        "v_head_dim": 128,
+        "n_group": 1,
+        "topk_group": 1,
+        "routed_scaling_factor": 1.0,
+        "vocab_size": 102400,
     },
     "tiny": {
         "hidden_size": 256,
@@ -84,7 +108,9 @@ def demo_config(preset: str = "tiny", layers: int | None = None) -> dict:
 def build_demo_model(preset: str = "tiny", seed: int = 0, layers: int | None = None) -> nn.Module:
     """The demo model in memory: random weights, 4-bit, evaluated."""
     mx.random.seed(seed)
-    model = qwen3_moe.Model(qwen3_moe.ModelArgs.from_dict(demo_config(preset, layers)))
+    config = demo_config(preset, layers)
+    family = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    model = family.Model(family.ModelArgs.from_dict(config))
     # Random init is uniform in +-1/sqrt(d); scale the embedding alike so
     # that logits have a spread and greedy decoding is not a constant.
     model.model.embed_tokens.weight = mx.random.normal(model.model.embed_tokens.weight.shape)

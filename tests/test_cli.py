@@ -121,7 +121,8 @@ def test_bench_quick_writes_json_and_png(tmp_path):
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["streaming_bandwidth_bytes_per_s"] > 0
-    assert [r["tokens"] for r in result["layers"]] == [1, 16]
+    assert [r["tokens"] for r in result["layers"]] == [1, 16, 1, 16]
+    assert result["layers"][2]["shape"].startswith("dense ")
     assert all(r["ratio"] > 0 and r["weight_bytes"] > 0 for r in result["layers"])
     assert result["model"]["greedy_tokens_match"] is True
     assert result["model"]["install"]["fused_layers"] == 2
