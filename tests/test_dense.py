@@ -126,3 +126,38 @@ def test_uninstall_deepcopy_save_load_quantize(tmp_path):
     assert before.keys() == after.keys()
     assert all(mx.array_equal(before[k], after[k]).item() for k in before)
     assert isinstance(model.model.layers[0].mlp.gate_proj, nn.Linear)
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_dense_mlp_with_bias(quantize):
+    from types import SimpleNamespace
+
+    from mlx_lm.models.llama import MLP
+
+    mx.random.seed(3)
+    mlp = MLP(SimpleNamespace(hidden_size=128, intermediate_size=256, mlp_bias=True))
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        mlp[name].bias = mx.random.normal(mlp[name].bias.shape)
+    if quantize:
+        nn.quantize(mlp, 64, 4)
+    x, other = mx.random.normal((2, 5, 128)), mx.random.normal((1, 3, 128))
+    expected, expected_other = mlp(x), mlp(other)
+    assert moefuse_runtime.install(mlp, reserve_bytes=0, dense=True).fused == ("",)
+    assert "bias" in mlp.gate_up_proj and mlp.gate_up_proj.bias.shape == (512,)
+    assert mx.array_equal(mlp(x), expected).item()
+    assert mx.array_equal(mlp(other), expected_other).item()
+
+
+def test_half_called_alone_or_on_another_input_is_still_exact():
+    """The views share one matmul only for the same input object."""
+    from types import SimpleNamespace
+
+    from mlx_lm.models.llama import MLP
+
+    mlp = MLP(SimpleNamespace(hidden_size=64, intermediate_size=128))
+    x, y = mx.random.normal((1, 4, 64)), mx.random.normal((1, 4, 64))
+    gate_x, up_y = mlp.gate_proj(x), mlp.up_proj(y)
+    moefuse_runtime.install(mlp, reserve_bytes=0, dense=True)
+    assert mx.array_equal(mlp.gate_proj(x), gate_x).item()
+    assert mx.array_equal(mlp.up_proj(y), up_y).item()  # not x's pending half
+    assert mx.array_equal(mlp.up_proj(y), up_y).item()
