@@ -161,3 +161,21 @@ def test_half_called_alone_or_on_another_input_is_still_exact():
     assert mx.array_equal(mlp.gate_proj(x), gate_x).item()
     assert mx.array_equal(mlp.up_proj(y), up_y).item()  # not x's pending half
     assert mx.array_equal(mlp.up_proj(y), up_y).item()
+
+
+def test_float_dense_stays_unfused_on_cuda(monkeypatch):
+    """cuBLAS summed step3p5's float32 MLP differently once stacked (H100)."""
+    from types import SimpleNamespace
+
+    from mlx_lm.models.llama import MLP
+
+    from moefuse_runtime import dense
+
+    monkeypatch.setattr(dense, "backend", lambda: "cuda")
+    mlp = MLP(SimpleNamespace(hidden_size=64, intermediate_size=128))
+    assert (
+        "not bitwise stable"
+        in moefuse_runtime.install(mlp, reserve_bytes=0, dense=True).skipped[""]
+    )
+    nn.quantize(mlp, 64, 4)
+    assert moefuse_runtime.install(mlp, reserve_bytes=0, dense=True).fused == ("",)

@@ -2,6 +2,7 @@
 
 import mlx.core as mx
 import mlx.nn as nn
+import pytest
 from helpers import route, switch_glu
 from mlx_lm.models.switch_layers import SwitchGLU
 
@@ -133,8 +134,11 @@ def test_cuda_float_offset_limit(monkeypatch):
     assert moefuse_runtime.install(float_layer, reserve_bytes=0).fused == ("",)
 
 
-def test_cuda_limit_ignored_elsewhere(monkeypatch):
+@pytest.mark.parametrize("backend", ["cpu", "metal"])
+def test_cuda_limit_ignored_elsewhere(monkeypatch, backend):
+    from moefuse_runtime import layer as layer_module
     from moefuse_runtime import projections
 
+    monkeypatch.setattr(layer_module, "backend", lambda: backend)
     monkeypatch.setattr(projections, "CUDA_FLOAT_OFFSET_LIMIT", 1)
     assert moefuse_runtime.install(switch_glu(128, 128), reserve_bytes=0).fused == ("",)
