@@ -126,31 +126,10 @@ def bench_layers(
             for _ in range(4)
         ]
         mx.eval(inputs)
-        times: dict[str, list[float]] = {"unfused": [], "fused": []}
-        for r in range(rounds + 2):  # two warm-up rounds
-            x, idx = inputs[r % len(inputs)]
-            for name, stack in (("unfused", unfused), ("fused", fused)):
-                seconds = timed(lambda s=stack, x=x, i=idx: [layer(x, i) for layer in s]) / layers
-                if r >= 2:
-                    times[name].append(seconds * 1e3)
+        times = _time_ab(unfused, fused, inputs, rounds)
         distinct = statistics.mean(len(set(i.flatten().tolist())) for _, i in inputs)
-        weight_bytes = int(distinct * expert_bytes)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        gbps = {k: weight_bytes / (v / 1e3) / 1e9 for k, v in med.items()}
-        rows.append(
-            LayerRow(
-                shape if scale == 1 else f"{shape}/{scale}",
-                kind,
-                n,
-                summary(times["unfused"]),
-                summary(times["fused"]),
-                med["unfused"] / med["fused"],
-                weight_bytes,
-                gbps["unfused"],
-                gbps["fused"],
-                gbps["fused"] * 1e9 / stream_bps if stream_bps else 0.0,
-            )
-        )
+        label = shape if scale == 1 else f"{shape}/{scale}"
+        rows.append(_row(label, kind, n, times, int(distinct * expert_bytes), stream_bps))
     return rows
 
 
@@ -187,31 +166,43 @@ def bench_dense(
     fused = [make_dense(hidden, width, kind, seed) for seed in range(layers)]
     for mlp in fused:
         install(mlp, reserve_bytes=0, dense=True)
-    weight_bytes = sum(projections.nbytes(unfused[0][k]) for k in ("gate_proj", "up_proj"))
-    weight_bytes += projections.nbytes(unfused[0]["down_proj"])
+    weight_bytes = sum(
+        projections.nbytes(unfused[0][k]) for k in ("gate_proj", "up_proj", "down_proj")
+    )
     dtype = mx.float32 if kind == "fp32" else mx.bfloat16
     rows = []
     for n in tokens:
-        inputs = [mx.random.normal((1, n, hidden)).astype(dtype) for _ in range(4)]
+        inputs = [(mx.random.normal((1, n, hidden)).astype(dtype),) for _ in range(4)]
         mx.eval(inputs)
-        times: dict[str, list[float]] = {"unfused": [], "fused": []}
-        for r in range(rounds + 2):
-            x = inputs[r % len(inputs)]
-            for name, stack in (("unfused", unfused), ("fused", fused)):
-                seconds = timed(lambda s=stack, x=x: [mlp(x) for mlp in s]) / layers
-                if r >= 2:
-                    times[name].append(seconds * 1e3)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        gbps = {k: weight_bytes / (v / 1e3) / 1e9 for k, v in med.items()}
-        rows.append(
-            LayerRow(
-                f"dense {shape}" if scale == 1 else f"dense {shape}/{scale}",
-                kind, n, summary(times["unfused"]), summary(times["fused"]),
-                med["unfused"] / med["fused"], weight_bytes, gbps["unfused"], gbps["fused"],
-                gbps["fused"] * 1e9 / stream_bps if stream_bps else 0.0,
-            )
-        )  # fmt: skip
+        times = _time_ab(unfused, fused, inputs, rounds)
+        label = f"dense {shape}" if scale == 1 else f"dense {shape}/{scale}"
+        rows.append(_row(label, kind, n, times, weight_bytes, stream_bps))
     return rows
+
+
+def _time_ab(unfused: list, fused: list, inputs: list[tuple], rounds: int) -> dict:
+    """ms per layer of each stack, A and B alternating round by round on
+    rotating inputs, after two warm-up rounds."""
+    times: dict[str, list[float]] = {"unfused": [], "fused": []}
+    for r in range(rounds + 2):
+        args = inputs[r % len(inputs)]
+        for name, stack in (("unfused", unfused), ("fused", fused)):
+            seconds = timed(lambda s=stack, a=args: [m(*a) for m in s]) / len(stack)
+            if r >= 2:
+                times[name].append(seconds * 1e3)
+    return times
+
+
+def _row(
+    label: str, kind: str, tokens: int, times: dict, weight_bytes: int, stream_bps: float
+) -> LayerRow:
+    med = {k: statistics.median(v) for k, v in times.items()}
+    gbps = {k: weight_bytes / (v / 1e3) / 1e9 for k, v in med.items()}
+    return LayerRow(
+        label, kind, tokens, summary(times["unfused"]), summary(times["fused"]),
+        med["unfused"] / med["fused"], weight_bytes, gbps["unfused"], gbps["fused"],
+        gbps["fused"] * 1e9 / stream_bps if stream_bps else 0.0,
+    )  # fmt: skip
 
 
 def _expert_bytes(layer: SwitchGLU, experts: int) -> int:

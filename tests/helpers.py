@@ -104,3 +104,25 @@ def logits_sequence(model: nn.Module) -> list[mx.array]:
         outputs.append(model(mx.argmax(outputs[-1][:, -1:, :], axis=-1), cache=cache))
         mx.eval(outputs[-1])
     return outputs
+
+
+METAL_ONLY = "No Metal back-end"
+
+
+def install_keeps_logits(family: str, quantized: bool, **options) -> moefuse_runtime.FuseReport:
+    """A family's tiny model: install(**options) must leave every logit of the
+    prompt and the decode steps bitwise the same. Skips Metal-only forwards."""
+    import pytest
+
+    model = build_family(family, quantized)
+    try:
+        reference = logits_sequence(model)
+    except RuntimeError as error:
+        if METAL_ONLY in str(error):
+            pytest.skip(f"{family}'s forward uses a Metal-only kernel of mlx-lm")
+        raise
+    report = moefuse_runtime.install(model, reserve_bytes=0, **options)
+    fused = logits_sequence(model)
+    for step, (a, b) in enumerate(zip(reference, fused, strict=True)):
+        assert mx.array_equal(a, b).item(), f"{family} step {step} differs"
+    return report

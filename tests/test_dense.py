@@ -6,7 +6,7 @@ import families
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from helpers import build_family, logits_sequence, quantize_model
+from helpers import build_family, install_keeps_logits, logits_sequence, quantize_model
 from mlx.utils import tree_flatten
 
 import moefuse_runtime
@@ -14,28 +14,12 @@ from moefuse_runtime.dense import Half
 
 MOE_FAMILIES = families.discover()
 DENSE_FAMILIES = families.discover_dense()
-METAL_ONLY = "No Metal back-end"
-
-
-def parity(family, quantized):
-    model = build_family(family, quantized)
-    try:
-        reference = logits_sequence(model)
-    except RuntimeError as error:
-        if METAL_ONLY in str(error):
-            pytest.skip(f"{family}'s forward uses a Metal-only kernel of mlx-lm")
-        raise
-    report = moefuse_runtime.install(model, reserve_bytes=0, dense=True)
-    fused = logits_sequence(model)
-    for step, (a, b) in enumerate(zip(reference, fused, strict=True)):
-        assert mx.array_equal(a, b).item(), f"{family} step {step} differs"
-    return report
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["float32", "4bit"])
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_moe_family_with_dense(family, quantized):
-    report = parity(family, quantized)
+    report = install_keeps_logits(family, quantized, dense=True)
     assert len([p for p in report.fused]) >= report.total  # every SwitchGLU, plus dense
 
 
@@ -44,7 +28,7 @@ def test_moe_family_with_dense(family, quantized):
 def test_dense_family(family, quantized):
     if family in families.DENSE_NOT_BUILT:
         pytest.skip(f"no tiny config here: {families.DENSE_NOT_BUILT[family]}")
-    report = parity(family, quantized)
+    report = install_keeps_logits(family, quantized, dense=True)
     assert report.dense_total >= 1
     assert len(report.fused) == report.dense_total + report.total, str(report)
 
