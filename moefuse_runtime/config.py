@@ -7,6 +7,9 @@ import os
 ENABLE_ENV = "EXO_FUSED_MOE"
 """`1`/`true`/`on` (or unset) lets `install` fuse; `0`/`false`/`off` disables it."""
 
+KERNEL_ENV = "MOEFUSE_KERNEL"
+"""`0`/`false`/`off` keeps fused layers on gather_qmm on CUDA (default: kernels on)."""
+
 RESERVE_ENV = "MOEFUSE_RESERVE_GB"
 """Memory (in GB, 10**9 bytes) that fusing must leave free on the device."""
 

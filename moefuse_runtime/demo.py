@@ -105,15 +105,26 @@ def demo_config(preset: str = "tiny", layers: int | None = None) -> dict:
     }
 
 
-def build_demo_model(preset: str = "tiny", seed: int = 0, layers: int | None = None) -> nn.Module:
-    """The demo model in memory: random weights, 4-bit, evaluated."""
+def build_demo_model(
+    preset: str = "tiny",
+    seed: int = 0,
+    layers: int | None = None,
+    dtype: mx.Dtype = mx.float32,
+) -> nn.Module:
+    """The demo model in memory: random weights, 4-bit, evaluated.
+
+    ``dtype`` is that of the activations, scales and unquantized weights:
+    float32 runs everywhere; released checkpoints are bfloat16 (GPU only).
+    """
     mx.random.seed(seed)
     config = demo_config(preset, layers)
     family = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     model = family.Model(family.ModelArgs.from_dict(config))
+    model.set_dtype(dtype)
     # Random init is uniform in +-1/sqrt(d); scale the embedding alike so
     # that logits have a spread and greedy decoding is not a constant.
-    model.model.embed_tokens.weight = mx.random.normal(model.model.embed_tokens.weight.shape)
+    embed = model.model.embed_tokens
+    embed.weight = mx.random.normal(embed.weight.shape).astype(dtype)
     nn.quantize(model, **QUANTIZATION, class_predicate=_quantizable)
     for layer in model.model.layers:  # still lazy: one layer's float weights at a time
         mx.eval(layer.parameters())

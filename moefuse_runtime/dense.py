@@ -101,4 +101,8 @@ def unfuse_module(module: nn.Module, gate: nn.Module, up: nn.Module) -> None:
     del module[FUSED_NAME]
 
 
-DENSE_MLP = Kind("dense MLP", is_fused, why_not_fusable, fuse_module, unfuse_module)
+def matmul_path(module: nn.Module) -> str:
+    return "stacked matmul"
+
+
+DENSE_MLP = Kind("dense MLP", is_fused, why_not_fusable, fuse_module, unfuse_module, matmul_path)

@@ -198,6 +198,7 @@ class _Fuser:
                 projections.describe(fused),
                 projections.nbytes(fused),
                 kind.name,
+                kind.select_path(layer),
             )
         reason = kind.why_not_fusable(layer)
         storage = projections.describe(layer["gate_proj"]) if "gate_proj" in layer else ""
@@ -219,7 +220,8 @@ class _Fuser:
         if reason is not None:
             return LayerResult(path, Outcome.SKIPPED, reason, storage, need, kind.name)
         kind.fuse(layer, fused)
-        return LayerResult(path, Outcome.FUSED, "", storage, need, kind.name)
+        compute_path = kind.select_path(layer)
+        return LayerResult(path, Outcome.FUSED, "", storage, need, kind.name, compute_path)
 
     def _headroom_verdict(self, path: str, need: int) -> str | None:
         room = headroom()

@@ -10,6 +10,7 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU, _gather_sort, _scatter_unsort
 
 from . import projections
+from .kernels import kernels_for
 from .memory import backend
 
 FUSED_NAME = "gate_up_proj"
@@ -25,8 +26,13 @@ class FusedSwitchGLU(SwitchGLU):
     """
 
     unfused_class: type[SwitchGLU] = SwitchGLU
+    decode_kernels = None
+    """`kernels.DecodeKernels` on CUDA when the layer qualifies, else None."""
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        kernels = self.decode_kernels
+        if kernels is not None and kernels.takes(self, x, indices):
+            return kernels(self, x, indices)
         x = mx.expand_dims(x, (-2, -3))
 
         # Same threshold and helpers as SwitchGLU: many tokens are sorted by
@@ -93,8 +99,19 @@ def fuse_layer(layer: SwitchGLU, fused_projection: nn.Module) -> None:
     layer.__class__ = fused_class_for(type(layer))
 
 
+def select_path(layer: FusedSwitchGLU) -> str:
+    """Pick the fused layer's compute path for this machine; say which."""
+    kernels, path = kernels_for(layer)
+    if kernels is None:
+        layer.__dict__.pop("decode_kernels", None)
+    else:
+        layer.decode_kernels = kernels
+    return path
+
+
 def unfuse_layer(layer: FusedSwitchGLU, gate: nn.Module, up: nn.Module) -> None:
     """The inverse of `fuse_layer`."""
+    layer.__dict__.pop("decode_kernels", None)
     layer["gate_proj"], layer["up_proj"] = gate, up
     del layer[FUSED_NAME]
     layer.__class__ = type(layer).unfused_class
@@ -109,6 +126,8 @@ class Kind:
     why_not_fusable: Callable[[nn.Module], str | None]
     fuse: Callable[[nn.Module, nn.Module], None]
     unfuse: Callable[[nn.Module, nn.Module, nn.Module], None]
+    select_path: Callable[[nn.Module], str]
+    """Chooses how a fused module computes here; returns that path's name."""
 
 
-SWITCH_GLU = Kind("SwitchGLU", is_fused, why_not_fusable, fuse_layer, unfuse_layer)
+SWITCH_GLU = Kind("SwitchGLU", is_fused, why_not_fusable, fuse_layer, unfuse_layer, select_path)

@@ -37,6 +37,8 @@ class LayerResult:
     """Bytes of gate and up together (the fused projection holds the same)."""
     layer_type: str = SWITCH_GLU
     """'SwitchGLU' or 'dense MLP'."""
+    compute_path: str = ""
+    """How a fused layer computes here, e.g. 'gather_qmm (cpu)' or the CUDA kernels."""
 
 
 @dataclass(frozen=True)
@@ -123,10 +125,10 @@ class FuseReport:
         return " ".join(parts).replace(" ;", ";")
 
     def __str__(self) -> str:
-        rows = [("layer", "type", "outcome", "kind", "gate+up", "reason")]
+        rows = [("layer", "type", "outcome", "kind", "gate+up", "reason or compute path")]
         rows += [
             (r.path, r.layer_type, str(r.outcome), r.kind,
-             format_bytes(r.nbytes) if r.nbytes else "", r.reason)
+             format_bytes(r.nbytes) if r.nbytes else "", r.reason or r.compute_path)
             for r in self.layers
         ]  # fmt: skip
         widths = [max(len(row[i]) for row in rows) for i in range(5)]

@@ -1,0 +1,271 @@
+"""The CUDA decode path: gate_up + SwiGLU, and down, as two custom kernels.
+
+At one token a MoE layer reads each active expert's packed weights once and
+does almost no arithmetic, so it should run at memory speed. MLX's
+``gather_qmm`` reaches 6-37% of the H100's streaming bandwidth there
+(docs/benchmarks.md). These kernels are plain quantized GEMVs over the routed
+experts (one warp per output, 16-byte loads, fp32 accumulation):
+
+* ``gate_up``: each warp reads row ``n`` of the gate half and row ``n`` of the
+  up half of ``gate_up_proj`` for one (token, expert) pair and writes only
+  ``silu(gate) * up``; the two halves are never written to memory.
+* ``down``: the same GEMV without the activation, on ``down_proj``.
+
+Only affine 4- and 8-bit weights with group sizes 32/64/128 and the plain
+`SwiGLU` activation take this path, and only for few (token, expert) pairs
+(decode); everything else, and every other backend, keeps ``gather_qmm``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU
+
+from .config import KERNEL_ENV, env_flag
+from .memory import backend
+
+KERNEL_BITS = (4, 8)
+KERNEL_GROUP_SIZES = (32, 64, 128)
+KERNEL_DTYPES = (mx.bfloat16, mx.float16)
+"""Scale (and activation) dtypes of the kernels; float32 models stay exact on gather_qmm."""
+
+MAX_PAIRS = 32
+"""Most (token, expert) pairs sent to the kernels; more go to gather_qmm,
+which reads an expert once for all the tokens routed to it (see
+docs/kernels.md for the measured crossover)."""
+
+WARPS_PER_BLOCK = 4
+
+_HEADER = r"""
+// Dot product of one 16-byte load of packed BITS-bit weights with the x
+// values it covers. Each value is masked in place inside its 16-bit half word
+// and read as the float 2^23 + (v << shift): one LOP3 and one FADD instead of
+// an integer-to-float conversion (a quarter-rate instruction). xs[i] holds x
+// pre-scaled by 2^-shift, so the product is exact to the same rounding.
+template <int BITS>
+__device__ __forceinline__ float moefuse_qdot(const uint4& q, const float* xs) {
+  constexpr int PER_HALF = 16 / BITS;
+  constexpr unsigned MASK = (1u << BITS) - 1u;
+  const unsigned words[4] = {q.x, q.y, q.z, q.w};
+  float acc0 = 0.f, acc1 = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const unsigned h = (i & 1) ? (words[i >> 1] >> 16) : words[i >> 1];
+#pragma unroll
+    for (int j = 0; j < PER_HALF; ++j) {
+      const float v =
+          __uint_as_float(0x4B000000u | (h & (MASK << (BITS * j)))) - 8388608.0f;
+      if (i & 1) {
+        acc1 = fmaf(xs[i * PER_HALF + j], v, acc1);
+      } else {
+        acc0 = fmaf(xs[i * PER_HALF + j], v, acc0);
+      }
+    }
+  }
+  return acc0 + acc1;
+}
+
+__device__ __forceinline__ float moefuse_warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  }
+  return v;
+}
+"""
+
+# Template constants: T (x, scales, biases and output dtype), BITS, GROUP,
+# K (input length), N (outputs per pair), SWIGLU, X_DIV (pairs sharing one x
+# row: top-k for gate_up, 1 for down). Grid: (32 * WARPS * blocks, pairs).
+_SOURCE = r"""
+  constexpr int VALS = 128 / BITS;                    // weights per 16-byte load
+  constexpr int VECS = K / VALS;                      // 16-byte loads per row
+  constexpr int ITERS = (VECS + 31) / 32;
+  constexpr int GROUPS = K / GROUP;
+  constexpr int PER_HALF = 16 / BITS;
+  constexpr int T_PER_VEC = 16 / (int)sizeof(T);
+  constexpr int ROWS = SWIGLU ? 2 * N : N;
+
+  const int lane = threadIdx.x & 31;
+  const int n = blockIdx.x * (blockDim.x / 32) + (threadIdx.x / 32);
+  if (n >= N) {
+    return;  // uniform across the warp
+  }
+  const int pair = blockIdx.y;
+  const size_t gate_row = (size_t)indices[pair] * ROWS + n;
+  const size_t up_row = gate_row + N;
+  const uint4* w_gate = reinterpret_cast<const uint4*>(w) + gate_row * VECS;
+  const uint4* w_up = reinterpret_cast<const uint4*>(w) + up_row * VECS;
+  const T* x_row = x + (size_t)(pair / X_DIV) * K;
+
+  float acc_gate = 0.f;
+  float acc_up = 0.f;
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it) {
+    const int v = lane + 32 * it;
+    if (VECS % 32 == 0 || v < VECS) {
+      const uint4 q_gate = __ldg(w_gate + v);
+      uint4 q_up;
+      if constexpr (SWIGLU) {
+        q_up = __ldg(w_up + v);
+      }
+      const int k0 = v * VALS;
+      const int g = k0 / GROUP;
+      float xs[VALS];
+      float x_sum = 0.f;
+      const uint4* x_vecs = reinterpret_cast<const uint4*>(x_row + k0);
+#pragma unroll
+      for (int j = 0; j < VALS / T_PER_VEC; ++j) {
+        const uint4 raw = __ldg(x_vecs + j);
+        const T* t = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int e = 0; e < T_PER_VEC; ++e) {
+          const int i = j * T_PER_VEC + e;
+          const float f = static_cast<float>(t[e]);
+          x_sum += f;
+          xs[i] = f * __int_as_float((127 - BITS * (i % PER_HALF)) << 23);
+        }
+      }
+      acc_gate += static_cast<float>(scales[gate_row * GROUPS + g]) *
+              moefuse_qdot<BITS>(q_gate, xs) +
+          static_cast<float>(biases[gate_row * GROUPS + g]) * x_sum;
+      if constexpr (SWIGLU) {
+        acc_up += static_cast<float>(scales[up_row * GROUPS + g]) *
+                moefuse_qdot<BITS>(q_up, xs) +
+            static_cast<float>(biases[up_row * GROUPS + g]) * x_sum;
+      }
+    }
+  }
+  acc_gate = moefuse_warp_sum(acc_gate);
+  if constexpr (SWIGLU) {
+    acc_up = moefuse_warp_sum(acc_up);
+  }
+  if (lane == 0) {
+    if constexpr (SWIGLU) {
+      // Rounded where the gather_qmm path rounds: its two matmul outputs,
+      // silu(gate), and the product.
+      const float gate = static_cast<float>(static_cast<T>(acc_gate));
+      const float up = static_cast<float>(static_cast<T>(acc_up));
+      const float silu = static_cast<float>(static_cast<T>(gate / (1.f + __expf(-gate))));
+      out[(size_t)pair * N + n] = static_cast<T>(silu * up);
+    } else {
+      out[(size_t)pair * N + n] = static_cast<T>(acc_gate);
+    }
+  }
+"""
+
+
+@cache
+def _kernel(swiglu: bool):
+    return mx.fast.cuda_kernel(
+        name="moefuse_gate_up_swiglu" if swiglu else "moefuse_down",
+        input_names=["x", "w", "scales", "biases", "indices"],
+        output_names=["out"],
+        source=_SOURCE,
+        header=_HEADER,
+    )
+
+
+def gather_qmv(
+    x: mx.array,
+    proj: QuantizedSwitchLinear,
+    indices: mx.array,
+    *,
+    swiglu: bool,
+    x_div: int,
+    init_value: float | None = None,
+) -> mx.array:
+    """``out[p] = proj(x[p // x_div])`` for expert ``indices[p]``, one row per pair.
+
+    With ``swiglu``, ``proj`` is ``gate_up_proj`` and the result is
+    ``silu(gate) * up`` (half its outputs). ``x`` is (rows, K), ``indices``
+    flat uint32; returns (pairs, N). ``init_value`` pre-fills the output
+    (tests poison it with NaN to prove every element is written).
+    """
+    k = x.shape[-1]
+    n = proj["weight"].shape[-2] // (2 if swiglu else 1)
+    blocks = math.ceil(n / WARPS_PER_BLOCK)
+    (out,) = _kernel(swiglu)(
+        inputs=[x, proj["weight"], proj["scales"], proj["biases"], indices],
+        template=[
+            ("T", x.dtype),
+            ("BITS", proj.bits),
+            ("GROUP", proj.group_size),
+            ("K", k),
+            ("N", n),
+            ("SWIGLU", swiglu),
+            ("X_DIV", x_div),
+        ],
+        grid=(32 * WARPS_PER_BLOCK * blocks, indices.size, 1),
+        threadgroup=(32 * WARPS_PER_BLOCK, 1, 1),
+        output_shapes=[(indices.size, n)],
+        output_dtypes=[x.dtype],
+        init_value=init_value,
+    )
+    return out
+
+
+def why_not_kernel(proj: nn.Module) -> str | None:
+    """Why this expert projection cannot run on the decode kernels, or None."""
+    if not isinstance(proj, QuantizedSwitchLinear):
+        return f"{type(proj).__name__} is not quantized"
+    if proj.mode != "affine" or proj.bits not in KERNEL_BITS:
+        return f"{proj.mode} {proj.bits}-bit (kernels: affine {KERNEL_BITS}-bit)"
+    if proj.group_size not in KERNEL_GROUP_SIZES:
+        return f"group size {proj.group_size} (kernels: {KERNEL_GROUP_SIZES})"
+    if "bias" in proj or proj.get("biases") is None:
+        return "bias term (kernels have none)"
+    if proj["scales"].dtype not in KERNEL_DTYPES:
+        return f"{proj['scales'].dtype} scales"
+    k = proj["weight"].shape[-1] * 32 // proj.bits
+    if k % (128 // proj.bits):
+        return f"input size {k} does not fill whole 16-byte loads"
+    return None
+
+
+@dataclass(frozen=True)
+class DecodeKernels:
+    """The kernel path of one fused layer: always gate_up, down when it qualifies."""
+
+    down: bool
+    max_pairs: int = MAX_PAIRS
+
+    def takes(self, layer: nn.Module, x: mx.array, indices: mx.array) -> bool:
+        return indices.size <= self.max_pairs and x.dtype == layer.gate_up_proj["scales"].dtype
+
+    def __call__(self, layer: nn.Module, x: mx.array, indices: mx.array) -> mx.array:
+        top_k = indices.shape[-1]
+        flat = indices.reshape(-1).astype(mx.uint32)
+        x = x.reshape(-1, x.shape[-1])
+        h = gather_qmv(x, layer.gate_up_proj, flat, swiglu=True, x_div=top_k)
+        if self.down:
+            y = gather_qmv(h, layer.down_proj, flat, swiglu=False, x_div=1)
+        else:
+            h = h.reshape(*indices.shape, 1, h.shape[-1])
+            y = layer.down_proj(h, indices).squeeze(-2)
+        return y.reshape(*indices.shape, y.shape[-1])
+
+    @property
+    def path(self) -> str:
+        down = "kernel" if self.down else "gather_qmm"
+        return f"cuda kernels <= {self.max_pairs} pairs (gate_up+swiglu, down: {down})"
+
+
+def kernels_for(layer: nn.Module) -> tuple[DecodeKernels | None, str]:
+    """The decode kernels a fused layer should use here, or None and why not."""
+    if backend() != "cuda":
+        return None, f"gather_qmm ({backend()})"
+    if not env_flag(KERNEL_ENV, default=True):
+        return None, f"gather_qmm ({KERNEL_ENV}=0)"
+    if type(layer.activation) is not SwiGLU:
+        return None, f"gather_qmm ({type(layer.activation).__name__} activation)"
+    reason = why_not_kernel(layer.gate_up_proj)
+    if reason:
+        return None, f"gather_qmm ({reason})"
+    kernels = DecodeKernels(down=why_not_kernel(layer.down_proj) is None)
+    return kernels, kernels.path

@@ -1,0 +1,207 @@
+"""The CUDA decode kernels against gather_qmm: MoE FFN per layer, and decode.
+
+    python3 scripts/bench_kernels.py OUT_DIR [--model-layers 48] [--steps 256]
+
+Writes OUT_DIR/kernels.json after every step. Three paths per layer, timed in
+interleaved rounds on rotating inputs (medians, spread beside them):
+``unfused`` (mlx-lm's SwitchGLU: two gather_qmm, activation, gather_qmm),
+``fused`` (one gather_qmm for gate+up, MOEFUSE_KERNEL=0) and ``kernel`` (the
+two kernels, forced at every token count to find the crossover). Bytes moved
+are the distinct routed experts' packed weights, scales and biases; floor time
+is bytes over the streaming bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import mlx.core as mx
+
+from moefuse_runtime import bench, install, kernels, projections
+
+SHAPES = {"qwen3-30b-a3b": ("4bit", "8bit"), "mixtral-8x7b": ("4bit",)}
+TOKENS = (1, 2, 4, 8, 16)
+PATHS = ("unfused", "fused", "kernel")
+
+
+def layer_stacks(shape: str, kind: str, layers: int):
+    hidden, experts, _, width = bench.LAYER_SHAPES[shape]
+
+    def make(seed):
+        layer = bench.make_layer(hidden, experts, width, kind, seed)
+        mx.eval(layer.parameters())
+        return layer
+
+    unfused = [make(seed) for seed in range(layers)]
+    fused = [make(seed) for seed in range(layers)]
+    for layer in fused:
+        install(layer, reserve_bytes=0)
+    return unfused, fused
+
+
+def run_paths(unfused, fused, path: str, x, indices):
+    if path == "unfused":
+        return [layer(x, indices) for layer in unfused]
+    forced = kernels.DecodeKernels(down=True, max_pairs=1 << 30) if path == "kernel" else None
+    out = []
+    for layer in fused:
+        layer.decode_kernels = forced
+        out.append(layer(x, indices))
+    return out
+
+
+def bench_ffn(shape: str, kind: str, layers: int, rounds: int, stream: float) -> list[dict]:
+    hidden, experts, top_k, width = bench.LAYER_SHAPES[shape]
+    unfused, fused = layer_stacks(shape, kind, layers)
+    names = ("gate_proj", "up_proj", "down_proj")
+    per_expert = sum(projections.nbytes(unfused[0][k]) for k in names) // experts
+    rows = []
+    for n in TOKENS:
+        inputs = [
+            (
+                mx.random.normal((1, n, hidden)).astype(mx.bfloat16),
+                mx.random.randint(0, experts, (1, n, top_k)).astype(mx.uint32),
+            )
+            for _ in range(4)
+        ]
+        mx.eval(inputs)
+        # Agreement first: the kernel against the gather_qmm path, same inputs.
+        x, idx = inputs[0]
+        ref = run_paths(unfused, fused, "unfused", x, idx)[0].astype(mx.float32)
+        got = run_paths(unfused, fused, "kernel", x, idx)[0].astype(mx.float32)
+        rel = (mx.linalg.norm((got - ref).flatten()) / mx.linalg.norm(ref.flatten())).item()
+        times = {p: [] for p in PATHS}
+        for r in range(rounds + 2):
+            args = inputs[r % len(inputs)]
+            for p in PATHS:
+                seconds = bench.timed(lambda p=p, a=args: run_paths(unfused, fused, p, *a))
+                if r >= 2:
+                    times[p].append(seconds / layers * 1e3)
+        distinct = statistics.mean(len(set(i.flatten().tolist())) for _, i in inputs)
+        nbytes = distinct * per_expert
+        med = {p: statistics.median(v) for p, v in times.items()}
+        row = {
+            "shape": shape,
+            "kind": kind,
+            "tokens": n,
+            "pairs": n * top_k,
+            "bytes": nbytes,
+            "floor_ms": nbytes / stream * 1e3,
+            "ms": {p: bench.summary(v) for p, v in times.items()},
+            "fraction_of_stream": {p: nbytes / (med[p] / 1e3) / stream for p in PATHS},
+            "kernel_speedup_vs_unfused": med["unfused"] / med["kernel"],
+            "kernel_speedup_vs_fused": med["fused"] / med["kernel"],
+            "kernel_rel_error_vs_unfused": rel,
+        }
+        rows.append(row)
+        print(
+            f"{shape:<14} {kind} tokens {n:>2}: floor {row['floor_ms']:.4f} ms | "
+            + " | ".join(f"{p} {med[p]:.4f} ms ({row['fraction_of_stream'][p]:.0%})" for p in PATHS)
+            + f" | kernel x{row['kernel_speedup_vs_unfused']:.2f} vs unfused, rel err {rel:.1e}",
+            flush=True,
+        )
+    bench.free(unfused, fused)
+    return rows
+
+
+def decode(model, prompt, steps: int) -> tuple[list[int], float]:
+    from mlx_lm.generate import generate_step
+
+    tokens, start = [], 0.0
+    for i, (token, _) in enumerate(generate_step(prompt, model, max_tokens=steps)):
+        if i == 0:
+            bench.sync()
+            start = time.perf_counter()
+        tokens.append(int(token))
+    return tokens, (len(tokens) - 1) / (time.perf_counter() - start)
+
+
+def bench_decode(model_layers: int, steps: int, rounds: int) -> dict:
+    from moefuse_runtime.demo import build_demo_model
+
+    def build():
+        return build_demo_model("qwen3-30b-a3b", layers=model_layers, dtype=mx.bfloat16)
+
+    plain, fused = build(), build()
+    report = install(fused, reserve_bytes=0)
+    paths = sorted({r.compute_path for r in report.layers})
+    kernel_state = [(layer, layer.decode_kernels) for layer in _switch_layers(fused)]
+    prompt = mx.random.randint(0, plain.args.vocab_size, (32,)).astype(mx.uint32)
+    samples = {p: [] for p in PATHS}
+    tokens = {}
+    for r in range(rounds + 1):
+        for p in PATHS:
+            for layer, chosen in kernel_state:
+                layer.decode_kernels = chosen if p == "kernel" else None
+            out, tok_s = decode(plain if p == "unfused" else fused, prompt, steps)
+            tokens[p] = out
+            if r > 0:
+                samples[p].append(tok_s)
+            print(f"decode round {r} {p}: {tok_s:.1f} tok/s", flush=True)
+    med = {p: statistics.median(v) for p, v in samples.items()}
+    pairs = zip(tokens["unfused"], tokens["kernel"], strict=True)
+    first_diff = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+    return {
+        "model_layers": model_layers,
+        "steps": steps,
+        "rounds": rounds,
+        "compute_paths": paths,
+        "tok_s": {p: bench.summary(v) for p, v in samples.items()},
+        "kernel_vs_unfused": med["kernel"] / med["unfused"],
+        "fused_vs_unfused": med["fused"] / med["unfused"],
+        "greedy_tokens_match": {p: tokens[p] == tokens["unfused"] for p in ("fused", "kernel")},
+        "first_kernel_token_difference": first_diff,
+    }
+
+
+def _switch_layers(model):
+    from moefuse_runtime.install import find_switch_glus
+
+    return [layer for _, layer in find_switch_glus(model)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--layers", type=int, default=6, help="distinct layers per FFN timing")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--model-layers", type=int, default=48)
+    parser.add_argument("--steps", type=int, default=256)
+    parser.add_argument("--model-rounds", type=int, default=3)
+    parser.add_argument("--skip-ffn", action="store_true")
+    parser.add_argument("--skip-decode", action="store_true")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    stream = bench.streaming_bandwidth()
+    result = {
+        "device": mx.device_info().get("device_name", str(mx.default_device())),
+        "mlx": mx.__version__,
+        "command": " ".join(["python3", *sys.argv]),
+        "streaming_bandwidth_bytes_per_s": stream,
+        "ffn": [],
+    }
+    print(f"streaming bandwidth {stream / 1e9:.0f} GB/s", flush=True)
+
+    def save():
+        with open(os.path.join(args.out, "kernels.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+    if not args.skip_ffn:
+        for shape, kinds in SHAPES.items():
+            for kind in kinds:
+                result["ffn"] += bench_ffn(shape, kind, args.layers, args.rounds, stream)
+                save()
+    if not args.skip_decode:
+        result["decode"] = bench_decode(args.model_layers, args.steps, args.model_rounds)
+        print(json.dumps(result["decode"], indent=1), flush=True)
+        save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
