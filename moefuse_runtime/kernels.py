@@ -40,6 +40,7 @@ which reads an expert once for all the tokens routed to it (see
 docs/kernels.md for the measured crossover)."""
 
 WARPS_PER_BLOCK = 4
+OUTS_PER_WARP = 1
 
 _HEADER = r"""
 // Dot product of one 16-byte load of packed BITS-bit weights with the x
@@ -81,7 +82,8 @@ __device__ __forceinline__ float moefuse_warp_sum(float v) {
 
 # Template constants: T (x, scales, biases and output dtype), BITS, GROUP,
 # K (input length), N (outputs per pair), SWIGLU, X_DIV (pairs sharing one x
-# row: top-k for gate_up, 1 for down). Grid: (32 * WARPS * blocks, pairs).
+# row: top-k for gate_up, 1 for down), OUTS (outputs per warp: their loads are
+# in flight together). Grid: (32 * warps, pairs); a block holds WARPS warps.
 _SOURCE = r"""
   constexpr int VALS = 128 / BITS;                    // weights per 16-byte load
   constexpr int VECS = K / VALS;                      // 16-byte loads per row
@@ -89,30 +91,40 @@ _SOURCE = r"""
   constexpr int GROUPS = K / GROUP;
   constexpr int PER_HALF = 16 / BITS;
   constexpr int T_PER_VEC = 16 / (int)sizeof(T);
-  constexpr int ROWS = SWIGLU ? 2 * N : N;
+  constexpr int ROWS = SWIGLU ? 2 * N : N;            // weight rows per expert
+  constexpr int HALVES = SWIGLU ? 2 : 1;              // gate and up, or one row
 
   const int lane = threadIdx.x & 31;
-  const int n = blockIdx.x * (blockDim.x / 32) + (threadIdx.x / 32);
-  if (n >= N) {
+  const int n0 = (blockIdx.x * (blockDim.x / 32) + (threadIdx.x / 32)) * OUTS;
+  if (n0 >= N) {
     return;  // uniform across the warp
   }
   const int pair = blockIdx.y;
-  const size_t gate_row = (size_t)indices[pair] * ROWS + n;
-  const size_t up_row = gate_row + N;
-  const uint4* w_gate = reinterpret_cast<const uint4*>(w) + gate_row * VECS;
-  const uint4* w_up = reinterpret_cast<const uint4*>(w) + up_row * VECS;
+  const size_t expert_row = (size_t)indices[pair] * ROWS;
+  const uint4* w_vecs = reinterpret_cast<const uint4*>(w);
   const T* x_row = x + (size_t)(pair / X_DIV) * K;
 
-  float acc_gate = 0.f;
-  float acc_up = 0.f;
+  // acc[o][h]: output n0 + o, gate (h = 0) or up (h = 1) row.
+  float acc[OUTS][HALVES];
+#pragma unroll
+  for (int o = 0; o < OUTS; ++o) {
+#pragma unroll
+    for (int h = 0; h < HALVES; ++h) {
+      acc[o][h] = 0.f;
+    }
+  }
 #pragma unroll
   for (int it = 0; it < ITERS; ++it) {
     const int v = lane + 32 * it;
     if (VECS % 32 == 0 || v < VECS) {
-      const uint4 q_gate = __ldg(w_gate + v);
-      uint4 q_up;
-      if constexpr (SWIGLU) {
-        q_up = __ldg(w_up + v);
+      uint4 q[OUTS][HALVES];
+#pragma unroll
+      for (int o = 0; o < OUTS; ++o) {
+#pragma unroll
+        for (int h = 0; h < HALVES; ++h) {
+          const size_t row = expert_row + h * N + min(n0 + o, N - 1);
+          q[o][h] = __ldg(w_vecs + row * VECS + v);
+        }
       }
       const int k0 = v * VALS;
       const int g = k0 / GROUP;
@@ -131,31 +143,43 @@ _SOURCE = r"""
           xs[i] = f * __int_as_float((127 - BITS * (i % PER_HALF)) << 23);
         }
       }
-      acc_gate += static_cast<float>(scales[gate_row * GROUPS + g]) *
-              moefuse_qdot<BITS>(q_gate, xs) +
-          static_cast<float>(biases[gate_row * GROUPS + g]) * x_sum;
-      if constexpr (SWIGLU) {
-        acc_up += static_cast<float>(scales[up_row * GROUPS + g]) *
-                moefuse_qdot<BITS>(q_up, xs) +
-            static_cast<float>(biases[up_row * GROUPS + g]) * x_sum;
+#pragma unroll
+      for (int o = 0; o < OUTS; ++o) {
+#pragma unroll
+        for (int h = 0; h < HALVES; ++h) {
+          const size_t row = expert_row + h * N + min(n0 + o, N - 1);
+          acc[o][h] += static_cast<float>(scales[row * GROUPS + g]) *
+                  moefuse_qdot<BITS>(q[o][h], xs) +
+              static_cast<float>(biases[row * GROUPS + g]) * x_sum;
+        }
       }
     }
   }
-  acc_gate = moefuse_warp_sum(acc_gate);
-  if constexpr (SWIGLU) {
-    acc_up = moefuse_warp_sum(acc_up);
-  }
-  if (lane == 0) {
-    if constexpr (SWIGLU) {
-      // Rounded where the gather_qmm path rounds: its two matmul outputs,
-      // silu(gate), and the product.
-      const float gate = static_cast<float>(static_cast<T>(acc_gate));
-      const float up = static_cast<float>(static_cast<T>(acc_up));
-      const float silu = static_cast<float>(static_cast<T>(gate / (1.f + __expf(-gate))));
-      out[(size_t)pair * N + n] = static_cast<T>(silu * up);
-    } else {
-      out[(size_t)pair * N + n] = static_cast<T>(acc_gate);
+#pragma unroll
+  for (int o = 0; o < OUTS; ++o) {
+#pragma unroll
+    for (int h = 0; h < HALVES; ++h) {
+      acc[o][h] = moefuse_warp_sum(acc[o][h]);
     }
+  }
+  if (lane < OUTS && n0 + lane < N) {
+    float result = 0.f;
+#pragma unroll
+    for (int o = 0; o < OUTS; ++o) {
+      if (o == lane) {
+        if constexpr (SWIGLU) {
+          // Rounded where the gather_qmm path rounds: its two matmul
+          // outputs, silu(gate), and the product.
+          const float gate = static_cast<float>(static_cast<T>(acc[o][0]));
+          const float up = static_cast<float>(static_cast<T>(acc[o][HALVES - 1]));
+          const float silu = static_cast<float>(static_cast<T>(gate / (1.f + __expf(-gate))));
+          result = silu * up;
+        } else {
+          result = acc[o][0];
+        }
+      }
+    }
+    out[(size_t)pair * N + n0 + lane] = static_cast<T>(result);
   }
 """
 
@@ -179,6 +203,8 @@ def gather_qmv(
     swiglu: bool,
     x_div: int,
     init_value: float | None = None,
+    outs: int = OUTS_PER_WARP,
+    warps: int = WARPS_PER_BLOCK,
 ) -> mx.array:
     """``out[p] = proj(x[p // x_div])`` for expert ``indices[p]``, one row per pair.
 
@@ -189,7 +215,7 @@ def gather_qmv(
     """
     k = x.shape[-1]
     n = proj["weight"].shape[-2] // (2 if swiglu else 1)
-    blocks = math.ceil(n / WARPS_PER_BLOCK)
+    blocks = math.ceil(n / (warps * outs))
     (out,) = _kernel(swiglu)(
         inputs=[x, proj["weight"], proj["scales"], proj["biases"], indices],
         template=[
@@ -200,9 +226,10 @@ def gather_qmv(
             ("N", n),
             ("SWIGLU", swiglu),
             ("X_DIV", x_div),
+            ("OUTS", outs),
         ],
-        grid=(32 * WARPS_PER_BLOCK * blocks, indices.size, 1),
-        threadgroup=(32 * WARPS_PER_BLOCK, 1, 1),
+        grid=(32 * warps * blocks, indices.size, 1),
+        threadgroup=(32 * warps, 1, 1),
         output_shapes=[(indices.size, n)],
         output_dtypes=[x.dtype],
         init_value=init_value,
@@ -230,10 +257,15 @@ def why_not_kernel(proj: nn.Module) -> str | None:
 
 @dataclass(frozen=True)
 class DecodeKernels:
-    """The kernel path of one fused layer: always gate_up, down when it qualifies."""
+    """The kernel path of one fused layer: always gate_up, down when it qualifies.
+
+    A tiling is (outputs per warp, warps per block), see `gather_qmv`.
+    """
 
     down: bool
     max_pairs: int = MAX_PAIRS
+    gate_up_tiling: tuple[int, int] = (OUTS_PER_WARP, WARPS_PER_BLOCK)
+    down_tiling: tuple[int, int] = (OUTS_PER_WARP, WARPS_PER_BLOCK)
 
     def takes(self, layer: nn.Module, x: mx.array, indices: mx.array) -> bool:
         return indices.size <= self.max_pairs and x.dtype == layer.gate_up_proj["scales"].dtype
@@ -242,9 +274,13 @@ class DecodeKernels:
         top_k = indices.shape[-1]
         flat = indices.reshape(-1).astype(mx.uint32)
         x = x.reshape(-1, x.shape[-1])
-        h = gather_qmv(x, layer.gate_up_proj, flat, swiglu=True, x_div=top_k)
+        outs, warps = self.gate_up_tiling
+        h = gather_qmv(
+            x, layer.gate_up_proj, flat, swiglu=True, x_div=top_k, outs=outs, warps=warps
+        )
         if self.down:
-            y = gather_qmv(h, layer.down_proj, flat, swiglu=False, x_div=1)
+            outs, warps = self.down_tiling
+            y = gather_qmv(h, layer.down_proj, flat, swiglu=False, x_div=1, outs=outs, warps=warps)
         else:
             h = h.reshape(*indices.shape, 1, h.shape[-1])
             y = layer.down_proj(h, indices).squeeze(-2)

@@ -27,6 +27,17 @@ from moefuse_runtime import bench, install, kernels, projections
 SHAPES = {"qwen3-30b-a3b": ("4bit", "8bit"), "mixtral-8x7b": ("4bit",)}
 TOKENS = (1, 2, 4, 8, 16)
 PATHS = ("unfused", "fused", "kernel")
+DECODE_PATHS = (*PATHS, "ffn_free")
+"""ffn_free: every MoE FFN replaced by a view of its input (no kernel at all),
+the upper bound on what any FFN kernel can do for decode speed."""
+
+
+class FreeFFN:
+    def takes(self, layer, x, indices):
+        return indices.size <= kernels.MAX_PAIRS
+
+    def __call__(self, layer, x, indices):
+        return mx.broadcast_to(mx.expand_dims(x, -2), (*indices.shape, x.shape[-1]))
 
 
 def layer_stacks(shape: str, kind: str, layers: int):
@@ -132,12 +143,12 @@ def bench_decode(model_layers: int, steps: int, rounds: int) -> dict:
     paths = sorted({r.compute_path for r in report.layers})
     kernel_state = [(layer, layer.decode_kernels) for layer in _switch_layers(fused)]
     prompt = mx.random.randint(0, plain.args.vocab_size, (32,)).astype(mx.uint32)
-    samples = {p: [] for p in PATHS}
+    samples = {p: [] for p in DECODE_PATHS}
     tokens = {}
     for r in range(rounds + 1):
-        for p in PATHS:
+        for p in DECODE_PATHS:
             for layer, chosen in kernel_state:
-                layer.decode_kernels = chosen if p == "kernel" else None
+                layer.decode_kernels = {"kernel": chosen, "ffn_free": FreeFFN()}.get(p)
             out, tok_s = decode(plain if p == "unfused" else fused, prompt, steps)
             tokens[p] = out
             if r > 0:
@@ -153,6 +164,7 @@ def bench_decode(model_layers: int, steps: int, rounds: int) -> dict:
         "compute_paths": paths,
         "tok_s": {p: bench.summary(v) for p, v in samples.items()},
         "kernel_vs_unfused": med["kernel"] / med["unfused"],
+        "ffn_free_vs_unfused": med["ffn_free"] / med["unfused"],
         "fused_vs_unfused": med["fused"] / med["unfused"],
         "greedy_tokens_match": {p: tokens[p] == tokens["unfused"] for p in ("fused", "kernel")},
         "first_kernel_token_difference": first_diff,

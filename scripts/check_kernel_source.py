@@ -25,7 +25,7 @@ CUDA_TYPES = {"bfloat16": "__nv_bfloat16", "float16": "__half", "float32": "floa
 
 def translation_unit(dtype: str, bits: int, group: int, swiglu: bool) -> str:
     t = CUDA_TYPES[dtype]
-    constants = {"BITS": bits, "GROUP": group, "K": 2880, "N": 768, "X_DIV": 8}
+    constants = {"BITS": bits, "GROUP": group, "K": 2880, "N": 768, "X_DIV": 8, "OUTS": 2}
     lines = [
         '#include "mlx/backend/cuda/device/utils.cuh"',
         "#include <cooperative_groups.h>",
