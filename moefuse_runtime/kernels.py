@@ -113,44 +113,60 @@ _SOURCE = r"""
       acc[o][h] = 0.f;
     }
   }
+  // Loads are issued a batch of iterations at a time, before any arithmetic,
+  // so that each warp keeps up to 8 16-byte loads per lane in flight.
+  constexpr int BATCH_WANTED = 8 / (OUTS * HALVES) > 0 ? 8 / (OUTS * HALVES) : 1;
+  constexpr int BATCH = BATCH_WANTED < ITERS ? BATCH_WANTED : ITERS;
 #pragma unroll
-  for (int it = 0; it < ITERS; ++it) {
-    const int v = lane + 32 * it;
-    if (VECS % 32 == 0 || v < VECS) {
-      uint4 q[OUTS][HALVES];
+  for (int base = 0; base < ITERS; base += BATCH) {
+    uint4 q[BATCH][OUTS][HALVES];
+    T scale[BATCH][OUTS][HALVES];
+    T bias[BATCH][OUTS][HALVES];
 #pragma unroll
-      for (int o = 0; o < OUTS; ++o) {
+    for (int b = 0; b < BATCH; ++b) {
+      const int v = lane + 32 * (base + b);
+      if (base + b < ITERS && (VECS % 32 == 0 || v < VECS)) {
+        const int g = v * VALS / GROUP;
 #pragma unroll
-        for (int h = 0; h < HALVES; ++h) {
-          const size_t row = expert_row + h * N + min(n0 + o, N - 1);
-          q[o][h] = __ldg(w_vecs + row * VECS + v);
+        for (int o = 0; o < OUTS; ++o) {
+#pragma unroll
+          for (int h = 0; h < HALVES; ++h) {
+            const size_t row = expert_row + h * N + min(n0 + o, N - 1);
+            q[b][o][h] = __ldg(w_vecs + row * VECS + v);
+            scale[b][o][h] = scales[row * GROUPS + g];
+            bias[b][o][h] = biases[row * GROUPS + g];
+          }
         }
       }
-      const int k0 = v * VALS;
-      const int g = k0 / GROUP;
-      float xs[VALS];
-      float x_sum = 0.f;
-      const uint4* x_vecs = reinterpret_cast<const uint4*>(x_row + k0);
+    }
 #pragma unroll
-      for (int j = 0; j < VALS / T_PER_VEC; ++j) {
-        const uint4 raw = __ldg(x_vecs + j);
-        const T* t = reinterpret_cast<const T*>(&raw);
+    for (int b = 0; b < BATCH; ++b) {
+      const int v = lane + 32 * (base + b);
+      if (base + b < ITERS && (VECS % 32 == 0 || v < VECS)) {
+        const int k0 = v * VALS;
+        float xs[VALS];
+        float x_sum = 0.f;
+        const uint4* x_vecs = reinterpret_cast<const uint4*>(x_row + k0);
 #pragma unroll
-        for (int e = 0; e < T_PER_VEC; ++e) {
-          const int i = j * T_PER_VEC + e;
-          const float f = static_cast<float>(t[e]);
-          x_sum += f;
-          xs[i] = f * __int_as_float((127 - BITS * (i % PER_HALF)) << 23);
+        for (int j = 0; j < VALS / T_PER_VEC; ++j) {
+          const uint4 raw = __ldg(x_vecs + j);
+          const T* t = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+          for (int e = 0; e < T_PER_VEC; ++e) {
+            const int i = j * T_PER_VEC + e;
+            const float f = static_cast<float>(t[e]);
+            x_sum += f;
+            xs[i] = f * __int_as_float((127 - BITS * (i % PER_HALF)) << 23);
+          }
         }
-      }
 #pragma unroll
-      for (int o = 0; o < OUTS; ++o) {
+        for (int o = 0; o < OUTS; ++o) {
 #pragma unroll
-        for (int h = 0; h < HALVES; ++h) {
-          const size_t row = expert_row + h * N + min(n0 + o, N - 1);
-          acc[o][h] += static_cast<float>(scales[row * GROUPS + g]) *
-                  moefuse_qdot<BITS>(q[o][h], xs) +
-              static_cast<float>(biases[row * GROUPS + g]) * x_sum;
+          for (int h = 0; h < HALVES; ++h) {
+            acc[o][h] += static_cast<float>(scale[b][o][h]) *
+                    moefuse_qdot<BITS>(q[b][o][h], xs) +
+                static_cast<float>(bias[b][o][h]) * x_sum;
+          }
         }
       }
     }

@@ -154,6 +154,7 @@ def bench_decode(model_layers: int, steps: int, rounds: int) -> dict:
             if r > 0:
                 samples[p].append(tok_s)
             print(f"decode round {r} {p}: {tok_s:.1f} tok/s", flush=True)
+    quality = fidelity(plain, fused, kernel_state, model_layers, steps, prompt)
     med = {p: statistics.median(v) for p, v in samples.items()}
     pairs = zip(tokens["unfused"], tokens["kernel"], strict=True)
     first_diff = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
@@ -168,7 +169,52 @@ def bench_decode(model_layers: int, steps: int, rounds: int) -> dict:
         "fused_vs_unfused": med["fused"] / med["unfused"],
         "greedy_tokens_match": {p: tokens[p] == tokens["unfused"] for p in ("fused", "kernel")},
         "first_kernel_token_difference": first_diff,
+        "fidelity": quality,
     }
+
+
+def teacher_forced(model, prompt, steps: int, forced: list[int] | None = None):
+    """Logits of ``steps`` one-token steps through the KV cache, feeding
+    ``forced`` tokens (or the model's own greedy ones); (tokens, logits)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    logits = model(prompt[None], cache=cache)[0, -1].astype(mx.float32)
+    tokens, rows = [], []
+    for i in range(steps):
+        rows.append(logits)
+        tokens.append(int(mx.argmax(logits).item()))
+        feed = tokens[-1] if forced is None else forced[i]
+        logits = model(mx.array([[feed]]), cache=cache)[0, -1].astype(mx.float32)
+    return tokens, mx.stack(rows)
+
+
+def fidelity(plain, fused, kernel_state, model_layers: int, steps: int, prompt) -> dict:
+    """How closely each bf16 path follows a float32 copy of the same model.
+
+    The copy holds the same quantized weights with float32 scales, norms and
+    activations (a more exact evaluation of the same network). Its greedy
+    tokens are fed to every path; per step we compare the top-1 token and,
+    over all steps, the logits' relative error.
+    """
+    from moefuse_runtime.demo import build_demo_model
+
+    reference = build_demo_model("qwen3-30b-a3b", layers=model_layers, dtype=mx.bfloat16)
+    reference.set_dtype(mx.float32)
+    ref_tokens, ref_logits = teacher_forced(reference, prompt, steps)
+    del reference
+    bench.free()
+    out = {}
+    for p in PATHS:
+        for layer, chosen in kernel_state:
+            layer.decode_kernels = chosen if p == "kernel" else None
+        model = plain if p == "unfused" else fused
+        tokens, logits = teacher_forced(model, prompt, steps, ref_tokens)
+        agree = sum(a == b for a, b in zip(tokens, ref_tokens, strict=True)) / steps
+        err = (mx.linalg.norm(logits - ref_logits) / mx.linalg.norm(ref_logits)).item()
+        out[p] = {"top1_agreement_with_float32": agree, "logits_rel_error_vs_float32": err}
+        print(f"fidelity {p}: top-1 agreement {agree:.3f}, logits rel error {err:.2e}", flush=True)
+    return out
 
 
 def _switch_layers(model):
@@ -184,7 +230,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--model-layers", type=int, default=48)
     parser.add_argument("--steps", type=int, default=256)
-    parser.add_argument("--model-rounds", type=int, default=3)
+    parser.add_argument("--model-rounds", type=int, default=7)
     parser.add_argument("--skip-ffn", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
     args = parser.parse_args()
