@@ -84,6 +84,7 @@ __device__ __forceinline__ float moefuse_warp_sum(float v) {
 # K (input length), N (outputs per pair), SWIGLU, X_DIV (pairs sharing one x
 # row: top-k for gate_up, 1 for down), OUTS (outputs per warp: their loads are
 # in flight together). Grid: (32 * warps, pairs); a block holds WARPS warps.
+# Dynamic shared memory: `shared_bytes(K, BITS)`.
 _SOURCE = r"""
   constexpr int VALS = 128 / BITS;                    // weights per 16-byte load
   constexpr int VECS = K / VALS;                      // 16-byte loads per row
@@ -94,15 +95,47 @@ _SOURCE = r"""
   constexpr int ROWS = SWIGLU ? 2 * N : N;            // weight rows per expert
   constexpr int HALVES = SWIGLU ? 2 : 1;              // gate and up, or one row
 
+  // Stage x once per block: every warp of the block reads the same x row.
+  // x_scaled holds each value pre-scaled for moefuse_qdot, laid out so that
+  // lane v reading float4 j of its load finds it at [j][v] (no bank
+  // conflicts); x_sums[v] is the plain sum of the values under load v.
+  extern __shared__ float moefuse_shared[];
+  float4* x_scaled = reinterpret_cast<float4*>(moefuse_shared);
+  float* x_sums = moefuse_shared + K;
+  const int pair = blockIdx.y;
+  const T* x_row = x + (size_t)(pair / X_DIV) * K;
+  for (int v = threadIdx.x; v < VECS; v += blockDim.x) {
+    const uint4* x_vecs = reinterpret_cast<const uint4*>(x_row + v * VALS);
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < VALS / T_PER_VEC; ++j) {
+      const uint4 raw = x_vecs[j];
+      const T* t = reinterpret_cast<const T*>(&raw);
+      float f[T_PER_VEC];
+#pragma unroll
+      for (int e = 0; e < T_PER_VEC; ++e) {
+        const int i = j * T_PER_VEC + e;
+        const float value = static_cast<float>(t[e]);
+        sum += value;
+        f[e] = value * __int_as_float((127 - BITS * (i % PER_HALF)) << 23);
+      }
+#pragma unroll
+      for (int e = 0; e < T_PER_VEC; e += 4) {
+        const int quad = (j * T_PER_VEC + e) / 4;
+        x_scaled[quad * VECS + v] = make_float4(f[e], f[e + 1], f[e + 2], f[e + 3]);
+      }
+    }
+    x_sums[v] = sum;
+  }
+  __syncthreads();
+
   const int lane = threadIdx.x & 31;
   const int n0 = (blockIdx.x * (blockDim.x / 32) + (threadIdx.x / 32)) * OUTS;
   if (n0 >= N) {
-    return;  // uniform across the warp
+    return;  // uniform across the warp, after the block's only barrier
   }
-  const int pair = blockIdx.y;
   const size_t expert_row = (size_t)indices[pair] * ROWS;
   const uint4* w_vecs = reinterpret_cast<const uint4*>(w);
-  const T* x_row = x + (size_t)(pair / X_DIV) * K;
 
   // acc[o][h]: output n0 + o, gate (h = 0) or up (h = 1) row.
   float acc[OUTS][HALVES];
@@ -143,22 +176,16 @@ _SOURCE = r"""
     for (int b = 0; b < BATCH; ++b) {
       const int v = lane + 32 * (base + b);
       if (base + b < ITERS && (VECS % 32 == 0 || v < VECS)) {
-        const int k0 = v * VALS;
         float xs[VALS];
-        float x_sum = 0.f;
-        const uint4* x_vecs = reinterpret_cast<const uint4*>(x_row + k0);
 #pragma unroll
-        for (int j = 0; j < VALS / T_PER_VEC; ++j) {
-          const uint4 raw = __ldg(x_vecs + j);
-          const T* t = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-          for (int e = 0; e < T_PER_VEC; ++e) {
-            const int i = j * T_PER_VEC + e;
-            const float f = static_cast<float>(t[e]);
-            x_sum += f;
-            xs[i] = f * __int_as_float((127 - BITS * (i % PER_HALF)) << 23);
-          }
+        for (int j = 0; j < VALS / 4; ++j) {
+          const float4 f = x_scaled[j * VECS + v];
+          xs[4 * j] = f.x;
+          xs[4 * j + 1] = f.y;
+          xs[4 * j + 2] = f.z;
+          xs[4 * j + 3] = f.w;
         }
+        const float x_sum = x_sums[v];
 #pragma unroll
         for (int o = 0; o < OUTS; ++o) {
 #pragma unroll
@@ -200,14 +227,24 @@ _SOURCE = r"""
 """
 
 
+def shared_bytes(k: int, bits: int) -> int:
+    """Dynamic shared memory of one block: x pre-scaled (fp32) and its sums."""
+    return 4 * (k + k // (128 // bits))
+
+
+MAX_SHARED_BYTES = 200 * 1024
+"""Below the H100's 227 KiB per block, leaving room for two blocks per SM."""
+
+
 @cache
-def _kernel(swiglu: bool):
+def _kernel(swiglu: bool, shared: int):
     return mx.fast.cuda_kernel(
         name="moefuse_gate_up_swiglu" if swiglu else "moefuse_down",
         input_names=["x", "w", "scales", "biases", "indices"],
         output_names=["out"],
         source=_SOURCE,
         header=_HEADER,
+        shared_memory=shared,
     )
 
 
@@ -232,7 +269,7 @@ def gather_qmv(
     k = x.shape[-1]
     n = proj["weight"].shape[-2] // (2 if swiglu else 1)
     blocks = math.ceil(n / (warps * outs))
-    (out,) = _kernel(swiglu)(
+    (out,) = _kernel(swiglu, shared_bytes(k, proj.bits))(
         inputs=[x, proj["weight"], proj["scales"], proj["biases"], indices],
         template=[
             ("T", x.dtype),
@@ -268,6 +305,8 @@ def why_not_kernel(proj: nn.Module) -> str | None:
     k = proj["weight"].shape[-1] * 32 // proj.bits
     if k % (128 // proj.bits):
         return f"input size {k} does not fill whole 16-byte loads"
+    if shared_bytes(k, proj.bits) > MAX_SHARED_BYTES:
+        return f"input size {k} does not fit in shared memory"
     return None
 
 
