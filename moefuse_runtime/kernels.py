@@ -34,10 +34,17 @@ KERNEL_GROUP_SIZES = (32, 64, 128)
 KERNEL_DTYPES = (mx.bfloat16, mx.float16)
 """Scale (and activation) dtypes of the kernels; float32 models stay exact on gather_qmm."""
 
-MAX_PAIRS = 32
-"""Most (token, expert) pairs sent to the kernels; more go to gather_qmm,
-which reads an expert once for all the tokens routed to it (see
-docs/kernels.md for the measured crossover)."""
+MIN_MAX_PAIRS, MAX_MAX_PAIRS = 32, 128
+"""The kernels take up to max(32, min(128, experts)) (token, expert) pairs; more
+go to gather_qmm, which reads an expert once for all the tokens routed to it.
+Measured on an H100 (docs/kernels.md): the kernels won at every count tried,
+up to 128 pairs over 128 experts (Qwen3-30B-A3B) and 32 pairs over 8 experts
+(Mixtral), i.e. up to about one pair per expert, or four on few experts."""
+
+
+def max_pairs_for(experts: int) -> int:
+    return max(MIN_MAX_PAIRS, min(MAX_MAX_PAIRS, experts))
+
 
 WARPS_PER_BLOCK = 4
 OUTS_PER_WARP = 1
@@ -95,7 +102,8 @@ _SOURCE = r"""
   constexpr int ROWS = SWIGLU ? 2 * N : N;            // weight rows per expert
   constexpr int HALVES = SWIGLU ? 2 : 1;              // gate and up, or one row
 
-  // Stage x once per block: every warp of the block reads the same x row.
+  // x is staged once per block (below, once the first weight loads are in
+  // flight): every warp of the block reads the same x row.
   // x_scaled holds each value pre-scaled for moefuse_qdot, laid out so that
   // lane v reading float4 j of its load finds it at [j][v] (no bank
   // conflicts); x_sums[v] is the plain sum of the values under load v.
@@ -104,36 +112,10 @@ _SOURCE = r"""
   float* x_sums = moefuse_shared + K;
   const int pair = blockIdx.y;
   const T* x_row = x + (size_t)(pair / X_DIV) * K;
-  for (int v = threadIdx.x; v < VECS; v += blockDim.x) {
-    const uint4* x_vecs = reinterpret_cast<const uint4*>(x_row + v * VALS);
-    float sum = 0.f;
-#pragma unroll
-    for (int j = 0; j < VALS / T_PER_VEC; ++j) {
-      const uint4 raw = x_vecs[j];
-      const T* t = reinterpret_cast<const T*>(&raw);
-      float f[T_PER_VEC];
-#pragma unroll
-      for (int e = 0; e < T_PER_VEC; ++e) {
-        const int i = j * T_PER_VEC + e;
-        const float value = static_cast<float>(t[e]);
-        sum += value;
-        f[e] = value * __int_as_float((127 - BITS * (i % PER_HALF)) << 23);
-      }
-#pragma unroll
-      for (int e = 0; e < T_PER_VEC; e += 4) {
-        const int quad = (j * T_PER_VEC + e) / 4;
-        x_scaled[quad * VECS + v] = make_float4(f[e], f[e + 1], f[e + 2], f[e + 3]);
-      }
-    }
-    x_sums[v] = sum;
-  }
-  __syncthreads();
 
   const int lane = threadIdx.x & 31;
   const int n0 = (blockIdx.x * (blockDim.x / 32) + (threadIdx.x / 32)) * OUTS;
-  if (n0 >= N) {
-    return;  // uniform across the warp, after the block's only barrier
-  }
+  const bool active = n0 < N;  // uniform across the warp
   const size_t expert_row = (size_t)indices[pair] * ROWS;
   const uint4* w_vecs = reinterpret_cast<const uint4*>(w);
 
@@ -147,7 +129,8 @@ _SOURCE = r"""
     }
   }
   // Loads are issued a batch of iterations at a time, before any arithmetic,
-  // so that each warp keeps up to 8 16-byte loads per lane in flight.
+  // so that each warp keeps up to 8 16-byte loads per lane in flight. The
+  // first batch is issued before x is staged: its latency overlaps staging.
   constexpr int BATCH_WANTED = 8 / (OUTS * HALVES) > 0 ? 8 / (OUTS * HALVES) : 1;
   constexpr int BATCH = BATCH_WANTED < ITERS ? BATCH_WANTED : ITERS;
 #pragma unroll
@@ -158,7 +141,7 @@ _SOURCE = r"""
 #pragma unroll
     for (int b = 0; b < BATCH; ++b) {
       const int v = lane + 32 * (base + b);
-      if (base + b < ITERS && (VECS % 32 == 0 || v < VECS)) {
+      if (active && base + b < ITERS && (VECS % 32 == 0 || v < VECS)) {
         const int g = v * VALS / GROUP;
 #pragma unroll
         for (int o = 0; o < OUTS; ++o) {
@@ -172,10 +155,36 @@ _SOURCE = r"""
         }
       }
     }
+    if (base == 0) {  // every thread of the block gets here: one barrier
+      for (int v = threadIdx.x; v < VECS; v += blockDim.x) {
+        const uint4* x_vecs = reinterpret_cast<const uint4*>(x_row + v * VALS);
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < VALS / T_PER_VEC; ++j) {
+          const uint4 raw = x_vecs[j];
+          const T* t = reinterpret_cast<const T*>(&raw);
+          float f[T_PER_VEC];
+#pragma unroll
+          for (int e = 0; e < T_PER_VEC; ++e) {
+            const int i = j * T_PER_VEC + e;
+            const float value = static_cast<float>(t[e]);
+            sum += value;
+            f[e] = value * __int_as_float((127 - BITS * (i % PER_HALF)) << 23);
+          }
+#pragma unroll
+          for (int e = 0; e < T_PER_VEC; e += 4) {
+            const int quad = (j * T_PER_VEC + e) / 4;
+            x_scaled[quad * VECS + v] = make_float4(f[e], f[e + 1], f[e + 2], f[e + 3]);
+          }
+        }
+        x_sums[v] = sum;
+      }
+      __syncthreads();
+    }
 #pragma unroll
     for (int b = 0; b < BATCH; ++b) {
       const int v = lane + 32 * (base + b);
-      if (base + b < ITERS && (VECS % 32 == 0 || v < VECS)) {
+      if (active && base + b < ITERS && (VECS % 32 == 0 || v < VECS)) {
         float xs[VALS];
 #pragma unroll
         for (int j = 0; j < VALS / 4; ++j) {
@@ -197,6 +206,9 @@ _SOURCE = r"""
         }
       }
     }
+  }
+  if (!active) {
+    return;
   }
 #pragma unroll
   for (int o = 0; o < OUTS; ++o) {
@@ -318,7 +330,7 @@ class DecodeKernels:
     """
 
     down: bool
-    max_pairs: int = MAX_PAIRS
+    max_pairs: int = MIN_MAX_PAIRS
     gate_up_tiling: tuple[int, int] = (OUTS_PER_WARP, WARPS_PER_BLOCK)
     down_tiling: tuple[int, int] = (OUTS_PER_WARP, WARPS_PER_BLOCK)
 
@@ -358,5 +370,8 @@ def kernels_for(layer: nn.Module) -> tuple[DecodeKernels | None, str]:
     reason = why_not_kernel(layer.gate_up_proj)
     if reason:
         return None, f"gather_qmm ({reason})"
-    kernels = DecodeKernels(down=why_not_kernel(layer.down_proj) is None)
+    experts = layer.gate_up_proj["weight"].shape[0]
+    kernels = DecodeKernels(
+        down=why_not_kernel(layer.down_proj) is None, max_pairs=max_pairs_for(experts)
+    )
     return kernels, kernels.path

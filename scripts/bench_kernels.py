@@ -34,7 +34,7 @@ the upper bound on what any FFN kernel can do for decode speed."""
 
 class FreeFFN:
     def takes(self, layer, x, indices):
-        return indices.size <= kernels.MAX_PAIRS
+        return indices.size <= kernels.MAX_MAX_PAIRS
 
     def __call__(self, layer, x, indices):
         return mx.broadcast_to(mx.expand_dims(x, -2), (*indices.shape, x.shape[-1]))
