@@ -46,7 +46,7 @@ def max_pairs_for(experts: int) -> int:
     return max(MIN_MAX_PAIRS, min(MAX_MAX_PAIRS, experts))
 
 
-WARPS_PER_BLOCK = 4
+WARPS_PER_BLOCK = 8
 OUTS_PER_WARP = 1
 
 _HEADER = r"""
