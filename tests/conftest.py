@@ -1,4 +1,4 @@
-"""Fixtures shared by the CLI, hook and server tests."""
+"""Fixtures shared by the tests."""
 
 import os
 import subprocess
@@ -9,6 +9,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(autouse=True)
+def gather_path(monkeypatch):
+    """Bitwise parity tests hold the gather_qmm path to exact equality; on a
+    CUDA machine the decode kernels (a stated tolerance, tests/test_kernels.py)
+    would take bf16/fp16 quantized layers. Kernel tests turn them back on."""
+    monkeypatch.setenv("MOEFUSE_KERNEL", "0")
 
 
 @pytest.fixture(scope="session")

@@ -63,8 +63,10 @@ def test_one_info_line_and_debug_per_layer(caplog):
 def test_report_table_is_readable():
     report = moefuse_runtime.install(switch_glu(), reserve_bytes=0)
     text = str(report).splitlines()
-    assert text[0].split() == ["layer", "type", "outcome", "kind", "gate+up", "reason"]
+    header = ["layer", "type", "outcome", "kind", "gate+up", "reason or compute path"]
+    assert text[0].split() == " ".join(header).split()
     assert "fused" in text[1] and "float32" in text[1]
+    assert text[1].endswith("gather_qmm (cpu)")  # a fused layer names its path
     assert text[-1] == report.summary()
 
 

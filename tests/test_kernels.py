@@ -72,7 +72,7 @@ def relative_error(y, ref):
 
 def test_cpu_keeps_gather_qmm():
     if backend() == "cuda":
-        pytest.skip("this machine has CUDA: covered by test_cuda_selects_kernels")
+        pytest.skip("this machine has CUDA: see test_model_reports_kernel_path_and_decodes_close")
     layer = quantized_layer(128, 64, 8, dtype=mx.float32)
     report = moefuse_runtime.install(layer, reserve_bytes=0)
     assert report.layers[0].compute_path == f"gather_qmm ({backend()})"
