@@ -27,7 +27,7 @@ from .layer import Kind
 from .memory import backend
 
 FUSED_NAME = "gate_up_proj"
-DENSE_TYPES = (nn.Linear, nn.QuantizedLinear)
+DENSE_TYPES = projections.DENSE
 _CALL = re.compile(r"self\.(gate_proj|up_proj)\(\s*(\w+)\s*\)")
 
 
@@ -71,7 +71,7 @@ def why_not_fusable(module: nn.Module) -> str | None:
     reason = projections.mismatch(module["gate_proj"], module["up_proj"])
     if reason:
         return reason
-    if backend() == "cuda" and type(module["gate_proj"]) is nn.Linear:
+    if backend() == "cuda" and not hasattr(module["gate_proj"], "bits"):
         # Measured on an H100: cuBLAS may sum a float matmul twice as wide in
         # another order (step3p5's MLP, float32: last-digit differences).
         return "float dense matmuls are not bitwise stable under stacking on CUDA; kept unfused"

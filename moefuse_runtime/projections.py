@@ -24,7 +24,15 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 SHARED_KEYS = frozenset({"global_scale"})
 """Arrays that gate and up must share instead of being concatenated."""
 
-SUPPORTED = (SwitchLinear, QuantizedSwitchLinear, nn.Linear, nn.QuantizedLinear)
+DENSE = (
+    nn.Linear,
+    nn.QuantizedLinear,
+    # What mlx's shard_linear(..., "all-to-sharded") makes of the two above:
+    # the same arrays (this rank's rows), replicated input, sharded output.
+    nn.AllToShardedLinear,
+    nn.QuantizedAllToShardedLinear,
+)
+SUPPORTED = (SwitchLinear, QuantizedSwitchLinear, *DENSE)
 
 CUDA_FLOAT_OFFSET_LIMIT = 1 << 31
 """MLX 0.32.4's CUDA ``gather_mm`` on its sorted path (SwitchGLU at >= 64
@@ -144,7 +152,9 @@ def _empty_like(projection: nn.Module) -> nn.Module:
     """
     cls = type(projection)
     empty = cls.__new__(cls)
-    empty.__dict__.update(copy.deepcopy(vars(projection)))
+    # A sharded projection's communication group is shared, never copied.
+    shared = {id(v): v for v in vars(projection).values() if isinstance(v, mx.distributed.Group)}
+    empty.__dict__.update(copy.deepcopy(vars(projection), shared))
     for key, value in projection.items():
         if not isinstance(value, mx.array):
             empty[key] = copy.deepcopy(value)

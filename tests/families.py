@@ -233,25 +233,93 @@ def discover() -> list[str]:
 
 
 # Dense-only families (see discover_dense) whose tiny build needs more than the
-# shared table; not covered by the dense parity test, each for its reason.
+# shared TINY values.
+DENSE_OVERRIDES: dict[str, dict] = {
+    "afm7": {
+        "hidden_dim": 64,
+        "num_layers": LAYERS,
+        "num_kv_reuse_layers": 1,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "hidden_dim_scale_factor": 2.0,
+    },
+    "baichuan_m1": {"sliding_window_layers": [0], "conv_window": 2},
+    "cohere2": {"sliding_window_pattern": 2},
+    "exaone4": {"sliding_window_pattern": "LLG"},
+    "gear": {"layer_types": _layers(["full_attention"])},
+    "gemma3_text": {"sliding_window_pattern": 2},
+    "gemma3n": {
+        "layer_types": _layers(["sliding_attention", "full_attention"]),
+        "num_kv_shared_layers": 1,
+        "vocab_size_per_layer_input": 128,
+        "rope_local_base_freq": 10000.0,
+        "final_logit_softcapping": 30.0,
+        "activation_sparsity_pattern": [0.0] * LAYERS,
+        "hidden_size_per_layer_input": 16,
+        "altup_num_inputs": 2,
+        "altup_coef_clip": 120.0,
+        "altup_correct_scale": True,
+        "altup_active_idx": 0,
+        "laurel_rank": 16,
+    },
+    "lille-130m": {
+        "block_size": 512,
+        "layer_norm_eps": 1e-5,
+        "n_embd": 64,
+        "n_head": 4,
+        "n_kv_heads": 2,
+        "n_layer": LAYERS,
+    },
+    "llama4_text": {
+        "intermediate_size_mlp": 128,
+        "no_rope_layers": _layers([1, 1, 0]),
+        "use_qk_norm": True,
+    },
+    "minicpm3": {
+        "dim_model_base": 64,
+        "scale_depth": 1.4,
+        "scale_emb": 12,
+        "rope_scaling": {"original_max_position_embeddings": 512},
+    },
+    "ministral3": {
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 128,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "llama_4_scaling_beta": 0.1,
+        }
+    },
+    "nemotron-nas": {
+        "block_configs": [
+            {"attention": {"n_heads_in_group": 2}, "ffn": {"ffn_mult": 1.5}},
+            {"attention": {"no_op": True}, "ffn": {"ffn_mult": 1.5}},
+            {"attention": {"n_heads_in_group": 2}, "ffn": {"replace_with_linear": True}},
+        ],
+    },
+    "olmo3": {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+    "plamo": {"n_shared_head": 2},
+    "recurrent_gemma": {
+        "block_types": ["recurrent", "attention", "recurrent"],
+        "conv1d_width": 4,
+        "logits_soft_cap": 30.0,
+        "attention_window_size": 8,
+    },
+    "spark2_5": {
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "rope_parameters": {
+            "sliding_attention": {"rope_theta": 10000.0},
+            "full_attention": {"rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        },
+    },
+}
+OVERRIDES.update(DENSE_OVERRIDES)
+
+# Dense families not run here, and why.
 DENSE_NOT_BUILT = {
-    "afm7": "its own field names (num_layers, hidden_dim...)",
-    "baichuan_m1": "needs sliding_window_layers",
-    "bitnet": "a Metal-only kernel",
-    "cohere2": "per-layer sliding-window pattern",
-    "exaone4": "needs sliding_window_pattern",
-    "gear": "needs layer_types",
-    "gemma3_text": "per-layer sliding-window pattern",
-    "gemma3n": "needs layer_types",
-    "lille-130m": "its own field names",
-    "llama4_text": "needs no_rope_layers",
-    "minicpm3": "needs rope_scaling",
-    "ministral3": "needs rope_parameters",
-    "nemotron-nas": "needs block_configs",
-    "olmo3": "needs layer_types",
-    "plamo": "its own head layout",
-    "recurrent_gemma": "needs block_types",
-    "spark2_5": "needs rope_parameters",
+    "bitnet": "its projections are BitLinear (not fusable) and its forward is a Metal kernel",
 }
 
 

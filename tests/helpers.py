@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU
@@ -64,6 +66,8 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 32, mode: 
         weight = module.get("weight") if isinstance(module, dict) else None
         return (
             hasattr(module, "to_quantized")
+            # afm7's FusedLinear (attention) has an older to_quantized without mode
+            and "mode" in inspect.signature(module.to_quantized).parameters
             and weight is not None
             and weight.shape[-1] % group_size == 0
         )

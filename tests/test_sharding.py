@@ -160,3 +160,18 @@ def test_tensor_parallel_with_dense_mlps_both_orders(tmp_path):
                 assert row["fused"] == row["total"], f"rank {rank}: {row}"
                 assert row["dense_fused"] == row["dense_total"], f"rank {rank}: {row}"
         assert sum(r["dense_total"] for r in rows if "dense_total" in r) > 0
+
+
+def test_dense_models_tensor_parallel_both_orders(tmp_path):
+    """Dense-only families whose Model has shard(): every MLP fused on both ranks."""
+    names = [f for f in families.discover_dense() if hasattr(_model_class(f), "shard")]
+    assert {"llama", "qwen2", "qwen3", "ministral3"} <= set(names)
+    for quantized in (False, True):
+        out = tmp_path / ("4bit" if quantized else "float")
+        out.mkdir()
+        records = launch(out, "tensor", names, quantized, dense=True)
+        for rank, rows in records.items():
+            for row in rows:
+                assert row["ok"], f"rank {rank}: {row}"
+                if row["check"] != "uninstall-after-shard":
+                    assert row["dense_fused"] == row["dense_total"] > 0, f"rank {rank}: {row}"
