@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 
 import moefuse_runtime
 from moefuse_runtime.dense import Half
+from moefuse_runtime.memory import backend
 
 MOE_FAMILIES = families.discover()
 DENSE_FAMILIES = families.discover_dense()
@@ -30,6 +31,10 @@ def test_dense_family(family, quantized):
         pytest.skip(f"not run: {families.DENSE_NOT_BUILT[family]} (test_bitnet_is_left_alone)")
     report = install_keeps_logits(family, quantized, dense=True)
     assert report.dense_total >= 1
+    if not quantized and backend() == "cuda":  # float dense pairs stay unfused there
+        assert all("not bitwise stable" in why for why in report.skipped.values()), str(report)
+        assert len(report.skipped) == report.dense_total
+        return
     assert len(report.fused) == report.dense_total + report.total, str(report)
     if quantized:
         assert all("bit" in r.kind for r in report.layers), str(report)
