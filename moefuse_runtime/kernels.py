@@ -339,7 +339,9 @@ class DecodeKernels:
 
     def __call__(self, layer: nn.Module, x: mx.array, indices: mx.array) -> mx.array:
         top_k = indices.shape[-1]
-        flat = indices.reshape(-1).astype(mx.uint32)
+        flat = indices.reshape(-1)
+        if flat.dtype != mx.uint32:  # astype would add an op even when it is one
+            flat = flat.astype(mx.uint32)
         x = x.reshape(-1, x.shape[-1])
         outs, warps = self.gate_up_tiling
         h = gather_qmv(
