@@ -2,9 +2,10 @@
 
 At one token a MoE layer reads each active expert's packed weights once and
 does almost no arithmetic, so it should run at memory speed. MLX's
-``gather_qmm`` reaches 6-37% of the H100's streaming bandwidth there
-(docs/benchmarks.md). These kernels are plain quantized GEMVs over the routed
-experts (one warp per output, 16-byte loads, fp32 accumulation):
+``gather_qmm`` reaches 6-29% of the H100's streaming bandwidth there; these
+kernels 40-63% (GPU time, docs/kernels.md). They are quantized GEMVs over the
+routed experts: one warp per output, x staged once per block in shared
+memory, up to eight 16-byte weight loads in flight per lane, fp32 sums:
 
 * ``gate_up``: each warp reads row ``n`` of the gate half and row ``n`` of the
   up half of ``gate_up_proj`` for one (token, expert) pair and writes only
@@ -48,6 +49,7 @@ def max_pairs_for(experts: int) -> int:
 
 WARPS_PER_BLOCK = 8
 OUTS_PER_WARP = 1
+"""The shipped tiling: the best of those profiled on an H100 (docs/kernels.md)."""
 
 _HEADER = r"""
 // Dot product of one 16-byte load of packed BITS-bit weights with the x
@@ -276,7 +278,9 @@ def gather_qmv(
     With ``swiglu``, ``proj`` is ``gate_up_proj`` and the result is
     ``silu(gate) * up`` (half its outputs). ``x`` is (rows, K), ``indices``
     flat uint32; returns (pairs, N). ``init_value`` pre-fills the output
-    (tests poison it with NaN to prove every element is written).
+    (tests poison it with NaN to prove every element is written). x rows are
+    read in 16-byte loads: MLX passes row-contiguous copies, whose rows start
+    16-byte aligned since ``why_not_kernel`` asks K to fill whole loads.
     """
     k = x.shape[-1]
     n = proj["weight"].shape[-2] // (2 if swiglu else 1)
@@ -373,7 +377,8 @@ def kernels_for(layer: nn.Module) -> tuple[DecodeKernels | None, str]:
     if reason:
         return None, f"gather_qmm ({reason})"
     experts = layer.gate_up_proj["weight"].shape[0]
-    kernels = DecodeKernels(
-        down=why_not_kernel(layer.down_proj) is None, max_pairs=max_pairs_for(experts)
-    )
+    down = why_not_kernel(layer.down_proj) is None and (
+        layer.down_proj["scales"].dtype == layer.gate_up_proj["scales"].dtype
+    )  # the down kernel reads its input (gate_up's output) in the scales' dtype
+    kernels = DecodeKernels(down=down, max_pairs=max_pairs_for(experts))
     return kernels, kernels.path

@@ -156,6 +156,14 @@ def test_float_down_keeps_gather_qmm_for_down(as_cuda):
     assert "down: gather_qmm" in path
 
 
+def test_down_in_another_dtype_keeps_gather_qmm_for_down(as_cuda):
+    layer = quantized_layer(128, 64, 4)
+    layer.down_proj.set_dtype(mx.float16)  # bf16 gate/up, fp16 down scales
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    chosen, _ = kernels.kernels_for(layer)
+    assert chosen == kernels.DecodeKernels(down=False)
+
+
 def test_uninstall_drops_the_kernels(as_cuda):
     layer = quantized_layer(128, 64, 4)
     moefuse_runtime.install(layer, reserve_bytes=0)
