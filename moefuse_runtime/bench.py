@@ -97,6 +97,17 @@ class LayerRow:
     fused_roofline: float
 
 
+def layer_stacks(
+    hidden: int, experts: int, width: int, kind: str, layers: int
+) -> tuple[list[SwitchGLU], list[SwitchGLU]]:
+    """``layers`` distinct random layers, and the same layers fused."""
+    unfused = [make_layer(hidden, experts, width, kind, seed) for seed in range(layers)]
+    fused = [make_layer(hidden, experts, width, kind, seed) for seed in range(layers)]
+    for layer in fused:
+        install(layer, reserve_bytes=0)
+    return unfused, fused
+
+
 def bench_layers(
     shape: str,
     kind: str,
@@ -110,11 +121,8 @@ def bench_layers(
     hidden, experts, top_k, width = LAYER_SHAPES[shape]
     # Scaled widths stay multiples of 64 (the quantization group size).
     experts, width = max(top_k, experts // scale), max(64, width // scale // 64 * 64)
-    unfused = [make_layer(hidden, experts, width, kind, seed) for seed in range(layers)]
-    fused = [make_layer(hidden, experts, width, kind, seed) for seed in range(layers)]
-    for layer in fused:
-        install(layer, reserve_bytes=0)
-    expert_bytes = _expert_bytes(unfused[0], experts)
+    unfused, fused = layer_stacks(hidden, experts, width, kind, layers)
+    per_expert = expert_bytes(unfused[0], experts)
     dtype = mx.float32 if kind == "fp32" else mx.bfloat16
     rows = []
     for n in tokens:
@@ -129,7 +137,7 @@ def bench_layers(
         times = _time_ab(unfused, fused, inputs, rounds)
         distinct = statistics.mean(len(set(i.flatten().tolist())) for _, i in inputs)
         label = shape if scale == 1 else f"{shape}/{scale}"
-        rows.append(_row(label, kind, n, times, int(distinct * expert_bytes), stream_bps))
+        rows.append(_row(label, kind, n, times, int(distinct * per_expert), stream_bps))
     return rows
 
 
@@ -205,7 +213,8 @@ def _row(
     )  # fmt: skip
 
 
-def _expert_bytes(layer: SwitchGLU, experts: int) -> int:
+def expert_bytes(layer: SwitchGLU, experts: int) -> int:
+    """Bytes of one expert's gate, up and down (weights, scales, biases)."""
     total = sum(projections.nbytes(layer[k]) for k in ("gate_proj", "up_proj", "down_proj"))
     return total // experts
 
@@ -232,7 +241,7 @@ def bench_model(
     Also the install cost: seconds, peak extra memory and active memory
     before/after. Greedy tokens of both copies must match.
     """
-    from mlx_lm.generate import generate_step
+    from .demo import greedy_tokens
 
     unfused = build()
     fused = build()
@@ -261,14 +270,7 @@ def bench_model(
     for r in range(rounds + 1):
         for name, model in (("unfused", unfused), ("fused", fused)):
             prefill = timed(lambda m=model: m(prompt[None]))
-            out, start = [], 0.0
-            for i, (token, _) in enumerate(generate_step(prompt, model, max_tokens=decode_tokens)):
-                if i == 0:
-                    sync()
-                    start = time.perf_counter()
-                out.append(int(token))
-            decode = (len(out) - 1) / (time.perf_counter() - start)
-            tokens[name] = out
+            tokens[name], decode = greedy_tokens(model, prompt, decode_tokens)
             if r > 0:  # round 0 is warm-up
                 results[name]["prefill_tok_s"].append(prompt_tokens / prefill)
                 results[name]["decode_tok_s"].append(decode)

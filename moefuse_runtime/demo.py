@@ -154,7 +154,8 @@ def greedy_tokens(model: nn.Module, prompt: mx.array, steps: int) -> tuple[list[
     tokens, start = [], 0.0
     for n, (token, _) in enumerate(generate_step(prompt, model, max_tokens=steps)):
         if n == 0:
-            start = time.perf_counter()  # after prefill and the first token
+            mx.synchronize()  # prefill and the first token done: decode starts
+            start = time.perf_counter()
         tokens.append(int(token))
     return tokens, (len(tokens) - 1) / (time.perf_counter() - start)
 

@@ -18,11 +18,10 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import mlx.core as mx
 
-from moefuse_runtime import bench, install, kernels, projections
+from moefuse_runtime import bench, find_switch_glus, install, kernels
 
 SHAPES = {"qwen3-30b-a3b": ("4bit", "8bit"), "mixtral-8x7b": ("4bit",)}
 TOKENS = (1, 2, 4, 8, 16)
@@ -42,17 +41,7 @@ class FreeFFN:
 
 def layer_stacks(shape: str, kind: str, layers: int):
     hidden, experts, _, width = bench.LAYER_SHAPES[shape]
-
-    def make(seed):
-        layer = bench.make_layer(hidden, experts, width, kind, seed)
-        mx.eval(layer.parameters())
-        return layer
-
-    unfused = [make(seed) for seed in range(layers)]
-    fused = [make(seed) for seed in range(layers)]
-    for layer in fused:
-        install(layer, reserve_bytes=0)
-    return unfused, fused
+    return bench.layer_stacks(hidden, experts, width, kind, layers)
 
 
 def run_paths(unfused, fused, path: str, x, indices):
@@ -69,8 +58,7 @@ def run_paths(unfused, fused, path: str, x, indices):
 def bench_ffn(shape: str, kind: str, layers: int, rounds: int, stream: float) -> list[dict]:
     hidden, experts, top_k, width = bench.LAYER_SHAPES[shape]
     unfused, fused = layer_stacks(shape, kind, layers)
-    names = ("gate_proj", "up_proj", "down_proj")
-    per_expert = sum(projections.nbytes(unfused[0][k]) for k in names) // experts
+    per_expert = bench.expert_bytes(unfused[0], experts)
     rows = []
     for n in TOKENS:
         inputs = [
@@ -120,20 +108,8 @@ def bench_ffn(shape: str, kind: str, layers: int, rounds: int, stream: float) ->
     return rows
 
 
-def decode(model, prompt, steps: int) -> tuple[list[int], float]:
-    from mlx_lm.generate import generate_step
-
-    tokens, start = [], 0.0
-    for i, (token, _) in enumerate(generate_step(prompt, model, max_tokens=steps)):
-        if i == 0:
-            bench.sync()
-            start = time.perf_counter()
-        tokens.append(int(token))
-    return tokens, (len(tokens) - 1) / (time.perf_counter() - start)
-
-
 def bench_decode(model_layers: int, steps: int, rounds: int) -> dict:
-    from moefuse_runtime.demo import build_demo_model
+    from moefuse_runtime.demo import build_demo_model, greedy_tokens
 
     def build():
         return build_demo_model("qwen3-30b-a3b", layers=model_layers, dtype=mx.bfloat16)
@@ -141,7 +117,7 @@ def bench_decode(model_layers: int, steps: int, rounds: int) -> dict:
     plain, fused = build(), build()
     report = install(fused, reserve_bytes=0)
     paths = sorted({r.compute_path for r in report.layers})
-    kernel_state = [(layer, layer.decode_kernels) for layer in _switch_layers(fused)]
+    kernel_state = [(layer, layer.decode_kernels) for _, layer in find_switch_glus(fused)]
     prompt = mx.random.randint(0, plain.args.vocab_size, (32,)).astype(mx.uint32)
     samples = {p: [] for p in DECODE_PATHS}
     tokens = {}
@@ -149,7 +125,7 @@ def bench_decode(model_layers: int, steps: int, rounds: int) -> dict:
         for p in DECODE_PATHS:
             for layer, chosen in kernel_state:
                 layer.decode_kernels = {"kernel": chosen, "ffn_free": FreeFFN()}.get(p)
-            out, tok_s = decode(plain if p == "unfused" else fused, prompt, steps)
+            out, tok_s = greedy_tokens(plain if p == "unfused" else fused, prompt, steps)
             tokens[p] = out
             if r > 0:
                 samples[p].append(tok_s)
@@ -215,12 +191,6 @@ def fidelity(plain, fused, kernel_state, model_layers: int, steps: int, prompt) 
         out[p] = {"top1_agreement_with_float32": agree, "logits_rel_error_vs_float32": err}
         print(f"fidelity {p}: top-1 agreement {agree:.3f}, logits rel error {err:.2e}", flush=True)
     return out
-
-
-def _switch_layers(model):
-    from moefuse_runtime.install import find_switch_glus
-
-    return [layer for _, layer in find_switch_glus(model)]
 
 
 def main() -> int:

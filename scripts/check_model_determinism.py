@@ -17,14 +17,14 @@ import mlx.core as mx
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_kernels import teacher_forced  # noqa: E402
 
-from moefuse_runtime import install  # noqa: E402
+from moefuse_runtime import find_switch_glus, install  # noqa: E402
 from moefuse_runtime.demo import build_demo_model  # noqa: E402
 
 layers = int(sys.argv[1]) if len(sys.argv) > 1 else 8
 plain = build_demo_model("qwen3-30b-a3b", layers=layers, dtype=mx.bfloat16)
 fused = build_demo_model("qwen3-30b-a3b", layers=layers, dtype=mx.bfloat16)
 install(fused, reserve_bytes=0)
-for _, layer in __import__("moefuse_runtime").find_switch_glus(fused):
+for _, layer in find_switch_glus(fused):
     layer.decode_kernels = None
 prompt = mx.arange(1, 33).astype(mx.uint32)
 tokens, first = teacher_forced(plain, prompt, 64)

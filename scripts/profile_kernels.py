@@ -23,7 +23,7 @@ import mlx.core as mx
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_kernels import layer_stacks  # noqa: E402
 
-from moefuse_runtime import bench, kernels, projections  # noqa: E402
+from moefuse_runtime import bench, kernels  # noqa: E402
 
 SHAPES = ("qwen3-30b-a3b", "mixtral-8x7b")
 TILINGS = [(1, 4), (2, 4), (1, 8), (2, 8)]
@@ -57,8 +57,7 @@ def main(out: str) -> int:
     for shape in SHAPES:
         hidden, experts, top_k, _ = bench.LAYER_SHAPES[shape]
         unfused, fused = layer_stacks(shape, "4bit", LAYERS)
-        names = ("gate_proj", "up_proj", "down_proj")
-        per_expert = sum(projections.nbytes(unfused[0][k]) for k in names) // experts
+        per_expert = bench.expert_bytes(unfused[0], experts)
         x = mx.random.normal((1, 1, hidden)).astype(mx.bfloat16)
         idx = mx.array(list(range(0, experts, experts // top_k))[:top_k], dtype=mx.uint32)
         idx = idx.reshape(1, 1, top_k)
