@@ -87,14 +87,27 @@ __device__ __forceinline__ float moefuse_warp_sum(float v) {
   }
   return v;
 }
-"""
 
-# Template constants: T (x, scales, biases and output dtype), BITS, GROUP,
-# K (input length), N (outputs per pair), SWIGLU, X_DIV (pairs sharing one x
-# row: top-k for gate_up, 1 for down), OUTS (outputs per warp: their loads are
-# in flight together). Grid: (32 * warps, pairs); a block holds WARPS warps.
-# Dynamic shared memory: `shared_bytes(K, BITS)`.
-_SOURCE = r"""
+__device__ __forceinline__ unsigned moefuse_load_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// One block's share of a quantized GEMV for one (token, expert) pair: warp w
+// computes outputs n0 .. n0 + OUTS - 1 of out_row = W[expert] @ x_row, where
+// W is K inputs by N outputs (2N rows, gate then up, with SWIGLU, which
+// writes silu(gate) * up). x_row is staged once per block in shared memory
+// (fp32, pre-scaled for moefuse_qdot, laid out so that lane v reading float4
+// j of its load finds it at [j][v]: no bank conflicts) once the first batch
+// of weight loads is in flight. With `ready`, thread 0 first waits until
+// *ready reaches ready_count: x_row is written by other blocks of the grid.
+// Every thread of the block must call this (it holds barriers).
+template <typename T, int BITS, int GROUP, int K, int N, bool SWIGLU, int OUTS>
+__device__ __forceinline__ void moefuse_gemv(
+    const T* x_row, const uint32_t* w, const T* scales, const T* biases,
+    unsigned expert, int n0, T* out_row, float* shared,
+    const unsigned* ready, unsigned ready_count) {
   constexpr int VALS = 128 / BITS;                    // weights per 16-byte load
   constexpr int VECS = K / VALS;                      // 16-byte loads per row
   constexpr int ITERS = (VECS + 31) / 32;
@@ -104,21 +117,11 @@ _SOURCE = r"""
   constexpr int ROWS = SWIGLU ? 2 * N : N;            // weight rows per expert
   constexpr int HALVES = SWIGLU ? 2 : 1;              // gate and up, or one row
 
-  // x is staged once per block (below, once the first weight loads are in
-  // flight): every warp of the block reads the same x row.
-  // x_scaled holds each value pre-scaled for moefuse_qdot, laid out so that
-  // lane v reading float4 j of its load finds it at [j][v] (no bank
-  // conflicts); x_sums[v] is the plain sum of the values under load v.
-  extern __shared__ float moefuse_shared[];
-  float4* x_scaled = reinterpret_cast<float4*>(moefuse_shared);
-  float* x_sums = moefuse_shared + K;
-  const int pair = blockIdx.y;
-  const T* x_row = x + (size_t)(pair / X_DIV) * K;
-
+  float4* x_scaled = reinterpret_cast<float4*>(shared);
+  float* x_sums = shared + K;
   const int lane = threadIdx.x & 31;
-  const int n0 = (blockIdx.x * (blockDim.x / 32) + (threadIdx.x / 32)) * OUTS;
   const bool active = n0 < N;  // uniform across the warp
-  const size_t expert_row = (size_t)indices[pair] * ROWS;
+  const size_t expert_row = (size_t)expert * ROWS;
   const uint4* w_vecs = reinterpret_cast<const uint4*>(w);
 
   // acc[o][h]: output n0 + o, gate (h = 0) or up (h = 1) row.
@@ -132,7 +135,8 @@ _SOURCE = r"""
   }
   // Loads are issued a batch of iterations at a time, before any arithmetic,
   // so that each warp keeps up to 8 16-byte loads per lane in flight. The
-  // first batch is issued before x is staged: its latency overlaps staging.
+  // first batch is issued before x is staged: its latency overlaps staging
+  // (and the wait for x).
   constexpr int BATCH_WANTED = 8 / (OUTS * HALVES) > 0 ? 8 / (OUTS * HALVES) : 1;
   constexpr int BATCH = BATCH_WANTED < ITERS ? BATCH_WANTED : ITERS;
 #pragma unroll
@@ -157,13 +161,23 @@ _SOURCE = r"""
         }
       }
     }
-    if (base == 0) {  // every thread of the block gets here: one barrier
+    if (base == 0) {  // every thread of the block gets here
+      if (ready != nullptr) {
+        if (threadIdx.x == 0) {
+          while (moefuse_load_acquire(ready) < ready_count) {
+            __nanosleep(32);
+          }
+          __threadfence();
+        }
+        __syncthreads();
+      }
       for (int v = threadIdx.x; v < VECS; v += blockDim.x) {
+        // __ldcg: from L2, where other blocks' writes of x_row are visible.
         const uint4* x_vecs = reinterpret_cast<const uint4*>(x_row + v * VALS);
         float sum = 0.f;
 #pragma unroll
         for (int j = 0; j < VALS / T_PER_VEC; ++j) {
-          const uint4 raw = x_vecs[j];
+          const uint4 raw = __ldcg(x_vecs + j);
           const T* t = reinterpret_cast<const T*>(&raw);
           float f[T_PER_VEC];
 #pragma unroll
@@ -236,7 +250,73 @@ _SOURCE = r"""
         }
       }
     }
-    out[(size_t)pair * N + n0 + lane] = static_cast<T>(result);
+    out_row[n0 + lane] = static_cast<T>(result);
+  }
+}
+"""
+
+# One projection per launch. Template constants: T (x, scales, biases and
+# output dtype), BITS, GROUP, K (input length), N (outputs per pair), SWIGLU,
+# X_DIV (pairs sharing one x row: top-k for gate_up, 1 for down), OUTS
+# (outputs per warp). Grid: (32 * WARPS * blocks, pairs); dynamic shared
+# memory: `shared_bytes(K, BITS)`.
+_GEMV_SOURCE = r"""
+  extern __shared__ float moefuse_shared[];
+  const int pair = blockIdx.y;
+  const int n0 = (blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * OUTS;
+  moefuse_gemv<T, BITS, GROUP, K, N, SWIGLU, OUTS>(
+      x + (size_t)(pair / X_DIV) * K, w, scales, biases, indices[pair], n0,
+      out + (size_t)pair * N, moefuse_shared, nullptr, 0);
+"""
+
+# The whole FFN in one launch: gate_up + SwiGLU into h, then down into y.
+# Template constants: T; BITS, GROUP (gate_up), DOWN_BITS, DOWN_GROUP; K
+# (hidden size), N (width); X_DIV (top-k); OUTS, DOWN_OUTS (outputs per warp
+# in each phase); WARPS. Grid: 32 * WARPS * pairs * (UP_BLOCKS + DOWN_BLOCKS)
+# threads. A down block needs all of its pair's h, which other blocks write:
+# blocks take their work in the order they start (a ticket from sync[0]),
+# gate_up work first, so a down block only ever waits for blocks that are
+# already running and the wait cannot deadlock (the ordering trick of
+# single-pass scans). sync[2 + pair] counts the pair's finished gate_up
+# blocks; the last down block to finish (sync[1]) puts every counter back to
+# zero for the next launch on this stream.
+_FFN_SOURCE = r"""
+  constexpr int UP_BLOCKS = (N + WARPS * OUTS - 1) / (WARPS * OUTS);
+  constexpr int DOWN_BLOCKS = (K + WARPS * DOWN_OUTS - 1) / (WARPS * DOWN_OUTS);
+  extern __shared__ float moefuse_shared[];
+  __shared__ unsigned ticket;
+  unsigned* counters = const_cast<unsigned*>(sync);
+  const unsigned pairs = gridDim.x / (UP_BLOCKS + DOWN_BLOCKS);
+  if (threadIdx.x == 0) {
+    ticket = atomicAdd(counters, 1u);
+  }
+  __syncthreads();
+  const int warp = threadIdx.x / 32;
+  if (ticket < pairs * UP_BLOCKS) {
+    const unsigned pair = ticket / UP_BLOCKS;
+    const int n0 = ((ticket % UP_BLOCKS) * WARPS + warp) * OUTS;
+    moefuse_gemv<T, BITS, GROUP, K, N, true, OUTS>(
+        x + (size_t)(pair / X_DIV) * K, w, scales, biases, indices[pair], n0,
+        h + (size_t)pair * N, moefuse_shared, nullptr, 0);
+    __threadfence();  // this thread's h before the count below
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      atomicAdd(counters + 2 + pair, 1u);
+    }
+    return;
+  }
+  const unsigned unit = ticket - pairs * UP_BLOCKS;
+  const unsigned pair = unit / DOWN_BLOCKS;
+  const int n0 = ((unit % DOWN_BLOCKS) * WARPS + warp) * DOWN_OUTS;
+  moefuse_gemv<T, DOWN_BITS, DOWN_GROUP, N, K, false, DOWN_OUTS>(
+      h + (size_t)pair * N, down_w, down_scales, down_biases, indices[pair], n0,
+      y + (size_t)pair * K, moefuse_shared, sync + 2 + pair, UP_BLOCKS);
+  if (threadIdx.x == 0 && atomicAdd(counters + 1, 1u) == pairs * DOWN_BLOCKS - 1) {
+    counters[0] = 0;
+    counters[1] = 0;
+    for (unsigned p = 0; p < pairs; ++p) {
+      counters[2 + p] = 0;
+    }
   }
 """
 
@@ -251,12 +331,25 @@ MAX_SHARED_BYTES = 200 * 1024
 
 
 @cache
-def _kernel(swiglu: bool, shared: int):
+def _gemv_kernel(swiglu: bool, shared: int):
     return mx.fast.cuda_kernel(
         name="moefuse_gate_up_swiglu" if swiglu else "moefuse_down",
         input_names=["x", "w", "scales", "biases", "indices"],
         output_names=["out"],
-        source=_SOURCE,
+        source=_GEMV_SOURCE,
+        header=_HEADER,
+        shared_memory=shared,
+    )
+
+
+@cache
+def _ffn_kernel(shared: int):
+    return mx.fast.cuda_kernel(
+        name="moefuse_ffn",
+        input_names=["x", "w", "scales", "biases", "indices"]
+        + ["down_w", "down_scales", "down_biases", "sync"],
+        output_names=["y", "h"],
+        source=_FFN_SOURCE,
         header=_HEADER,
         shared_memory=shared,
     )
@@ -285,7 +378,7 @@ def gather_qmv(
     k = x.shape[-1]
     n = proj["weight"].shape[-2] // (2 if swiglu else 1)
     blocks = math.ceil(n / (warps * outs))
-    (out,) = _kernel(swiglu, shared_bytes(k, proj.bits))(
+    (out,) = _gemv_kernel(swiglu, shared_bytes(k, proj.bits))(
         inputs=[x, proj["weight"], proj["scales"], proj["biases"], indices],
         template=[
             ("T", x.dtype),
@@ -304,6 +397,79 @@ def gather_qmv(
         init_value=init_value,
     )
     return out
+
+
+FFN_MAX_PAIRS = 1024
+"""Pairs one `fused_ffn` launch takes (its counters); far above `MAX_MAX_PAIRS`."""
+
+_COUNTERS: dict[str, mx.array] = {}
+
+
+def _ffn_counters() -> mx.array:
+    """The one-launch FFN's counters for the current stream, all zero.
+
+    Launches on one stream run one after another and each leaves the
+    counters zero, so one set per stream is enough; two streams never share
+    a set.
+    """
+    stream = str(mx.default_stream(mx.default_device()))
+    if stream not in _COUNTERS:
+        counters = mx.zeros((2 + FFN_MAX_PAIRS,), mx.uint32)
+        mx.eval(counters)
+        _COUNTERS[stream] = counters
+    return _COUNTERS[stream]
+
+
+def fused_ffn(
+    x: mx.array,
+    gate_up: QuantizedSwitchLinear,
+    down: QuantizedSwitchLinear,
+    indices: mx.array,
+    *,
+    top_k: int,
+    tiling: tuple[int, int, int],
+    init_value: float | None = None,
+) -> mx.array:
+    """``down(silu(gate) * up)`` for each (token, expert) pair, in one launch.
+
+    The same arithmetic as `gather_qmv` for gate_up then down (``h`` rounded
+    to the activation dtype in between), without a second launch: at decode
+    sizes each launch costs a few microseconds of ramp and tail, as much as
+    the data it moves (docs/kernels.md). ``x`` is (tokens, hidden), pair
+    ``p`` reads row ``p // top_k``; returns (pairs, hidden). ``tiling`` is
+    (gate_up outputs per warp, down outputs per warp, warps per block).
+    """
+    k = x.shape[-1]
+    n = gate_up["weight"].shape[-2] // 2
+    pairs = indices.size
+    if pairs > FFN_MAX_PAIRS:
+        raise ValueError(f"{pairs} pairs, one fused_ffn launch takes {FFN_MAX_PAIRS}")
+    outs, down_outs, warps = tiling
+    blocks = math.ceil(n / (warps * outs)) + math.ceil(k / (warps * down_outs))
+    shared = max(shared_bytes(k, gate_up.bits), shared_bytes(n, down.bits))
+    y, _ = _ffn_kernel(shared)(
+        inputs=[x, gate_up["weight"], gate_up["scales"], gate_up["biases"], indices]
+        + [down["weight"], down["scales"], down["biases"], _ffn_counters()],
+        template=[
+            ("T", x.dtype),
+            ("BITS", gate_up.bits),
+            ("GROUP", gate_up.group_size),
+            ("DOWN_BITS", down.bits),
+            ("DOWN_GROUP", down.group_size),
+            ("K", k),
+            ("N", n),
+            ("X_DIV", top_k),
+            ("OUTS", outs),
+            ("DOWN_OUTS", down_outs),
+            ("WARPS", warps),
+        ],
+        grid=(32 * warps * blocks * pairs, 1, 1),
+        threadgroup=(32 * warps, 1, 1),
+        output_shapes=[(pairs, k), (pairs, n)],
+        output_dtypes=[x.dtype, x.dtype],
+        init_value=init_value,
+    )
+    return y
 
 
 def why_not_kernel(proj: nn.Module) -> str | None:
@@ -330,13 +496,16 @@ def why_not_kernel(proj: nn.Module) -> str | None:
 class DecodeKernels:
     """The kernel path of one fused layer: always gate_up, down when it qualifies.
 
-    A tiling is (outputs per warp, warps per block), see `gather_qmv`.
+    With the down kernel, the whole FFN is one launch (`fused_ffn`) unless
+    ``one_launch`` is off (two `gather_qmv` launches, kept to measure one
+    against the other). ``tiling`` is (gate_up outputs per warp, down
+    outputs per warp, warps per block).
     """
 
     down: bool
     max_pairs: int = MIN_MAX_PAIRS
-    gate_up_tiling: tuple[int, int] = (OUTS_PER_WARP, WARPS_PER_BLOCK)
-    down_tiling: tuple[int, int] = (OUTS_PER_WARP, WARPS_PER_BLOCK)
+    tiling: tuple[int, int, int] = (OUTS_PER_WARP, OUTS_PER_WARP, WARPS_PER_BLOCK)
+    one_launch: bool = True
 
     def takes(self, layer: nn.Module, x: mx.array, indices: mx.array) -> bool:
         return indices.size <= self.max_pairs and x.dtype == layer.gate_up_proj["scales"].dtype
@@ -347,22 +516,27 @@ class DecodeKernels:
         if flat.dtype != mx.uint32:  # astype would add an op even when it is one
             flat = flat.astype(mx.uint32)
         x = x.reshape(-1, x.shape[-1])
-        outs, warps = self.gate_up_tiling
-        h = gather_qmv(
-            x, layer.gate_up_proj, flat, swiglu=True, x_div=top_k, outs=outs, warps=warps
-        )
-        if self.down:
-            outs, warps = self.down_tiling
-            y = gather_qmv(h, layer.down_proj, flat, swiglu=False, x_div=1, outs=outs, warps=warps)
+        gate_up, down = layer.gate_up_proj, layer.down_proj
+        outs, down_outs, warps = self.tiling
+        if self.down and self.one_launch:
+            y = fused_ffn(x, gate_up, down, flat, top_k=top_k, tiling=self.tiling)
         else:
-            h = h.reshape(*indices.shape, 1, h.shape[-1])
-            y = layer.down_proj(h, indices).squeeze(-2)
+            h = gather_qmv(x, gate_up, flat, swiglu=True, x_div=top_k, outs=outs, warps=warps)
+            if self.down:
+                y = gather_qmv(h, down, flat, swiglu=False, x_div=1, outs=down_outs, warps=warps)
+            else:
+                y = down(h.reshape(*indices.shape, 1, h.shape[-1]), indices).squeeze(-2)
         return y.reshape(*indices.shape, y.shape[-1])
 
     @property
     def path(self) -> str:
-        down = "kernel" if self.down else "gather_qmm"
-        return f"cuda kernels <= {self.max_pairs} pairs (gate_up+swiglu, down: {down})"
+        if not self.down:
+            what = "gate_up+swiglu, down: gather_qmm"
+        elif self.one_launch:
+            what = "gate_up+swiglu+down, one launch"
+        else:
+            what = "gate_up+swiglu, down: kernel"
+        return f"cuda kernels <= {self.max_pairs} pairs ({what})"
 
 
 def kernels_for(layer: nn.Module) -> tuple[DecodeKernels | None, str]:

@@ -248,6 +248,51 @@ def test_every_output_element_is_written(swiglu):
     assert not mx.isnan(out).any().item()
 
 
+TILINGS = [(1, 1, 8), (2, 4, 4)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("tiling", TILINGS)
+def test_one_launch_writes_every_element_and_equals_two_launches(tiling):
+    # Hidden 2880 and width 96: neither a multiple of a block's outputs.
+    layer = quantized_layer(2880, 96, 5, group_size=32)
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    x = mx.random.normal((3, 2880)).astype(mx.bfloat16)
+    indices = mx.array([4, 0, 4, 1, 2, 4], dtype=mx.uint32)
+    gate_up, down = layer.gate_up_proj, layer.down_proj
+    y = kernels.fused_ffn(
+        x, gate_up, down, indices, top_k=2, tiling=tiling, init_value=float("nan")
+    )
+    outs, down_outs, warps = tiling
+    h = kernels.gather_qmv(x, gate_up, indices, swiglu=True, x_div=2, outs=outs, warps=warps)
+    two = kernels.gather_qmv(h, down, indices, swiglu=False, x_div=1, outs=down_outs, warps=warps)
+    assert y.shape == (6, 2880) and not mx.isnan(y).any().item()
+    assert mx.array_equal(y, two).item()  # the same arithmetic, one launch
+
+
+@needs_cuda
+def test_one_launch_leaves_its_counters_zero_across_calls_and_streams():
+    # Every launch must find the counters zero: repeated calls with different
+    # pair counts, on two streams, each bitwise equal to the two-launch path.
+    layer = quantized_layer(1024, 256, 16)
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    one, two = layer.decode_kernels, kernels.DecodeKernels(True, max_pairs=128, one_launch=False)
+    assert one.down and one.one_launch
+    streams = [mx.default_stream(mx.gpu), mx.new_stream(mx.gpu)]
+    for step in range(24):
+        tokens = 1 + step % 7
+        x = mx.random.normal((1, tokens, 1024)).astype(mx.bfloat16)
+        indices = mx.random.randint(0, 16, (1, tokens, 4)).astype(mx.uint32)
+        with mx.stream(streams[step % 2]):
+            outs = [one(layer, x, indices) for _ in range(3)]  # queued back to back
+            expected = two(layer, x, indices)
+            mx.eval(outs, expected)
+        for out in outs:
+            assert mx.array_equal(out, expected).item(), step
+    for counters in kernels._COUNTERS.values():
+        assert not counters.any().item()
+
+
 @needs_cuda
 def test_many_pairs_take_gather_qmm_bitwise():
     layer = quantized_layer(512, 128, 16)
