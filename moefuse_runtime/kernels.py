@@ -277,9 +277,8 @@ _GEMV_SOURCE = r"""
 # blocks take their work in the order they start (a ticket from sync[0]),
 # gate_up work first, so a down block only ever waits for blocks that are
 # already running and the wait cannot deadlock (the ordering trick of
-# single-pass scans). sync[2 + pair] counts the pair's finished gate_up
-# blocks; the last down block to finish (sync[1]) puts every counter back to
-# zero for the next launch on this stream.
+# single-pass scans). sync[1 + pair] counts the pair's finished gate_up
+# blocks. sync is zero at launch and belongs to this launch alone.
 _FFN_SOURCE = r"""
   constexpr int UP_BLOCKS = (N + WARPS * OUTS - 1) / (WARPS * OUTS);
   constexpr int DOWN_BLOCKS = (K + WARPS * DOWN_OUTS - 1) / (WARPS * DOWN_OUTS);
@@ -301,7 +300,7 @@ _FFN_SOURCE = r"""
     __threadfence();  // this thread's h before the count below
     __syncthreads();
     if (threadIdx.x == 0) {
-      atomicAdd(counters + 2 + pair, 1u);
+      atomicAdd(counters + 1 + pair, 1u);
     }
     return;
   }
@@ -310,14 +309,7 @@ _FFN_SOURCE = r"""
   const int n0 = ((unit % DOWN_BLOCKS) * WARPS + warp) * DOWN_OUTS;
   moefuse_gemv<T, DOWN_BITS, DOWN_GROUP, N, K, false, DOWN_OUTS>(
       h + (size_t)pair * N, down_w, down_scales, down_biases, indices[pair], n0,
-      y + (size_t)pair * K, moefuse_shared, sync + 2 + pair, UP_BLOCKS);
-  if (threadIdx.x == 0 && atomicAdd(counters + 1, 1u) == pairs * DOWN_BLOCKS - 1) {
-    counters[0] = 0;
-    counters[1] = 0;
-    for (unsigned p = 0; p < pairs; ++p) {
-      counters[2 + p] = 0;
-    }
-  }
+      y + (size_t)pair * K, moefuse_shared, sync + 1 + pair, UP_BLOCKS);
 """
 
 
@@ -399,27 +391,6 @@ def gather_qmv(
     return out
 
 
-FFN_MAX_PAIRS = 1024
-"""Pairs one `fused_ffn` launch takes (its counters); far above `MAX_MAX_PAIRS`."""
-
-_COUNTERS: dict[str, mx.array] = {}
-
-
-def _ffn_counters() -> mx.array:
-    """The one-launch FFN's counters for the current stream, all zero.
-
-    Launches on one stream run one after another and each leaves the
-    counters zero, so one set per stream is enough; two streams never share
-    a set.
-    """
-    stream = str(mx.default_stream(mx.default_device()))
-    if stream not in _COUNTERS:
-        counters = mx.zeros((2 + FFN_MAX_PAIRS,), mx.uint32)
-        mx.eval(counters)
-        _COUNTERS[stream] = counters
-    return _COUNTERS[stream]
-
-
 def fused_ffn(
     x: mx.array,
     gate_up: QuantizedSwitchLinear,
@@ -442,14 +413,16 @@ def fused_ffn(
     k = x.shape[-1]
     n = gate_up["weight"].shape[-2] // 2
     pairs = indices.size
-    if pairs > FFN_MAX_PAIRS:
-        raise ValueError(f"{pairs} pairs, one fused_ffn launch takes {FFN_MAX_PAIRS}")
+    # The counters, zero, for this launch alone: MLX runs independent
+    # launches at the same time (one CUDA graph), and two launches sharing
+    # counters would wait for each other's blocks forever.
+    counters = mx.zeros((1 + pairs,), mx.uint32)
     outs, down_outs, warps = tiling
     blocks = math.ceil(n / (warps * outs)) + math.ceil(k / (warps * down_outs))
     shared = max(shared_bytes(k, gate_up.bits), shared_bytes(n, down.bits))
     y, _ = _ffn_kernel(shared)(
         inputs=[x, gate_up["weight"], gate_up["scales"], gate_up["biases"], indices]
-        + [down["weight"], down["scales"], down["biases"], _ffn_counters()],
+        + [down["weight"], down["scales"], down["biases"], counters],
         template=[
             ("T", x.dtype),
             ("BITS", gate_up.bits),
