@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cache
+from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -87,27 +88,14 @@ __device__ __forceinline__ float moefuse_warp_sum(float v) {
   }
   return v;
 }
+"""
 
-__device__ __forceinline__ unsigned moefuse_load_acquire(const unsigned* p) {
-  unsigned v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-// One block's share of a quantized GEMV for one (token, expert) pair: warp w
-// computes outputs n0 .. n0 + OUTS - 1 of out_row = W[expert] @ x_row, where
-// W is K inputs by N outputs (2N rows, gate then up, with SWIGLU, which
-// writes silu(gate) * up). x_row is staged once per block in shared memory
-// (fp32, pre-scaled for moefuse_qdot, laid out so that lane v reading float4
-// j of its load finds it at [j][v]: no bank conflicts) once the first batch
-// of weight loads is in flight. With `ready`, thread 0 first waits until
-// *ready reaches ready_count: x_row is written by other blocks of the grid.
-// Every thread of the block must call this (it holds barriers).
-template <typename T, int BITS, int GROUP, int K, int N, bool SWIGLU, int OUTS>
-__device__ __forceinline__ void moefuse_gemv(
-    const T* x_row, const uint32_t* w, const T* scales, const T* biases,
-    unsigned expert, int n0, T* out_row, float* shared,
-    const unsigned* ready, unsigned ready_count) {
+# Template constants: T (x, scales, biases and output dtype), BITS, GROUP,
+# K (input length), N (outputs per pair), SWIGLU, X_DIV (pairs sharing one x
+# row: top-k for gate_up, 1 for down), OUTS (outputs per warp: their loads are
+# in flight together). Grid: (32 * warps, pairs); a block holds WARPS warps.
+# Dynamic shared memory: `shared_bytes(K, BITS)`.
+_SOURCE = r"""
   constexpr int VALS = 128 / BITS;                    // weights per 16-byte load
   constexpr int VECS = K / VALS;                      // 16-byte loads per row
   constexpr int ITERS = (VECS + 31) / 32;
@@ -117,11 +105,21 @@ __device__ __forceinline__ void moefuse_gemv(
   constexpr int ROWS = SWIGLU ? 2 * N : N;            // weight rows per expert
   constexpr int HALVES = SWIGLU ? 2 : 1;              // gate and up, or one row
 
-  float4* x_scaled = reinterpret_cast<float4*>(shared);
-  float* x_sums = shared + K;
+  // x is staged once per block (below, once the first weight loads are in
+  // flight): every warp of the block reads the same x row.
+  // x_scaled holds each value pre-scaled for moefuse_qdot, laid out so that
+  // lane v reading float4 j of its load finds it at [j][v] (no bank
+  // conflicts); x_sums[v] is the plain sum of the values under load v.
+  extern __shared__ float moefuse_shared[];
+  float4* x_scaled = reinterpret_cast<float4*>(moefuse_shared);
+  float* x_sums = moefuse_shared + K;
+  const int pair = blockIdx.y;
+  const T* x_row = x + (size_t)(pair / X_DIV) * K;
+
   const int lane = threadIdx.x & 31;
+  const int n0 = (blockIdx.x * (blockDim.x / 32) + (threadIdx.x / 32)) * OUTS;
   const bool active = n0 < N;  // uniform across the warp
-  const size_t expert_row = (size_t)expert * ROWS;
+  const size_t expert_row = (size_t)indices[pair] * ROWS;
   const uint4* w_vecs = reinterpret_cast<const uint4*>(w);
 
   // acc[o][h]: output n0 + o, gate (h = 0) or up (h = 1) row.
@@ -135,8 +133,7 @@ __device__ __forceinline__ void moefuse_gemv(
   }
   // Loads are issued a batch of iterations at a time, before any arithmetic,
   // so that each warp keeps up to 8 16-byte loads per lane in flight. The
-  // first batch is issued before x is staged: its latency overlaps staging
-  // (and the wait for x).
+  // first batch is issued before x is staged: its latency overlaps staging.
   constexpr int BATCH_WANTED = 8 / (OUTS * HALVES) > 0 ? 8 / (OUTS * HALVES) : 1;
   constexpr int BATCH = BATCH_WANTED < ITERS ? BATCH_WANTED : ITERS;
 #pragma unroll
@@ -161,23 +158,13 @@ __device__ __forceinline__ void moefuse_gemv(
         }
       }
     }
-    if (base == 0) {  // every thread of the block gets here
-      if (ready != nullptr) {
-        if (threadIdx.x == 0) {
-          while (moefuse_load_acquire(ready) < ready_count) {
-            __nanosleep(32);
-          }
-          __threadfence();
-        }
-        __syncthreads();
-      }
+    if (base == 0) {  // every thread of the block gets here: one barrier
       for (int v = threadIdx.x; v < VECS; v += blockDim.x) {
-        // __ldcg: from L2, where other blocks' writes of x_row are visible.
         const uint4* x_vecs = reinterpret_cast<const uint4*>(x_row + v * VALS);
         float sum = 0.f;
 #pragma unroll
         for (int j = 0; j < VALS / T_PER_VEC; ++j) {
-          const uint4 raw = __ldcg(x_vecs + j);
+          const uint4 raw = x_vecs[j];
           const T* t = reinterpret_cast<const T*>(&raw);
           float f[T_PER_VEC];
 #pragma unroll
@@ -250,66 +237,8 @@ __device__ __forceinline__ void moefuse_gemv(
         }
       }
     }
-    out_row[n0 + lane] = static_cast<T>(result);
+    out[(size_t)pair * N + n0 + lane] = static_cast<T>(result);
   }
-}
-"""
-
-# One projection per launch. Template constants: T (x, scales, biases and
-# output dtype), BITS, GROUP, K (input length), N (outputs per pair), SWIGLU,
-# X_DIV (pairs sharing one x row: top-k for gate_up, 1 for down), OUTS
-# (outputs per warp). Grid: (32 * WARPS * blocks, pairs); dynamic shared
-# memory: `shared_bytes(K, BITS)`.
-_GEMV_SOURCE = r"""
-  extern __shared__ float moefuse_shared[];
-  const int pair = blockIdx.y;
-  const int n0 = (blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * OUTS;
-  moefuse_gemv<T, BITS, GROUP, K, N, SWIGLU, OUTS>(
-      x + (size_t)(pair / X_DIV) * K, w, scales, biases, indices[pair], n0,
-      out + (size_t)pair * N, moefuse_shared, nullptr, 0);
-"""
-
-# The whole FFN in one launch: gate_up + SwiGLU into h, then down into y.
-# Template constants: T; BITS, GROUP (gate_up), DOWN_BITS, DOWN_GROUP; K
-# (hidden size), N (width); X_DIV (top-k); OUTS, DOWN_OUTS (outputs per warp
-# in each phase); WARPS. Grid: 32 * WARPS * pairs * (UP_BLOCKS + DOWN_BLOCKS)
-# threads. A down block needs all of its pair's h, which other blocks write:
-# blocks take their work in the order they start (a ticket from sync[0]),
-# gate_up work first, so a down block only ever waits for blocks that are
-# already running and the wait cannot deadlock (the ordering trick of
-# single-pass scans). sync[1 + pair] counts the pair's finished gate_up
-# blocks. sync is zero at launch and belongs to this launch alone.
-_FFN_SOURCE = r"""
-  constexpr int UP_BLOCKS = (N + WARPS * OUTS - 1) / (WARPS * OUTS);
-  constexpr int DOWN_BLOCKS = (K + WARPS * DOWN_OUTS - 1) / (WARPS * DOWN_OUTS);
-  extern __shared__ float moefuse_shared[];
-  __shared__ unsigned ticket;
-  unsigned* counters = const_cast<unsigned*>(sync);
-  const unsigned pairs = gridDim.x / (UP_BLOCKS + DOWN_BLOCKS);
-  if (threadIdx.x == 0) {
-    ticket = atomicAdd(counters, 1u);
-  }
-  __syncthreads();
-  const int warp = threadIdx.x / 32;
-  if (ticket < pairs * UP_BLOCKS) {
-    const unsigned pair = ticket / UP_BLOCKS;
-    const int n0 = ((ticket % UP_BLOCKS) * WARPS + warp) * OUTS;
-    moefuse_gemv<T, BITS, GROUP, K, N, true, OUTS>(
-        x + (size_t)(pair / X_DIV) * K, w, scales, biases, indices[pair], n0,
-        h + (size_t)pair * N, moefuse_shared, nullptr, 0);
-    __threadfence();  // this thread's h before the count below
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      atomicAdd(counters + 1 + pair, 1u);
-    }
-    return;
-  }
-  const unsigned unit = ticket - pairs * UP_BLOCKS;
-  const unsigned pair = unit / DOWN_BLOCKS;
-  const int n0 = ((unit % DOWN_BLOCKS) * WARPS + warp) * DOWN_OUTS;
-  moefuse_gemv<T, DOWN_BITS, DOWN_GROUP, N, K, false, DOWN_OUTS>(
-      h + (size_t)pair * N, down_w, down_scales, down_biases, indices[pair], n0,
-      y + (size_t)pair * K, moefuse_shared, sync + 1 + pair, UP_BLOCKS);
 """
 
 
@@ -323,33 +252,39 @@ MAX_SHARED_BYTES = 200 * 1024
 
 
 @cache
-def _gemv_kernel(swiglu: bool, shared: int):
+def _kernel(swiglu: bool, shared: int):
     return mx.fast.cuda_kernel(
         name="moefuse_gate_up_swiglu" if swiglu else "moefuse_down",
         input_names=["x", "w", "scales", "biases", "indices"],
         output_names=["out"],
-        source=_GEMV_SOURCE,
+        source=_SOURCE,
         header=_HEADER,
         shared_memory=shared,
     )
 
 
-@cache
-def _ffn_kernel(shared: int):
-    return mx.fast.cuda_kernel(
-        name="moefuse_ffn",
-        input_names=["x", "w", "scales", "biases", "indices"]
-        + ["down_w", "down_scales", "down_biases", "sync"],
-        output_names=["y", "h"],
-        source=_FFN_SOURCE,
-        header=_HEADER,
-        shared_memory=shared,
-    )
+class QuantizedArrays(NamedTuple):
+    """What the kernels read of a quantized projection: arrays and format.
+
+    Arrays rather than the module, so that a compiled call takes them as
+    inputs (a module's arrays captured by mx.compile would be constants,
+    stale once the layer's weights change).
+    """
+
+    weight: mx.array
+    scales: mx.array
+    biases: mx.array
+    bits: int
+    group_size: int
+
+    @classmethod
+    def of(cls, proj: QuantizedSwitchLinear) -> QuantizedArrays:
+        return cls(proj["weight"], proj["scales"], proj["biases"], proj.bits, proj.group_size)
 
 
 def gather_qmv(
     x: mx.array,
-    proj: QuantizedSwitchLinear,
+    proj: QuantizedArrays,
     indices: mx.array,
     *,
     swiglu: bool,
@@ -368,10 +303,10 @@ def gather_qmv(
     16-byte aligned since ``why_not_kernel`` asks K to fill whole loads.
     """
     k = x.shape[-1]
-    n = proj["weight"].shape[-2] // (2 if swiglu else 1)
+    n = proj.weight.shape[-2] // (2 if swiglu else 1)
     blocks = math.ceil(n / (warps * outs))
-    (out,) = _gemv_kernel(swiglu, shared_bytes(k, proj.bits))(
-        inputs=[x, proj["weight"], proj["scales"], proj["biases"], indices],
+    (out,) = _kernel(swiglu, shared_bytes(k, proj.bits))(
+        inputs=[x, proj.weight, proj.scales, proj.biases, indices],
         template=[
             ("T", x.dtype),
             ("BITS", proj.bits),
@@ -389,60 +324,6 @@ def gather_qmv(
         init_value=init_value,
     )
     return out
-
-
-def fused_ffn(
-    x: mx.array,
-    gate_up: QuantizedSwitchLinear,
-    down: QuantizedSwitchLinear,
-    indices: mx.array,
-    *,
-    top_k: int,
-    tiling: tuple[int, int, int],
-    init_value: float | None = None,
-) -> mx.array:
-    """``down(silu(gate) * up)`` for each (token, expert) pair, in one launch.
-
-    The same arithmetic as `gather_qmv` for gate_up then down (``h`` rounded
-    to the activation dtype in between), without a second launch: at decode
-    sizes each launch costs a few microseconds of ramp and tail, as much as
-    the data it moves (docs/kernels.md). ``x`` is (tokens, hidden), pair
-    ``p`` reads row ``p // top_k``; returns (pairs, hidden). ``tiling`` is
-    (gate_up outputs per warp, down outputs per warp, warps per block).
-    """
-    k = x.shape[-1]
-    n = gate_up["weight"].shape[-2] // 2
-    pairs = indices.size
-    # The counters, zero, for this launch alone: MLX runs independent
-    # launches at the same time (one CUDA graph), and two launches sharing
-    # counters would wait for each other's blocks forever.
-    counters = mx.zeros((1 + pairs,), mx.uint32)
-    outs, down_outs, warps = tiling
-    blocks = math.ceil(n / (warps * outs)) + math.ceil(k / (warps * down_outs))
-    shared = max(shared_bytes(k, gate_up.bits), shared_bytes(n, down.bits))
-    y, _ = _ffn_kernel(shared)(
-        inputs=[x, gate_up["weight"], gate_up["scales"], gate_up["biases"], indices]
-        + [down["weight"], down["scales"], down["biases"], counters],
-        template=[
-            ("T", x.dtype),
-            ("BITS", gate_up.bits),
-            ("GROUP", gate_up.group_size),
-            ("DOWN_BITS", down.bits),
-            ("DOWN_GROUP", down.group_size),
-            ("K", k),
-            ("N", n),
-            ("X_DIV", top_k),
-            ("OUTS", outs),
-            ("DOWN_OUTS", down_outs),
-            ("WARPS", warps),
-        ],
-        grid=(32 * warps * blocks * pairs, 1, 1),
-        threadgroup=(32 * warps, 1, 1),
-        output_shapes=[(pairs, k), (pairs, n)],
-        output_dtypes=[x.dtype, x.dtype],
-        init_value=init_value,
-    )
-    return y
 
 
 def why_not_kernel(proj: nn.Module) -> str | None:
@@ -469,47 +350,73 @@ def why_not_kernel(proj: nn.Module) -> str | None:
 class DecodeKernels:
     """The kernel path of one fused layer: always gate_up, down when it qualifies.
 
-    With the down kernel, the whole FFN is one launch (`fused_ffn`) unless
-    ``one_launch`` is off (two `gather_qmv` launches, kept to measure one
-    against the other). ``tiling`` is (gate_up outputs per warp, down
-    outputs per warp, warps per block).
+    A tiling is (outputs per warp, warps per block), see `gather_qmv`. With
+    both kernels the call runs under mx.compile (``compiled``): at decode
+    sizes the layer's wall time is mostly host work per op, and a compiled
+    call replays its graph without running Python per op (docs/kernels.md).
     """
 
     down: bool
     max_pairs: int = MIN_MAX_PAIRS
-    tiling: tuple[int, int, int] = (OUTS_PER_WARP, OUTS_PER_WARP, WARPS_PER_BLOCK)
-    one_launch: bool = True
+    gate_up_tiling: tuple[int, int] = (OUTS_PER_WARP, WARPS_PER_BLOCK)
+    down_tiling: tuple[int, int] = (OUTS_PER_WARP, WARPS_PER_BLOCK)
+    compiled: bool = True
 
     def takes(self, layer: nn.Module, x: mx.array, indices: mx.array) -> bool:
         return indices.size <= self.max_pairs and x.dtype == layer.gate_up_proj["scales"].dtype
 
     def __call__(self, layer: nn.Module, x: mx.array, indices: mx.array) -> mx.array:
-        top_k = indices.shape[-1]
-        flat = indices.reshape(-1)
-        if flat.dtype != mx.uint32:  # astype would add an op even when it is one
-            flat = flat.astype(mx.uint32)
+        gate_up = QuantizedArrays.of(layer.gate_up_proj)
+        if not self.down:
+            h = self.gate_up(x, _flat_uint32(indices), indices.shape[-1], gate_up)
+            h = h.reshape(*indices.shape, 1, h.shape[-1])
+            return layer.down_proj(h, indices).squeeze(-2)
+        down = QuantizedArrays.of(layer.down_proj)
+        if not self.compiled:
+            return self.ffn(x, indices, gate_up, down)
+        formats = (gate_up.bits, gate_up.group_size, down.bits, down.group_size)
+        return _compiled_ffn(self, formats)(x, indices, gate_up[:3], down[:3])
+
+    def gate_up(
+        self, x: mx.array, flat: mx.array, top_k: int, gate_up: QuantizedArrays
+    ) -> mx.array:
+        """silu(gate) * up for each (token, expert) pair: (pairs, width)."""
+        outs, warps = self.gate_up_tiling
         x = x.reshape(-1, x.shape[-1])
-        gate_up, down = layer.gate_up_proj, layer.down_proj
-        outs, down_outs, warps = self.tiling
-        if self.down and self.one_launch:
-            y = fused_ffn(x, gate_up, down, flat, top_k=top_k, tiling=self.tiling)
-        else:
-            h = gather_qmv(x, gate_up, flat, swiglu=True, x_div=top_k, outs=outs, warps=warps)
-            if self.down:
-                y = gather_qmv(h, down, flat, swiglu=False, x_div=1, outs=down_outs, warps=warps)
-            else:
-                y = down(h.reshape(*indices.shape, 1, h.shape[-1]), indices).squeeze(-2)
+        return gather_qmv(x, gate_up, flat, swiglu=True, x_div=top_k, outs=outs, warps=warps)
+
+    def ffn(
+        self, x: mx.array, indices: mx.array, gate_up: QuantizedArrays, down: QuantizedArrays
+    ) -> mx.array:
+        """The whole FFN on the two kernels: (..., top_k, hidden), as SwitchGLU."""
+        flat = _flat_uint32(indices)
+        h = self.gate_up(x, flat, indices.shape[-1], gate_up)
+        outs, warps = self.down_tiling
+        y = gather_qmv(h, down, flat, swiglu=False, x_div=1, outs=outs, warps=warps)
         return y.reshape(*indices.shape, y.shape[-1])
 
     @property
     def path(self) -> str:
-        if not self.down:
-            what = "gate_up+swiglu, down: gather_qmm"
-        elif self.one_launch:
-            what = "gate_up+swiglu+down, one launch"
-        else:
-            what = "gate_up+swiglu, down: kernel"
-        return f"cuda kernels <= {self.max_pairs} pairs ({what})"
+        down = "kernel" if self.down else "gather_qmm"
+        return f"cuda kernels <= {self.max_pairs} pairs (gate_up+swiglu, down: {down})"
+
+
+def _flat_uint32(indices: mx.array) -> mx.array:
+    flat = indices.reshape(-1)
+    return flat if flat.dtype == mx.uint32 else flat.astype(mx.uint32)
+
+
+@cache
+def _compiled_ffn(kernels: DecodeKernels, formats: tuple[int, int, int, int]):
+    """`DecodeKernels.ffn` under mx.compile, one per tiling and weight format
+    (shared by the layers that have them); the arrays are its inputs."""
+    gate_up_format, down_format = formats[:2], formats[2:]
+
+    def ffn(x, indices, gate_up, down):
+        gate_up = QuantizedArrays(*gate_up, *gate_up_format)
+        return kernels.ffn(x, indices, gate_up, QuantizedArrays(*down, *down_format))
+
+    return mx.compile(ffn)
 
 
 def kernels_for(layer: nn.Module) -> tuple[DecodeKernels | None, str]:

@@ -27,12 +27,11 @@ from moefuse_runtime import bench, find_switch_glus, install, kernels
 SHAPES = {"qwen3-30b-a3b": ("4bit", "8bit"), "mixtral-8x7b": ("4bit",)}
 TOKENS = (1, 2, 4, 8, 16)
 PATHS = ("unfused", "fused", "kernel")
-DECODE_PATHS = (*PATHS, "two_launches", "compiled", "ffn_free")
-"""two_launches: gate_up and down as two kernels (v4), the one-launch FFN's
-predecessor; compiled: the kernel path with each layer's call under
-mx.compile (no Python per op); ffn_free: every MoE FFN replaced by a view of
-its input (no kernel at all), the upper bound on what any FFN kernel can do
-for decode speed."""
+DECODE_PATHS = (*PATHS, "uncompiled", "ffn_free")
+"""kernel: as install() selects it (compiled); uncompiled: the same kernels
+without mx.compile (v4); ffn_free: every MoE FFN replaced by a view of its
+input (no kernel at all), the upper bound on what any FFN kernel can do for
+decode speed."""
 
 
 class FreeFFN:
@@ -41,20 +40,6 @@ class FreeFFN:
 
     def __call__(self, layer, x, indices):
         return mx.broadcast_to(mx.expand_dims(x, -2), (*indices.shape, x.shape[-1]))
-
-
-class Compiled:
-    """A layer's kernel path under mx.compile (weights captured as constants)."""
-
-    def __init__(self, layer, chosen):
-        self.chosen = chosen
-        self.call = mx.compile(lambda x, indices: chosen(layer, x, indices))
-
-    def takes(self, layer, x, indices):
-        return self.chosen.takes(layer, x, indices)
-
-    def __call__(self, layer, x, indices):
-        return self.call(x, indices)
 
 
 def layer_stacks(shape: str, kind: str, layers: int):
@@ -139,21 +124,21 @@ def bench_decode(model_layers: int, steps: int, rounds: int, check: bool = True)
     variants = [
         {
             "kernel": chosen,
-            "two_launches": dataclasses.replace(chosen, one_launch=False),
-            "compiled": Compiled(layer, chosen),
+            "uncompiled": dataclasses.replace(chosen, compiled=False),
             "ffn_free": FreeFFN(),
         }
         for layer, chosen in kernel_state
     ]
     prompt = mx.random.randint(0, plain.args.vocab_size, (32,)).astype(mx.uint32)
     samples = {p: [] for p in DECODE_PATHS}
-    tokens = {}
+    tokens, every_round = {}, {p: [] for p in DECODE_PATHS}
     for r in range(rounds + 1):
         for p in DECODE_PATHS:
             for (layer, _), paths_of_layer in zip(kernel_state, variants, strict=True):
                 layer.decode_kernels = paths_of_layer.get(p)
             out, tok_s = greedy_tokens(plain if p == "unfused" else fused, prompt, steps)
             tokens[p] = out
+            every_round[p].append(out)
             if r > 0:
                 samples[p].append(tok_s)
             print(f"decode round {r} {p}: {tok_s:.1f} tok/s", flush=True)
@@ -170,6 +155,7 @@ def bench_decode(model_layers: int, steps: int, rounds: int, check: bool = True)
         "vs_unfused": {p: med[p] / med["unfused"] for p in DECODE_PATHS},
         "greedy_tokens_match": {p: tokens[p] == tokens["unfused"] for p in DECODE_PATHS[1:-1]},
         "first_kernel_token_difference": first_diff,
+        "same_tokens_every_round": {p: all(t == v[0] for t in v) for p, v in every_round.items()},
         "fidelity": quality,
     }
 

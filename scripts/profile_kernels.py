@@ -26,9 +26,7 @@ from bench_kernels import layer_stacks  # noqa: E402
 from moefuse_runtime import bench, kernels  # noqa: E402
 
 SHAPES = ("qwen3-30b-a3b", "mixtral-8x7b")
-TWO_LAUNCH_TILINGS = [(1, 1, 8)]
-"""v4, the shipped two-launch path before the one-launch FFN."""
-ONE_LAUNCH_TILINGS = [(1, 1, 8), (1, 2, 8), (1, 4, 8), (2, 4, 4)]
+TILINGS = [(1, 8), (1, 4)]
 LAYERS = 8
 REPEATS = 10
 
@@ -49,20 +47,6 @@ def kernel_times(run) -> dict[str, tuple[int, float]]:
             totals[event.name[:90]][0] += 1
             totals[event.name[:90]][1] += event.device_time_total
     return {k: (int(c), t) for k, (c, t) in totals.items()}
-
-
-def compiled(layers, x, idx):
-    """The default kernel path with each layer's call under mx.compile: what
-    is left of the wall time once Python no longer builds the graph."""
-    chosen = kernels.DecodeKernels(True)
-    calls = [mx.compile(layer.__call__) for layer in layers]
-
-    def run():
-        for layer in layers:  # the path is read when the call is traced
-            layer.decode_kernels = chosen
-        return [call(x, idx) for call in calls]
-
-    return run
 
 
 def main(out: str) -> int:
@@ -90,13 +74,11 @@ def main(out: str) -> int:
             return calls
 
         variants = {"unfused": path(unfused, None), "fused gather_qmm": path(fused, None)}
-        for tiling in TWO_LAUNCH_TILINGS:
-            chosen = kernels.DecodeKernels(True, tiling=tiling, one_launch=False)
-            variants[f"two launches {tiling}"] = path(fused, chosen)
-        for tiling in ONE_LAUNCH_TILINGS:
-            chosen = kernels.DecodeKernels(True, tiling=tiling)
-            variants[f"one launch {tiling}"] = path(fused, chosen)
-        variants["one launch, compiled"] = compiled(fused, x, idx)
+        for compiled in (False, True):
+            for tiling in TILINGS:
+                chosen = kernels.DecodeKernels(True, 128, tiling, tiling, compiled)
+                label = "compiled" if compiled else "uncompiled"
+                variants[f"kernel {tiling} {label}"] = path(fused, chosen)
         for name, run in variants.items():
             times = kernel_times(run)
             per_layer = sum(t for _, t in times.values()) / (REPEATS * LAYERS)

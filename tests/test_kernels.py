@@ -10,6 +10,8 @@ lent H100 (docs/kernels.md).
 
 from __future__ import annotations
 
+import dataclasses
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
@@ -241,57 +243,31 @@ def test_every_output_element_is_written(swiglu):
     k = proj.weight.shape[-1] * 32 // proj.bits
     x = mx.random.normal((3, k)).astype(mx.bfloat16)
     indices = mx.array([4, 0, 4, 1, 2, 3], dtype=mx.uint32)
-    out = kernels.gather_qmv(
-        x, proj, indices, swiglu=swiglu, x_div=2 if swiglu else 1, init_value=float("nan")
-    )
+    arrays = kernels.QuantizedArrays.of(proj)
+    x_div = 2 if swiglu else 1
+    nan = float("nan")
+    out = kernels.gather_qmv(x, arrays, indices, swiglu=swiglu, x_div=x_div, init_value=nan)
     assert out.shape == (6, proj.weight.shape[-2] // (2 if swiglu else 1))
     assert not mx.isnan(out).any().item()
 
 
-TILINGS = [(1, 1, 8), (2, 4, 4)]
-
-
 @needs_cuda
-@pytest.mark.parametrize("tiling", TILINGS)
-def test_one_launch_writes_every_element_and_equals_two_launches(tiling):
-    # Hidden 2880 and width 96: neither a multiple of a block's outputs.
-    layer = quantized_layer(2880, 96, 5, group_size=32)
+def test_compiled_call_equals_uncompiled_and_follows_new_weights():
+    # The compiled FFN takes the layer's arrays as inputs: the same kernels
+    # bitwise, and new weights are used, not the ones it was traced with.
+    layer = quantized_layer(1024, 256, 16)
     moefuse_runtime.install(layer, reserve_bytes=0)
-    x = mx.random.normal((3, 2880)).astype(mx.bfloat16)
-    indices = mx.array([4, 0, 4, 1, 2, 4], dtype=mx.uint32)
-    gate_up, down = layer.gate_up_proj, layer.down_proj
-    y = kernels.fused_ffn(
-        x, gate_up, down, indices, top_k=2, tiling=tiling, init_value=float("nan")
-    )
-    outs, down_outs, warps = tiling
-    h = kernels.gather_qmv(x, gate_up, indices, swiglu=True, x_div=2, outs=outs, warps=warps)
-    two = kernels.gather_qmv(h, down, indices, swiglu=False, x_div=1, outs=down_outs, warps=warps)
-    assert y.shape == (6, 2880) and not mx.isnan(y).any().item()
-    assert mx.array_equal(y, two).item()  # the same arithmetic, one launch
-
-
-@needs_cuda
-def test_one_launch_independent_calls_in_one_graph_and_on_two_streams():
-    # MLX runs launches with no data between them at the same time: each
-    # launch must have counters of its own (shared ones hung on the H100).
-    # Independent layers and repeated calls in one evaluation, on two
-    # streams, with changing pair counts; each equal to the two-launch path.
-    layers = [quantized_layer(1024, 256, 16, seed=seed) for seed in range(4)]
-    for layer in layers:
-        moefuse_runtime.install(layer, reserve_bytes=0)
-    one, two = layers[0].decode_kernels, kernels.DecodeKernels(True, 128, one_launch=False)
-    assert one.down and one.one_launch
-    streams = [mx.default_stream(mx.gpu), mx.new_stream(mx.gpu)]
-    for step in range(12):
-        tokens = 1 + step % 5
-        x = mx.random.normal((1, tokens, 1024)).astype(mx.bfloat16)
-        indices = mx.random.randint(0, 16, (1, tokens, 4)).astype(mx.uint32)
-        with mx.stream(streams[step % 2]):
-            outs = [one(layer, x, indices) for layer in layers for _ in range(2)]
-            expected = [two(layer, x, indices) for layer in layers for _ in range(2)]
-            mx.eval(outs, expected)
-        for out, want in zip(outs, expected, strict=True):
-            assert mx.array_equal(out, want).item(), step
+    compiled = layer.decode_kernels
+    uncompiled = dataclasses.replace(compiled, compiled=False)
+    assert compiled.compiled and compiled.down
+    x = mx.random.normal((1, 2, 1024)).astype(mx.bfloat16)
+    indices = mx.random.randint(0, 16, (1, 2, 4)).astype(mx.uint32)
+    before = compiled(layer, x, indices)
+    assert mx.array_equal(before, uncompiled(layer, x, indices)).item()
+    layer.down_proj.scales = layer.down_proj.scales * 2
+    after = compiled(layer, x, indices)
+    assert mx.array_equal(after, uncompiled(layer, x, indices)).item()
+    assert not mx.array_equal(after, before).item()
 
 
 @needs_cuda
