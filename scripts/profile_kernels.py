@@ -1,6 +1,6 @@
 """GPU time per kernel of the MoE FFN at one token, read from CUPTI.
 
-    python3 scripts/profile_kernels.py OUT_DIR
+    python3 scripts/profile_kernels.py OUT_DIR [--sweep]
 
 Wall-clock timings of one MoE layer at one token on MLX's CUDA backend are
 dominated by host work per op (graph building, launch), so they cannot show
@@ -27,6 +27,9 @@ from moefuse_runtime import bench, kernels  # noqa: E402
 
 SHAPES = ("qwen3-30b-a3b", "mixtral-8x7b")
 TILINGS = [(1, 8), (1, 4)]
+SWEEP = [((1, 8), (1, 8)), ((1, 4), (2, 8)), ((1, 16), (4, 8)), ((2, 4), (4, 4)), ((1, 2), (8, 4))]
+"""--sweep: (gate_up tiling, down tiling) pairs at Qwen3-30B-A3B dimensions;
+each kernel's time is read on its own, so five runs cover five of each."""
 LAYERS = 8
 REPEATS = 10
 
@@ -49,12 +52,12 @@ def kernel_times(run) -> dict[str, tuple[int, float]]:
     return {k: (int(c), t) for k, (c, t) in totals.items()}
 
 
-def main(out: str) -> int:
+def main(out: str, sweep: bool = False) -> int:
     os.makedirs(out, exist_ok=True)
     stream = bench.streaming_bandwidth()
     print(f"streaming bandwidth {stream / 1e9:.0f} GB/s", flush=True)
     result = {"streaming_bandwidth_bytes_per_s": stream, "rows": []}
-    for shape in SHAPES:
+    for shape in SHAPES[:1] if sweep else SHAPES:
         hidden, experts, top_k, _ = bench.LAYER_SHAPES[shape]
         unfused, fused = layer_stacks(shape, "4bit", LAYERS)
         per_expert = bench.expert_bytes(unfused[0], experts)
@@ -79,6 +82,13 @@ def main(out: str) -> int:
                 chosen = kernels.DecodeKernels(True, 128, tiling, tiling, compiled)
                 label = "compiled" if compiled else "uncompiled"
                 variants[f"kernel {tiling} {label}"] = path(fused, chosen)
+        if sweep:
+            variants = {
+                f"kernel gate_up {gate_up} down {down}": path(
+                    fused, kernels.DecodeKernels(True, 128, gate_up, down)
+                )
+                for gate_up, down in SWEEP
+            }
         for name, run in variants.items():
             times = kernel_times(run)
             per_layer = sum(t for _, t in times.values()) / (REPEATS * LAYERS)
@@ -107,4 +117,4 @@ def main(out: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], "--sweep" in sys.argv[2:]))
