@@ -17,6 +17,7 @@ import os
 import statistics
 import sys
 from collections import defaultdict
+from dataclasses import replace
 
 import mlx.core as mx
 
@@ -26,7 +27,6 @@ from bench_kernels import layer_stacks  # noqa: E402
 from moefuse_runtime import bench, kernels  # noqa: E402
 
 SHAPES = ("qwen3-30b-a3b", "mixtral-8x7b")
-TILINGS = [(1, 8), (1, 4)]
 SWEEP = [((1, 8), (1, 8)), ((1, 4), (2, 8)), ((1, 16), (4, 8)), ((2, 4), (4, 4)), ((1, 2), (8, 4))]
 """--sweep: (gate_up tiling, down tiling) pairs at Qwen3-30B-A3B dimensions;
 each kernel's time is read on its own, so five runs cover five of each."""
@@ -77,11 +77,11 @@ def main(out: str, sweep: bool = False) -> int:
             return calls
 
         variants = {"unfused": path(unfused, None), "fused gather_qmm": path(fused, None)}
-        for compiled in (False, True):
-            for tiling in TILINGS:
-                chosen = kernels.DecodeKernels(True, 128, tiling, tiling, compiled)
-                label = "compiled" if compiled else "uncompiled"
-                variants[f"kernel {tiling} {label}"] = path(fused, chosen)
+        v4 = kernels.DecodeKernels(True, 128, (1, 8), (1, 8), compiled=False)
+        shipped = kernels.DecodeKernels(True, 128)
+        variants["kernel v4: (1, 8) both, uncompiled"] = path(fused, v4)
+        variants["kernel shipped, uncompiled"] = path(fused, replace(shipped, compiled=False))
+        variants["kernel shipped (compiled)"] = path(fused, shipped)
         if sweep:
             variants = {
                 f"kernel gate_up {gate_up} down {down}": path(

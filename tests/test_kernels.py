@@ -245,8 +245,11 @@ def test_every_output_element_is_written(swiglu):
     indices = mx.array([4, 0, 4, 1, 2, 3], dtype=mx.uint32)
     arrays = kernels.QuantizedArrays.of(proj)
     x_div = 2 if swiglu else 1
+    outs, warps = kernels.GATE_UP_TILING if swiglu else kernels.DOWN_TILING  # as shipped
     nan = float("nan")
-    out = kernels.gather_qmv(x, arrays, indices, swiglu=swiglu, x_div=x_div, init_value=nan)
+    out = kernels.gather_qmv(
+        x, arrays, indices, swiglu=swiglu, x_div=x_div, init_value=nan, outs=outs, warps=warps
+    )
     assert out.shape == (6, proj.weight.shape[-2] // (2 if swiglu else 1))
     assert not mx.isnan(out).any().item()
 
