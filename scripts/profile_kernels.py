@@ -78,7 +78,7 @@ def main(out: str, sweep: bool = False) -> int:
 
         variants = {"unfused": path(unfused, None), "fused gather_qmm": path(fused, None)}
         v4 = kernels.DecodeKernels(True, 128, (1, 8), (1, 8), compiled=False)
-        shipped = kernels.DecodeKernels(True, 128)
+        shipped, _ = kernels.kernels_for(fused[0])  # as install() selects it
         variants["kernel v4: (1, 8) both, uncompiled"] = path(fused, v4)
         variants["kernel shipped, uncompiled"] = path(fused, replace(shipped, compiled=False))
         variants["kernel shipped (compiled)"] = path(fused, shipped)

@@ -126,8 +126,19 @@ def test_selection_on_cuda(as_cuda):
     layer = quantized_layer(128, 64, 4)
     moefuse_runtime.install(layer, reserve_bytes=0)
     chosen, path = kernels.kernels_for(layer)
-    assert chosen == kernels.DecodeKernels(down=True)
+    assert chosen == kernels.DecodeKernels(down=True, down_tiling=kernels.SHORT_ROW_TILING)
     assert path.startswith("cuda kernels")
+
+
+@pytest.mark.parametrize(
+    ("width", "bits", "tiling"),
+    [(768, 4, (4, 8)), (1024, 4, (4, 8)), (1056, 4, (1, 8)), (768, 8, (1, 8)), (14336, 4, (1, 8))],
+)
+def test_down_tiling_follows_row_length(width, bits, tiling):
+    # Qwen3-30B-A3B's 768-wide 4-bit rows are one 16-byte load per lane:
+    # four rows per warp; longer rows (Mixtral's 14336) one (docs/kernels.md).
+    down = nn.QuantizedLinear(width, 64, bias=False, group_size=32, bits=bits)
+    assert kernels.down_tiling_for(down) == tiling
 
 
 def test_env_turns_kernels_off(as_cuda, monkeypatch):
@@ -245,7 +256,7 @@ def test_every_output_element_is_written(swiglu):
     indices = mx.array([4, 0, 4, 1, 2, 3], dtype=mx.uint32)
     arrays = kernels.QuantizedArrays.of(proj)
     x_div = 2 if swiglu else 1
-    outs, warps = kernels.GATE_UP_TILING if swiglu else kernels.DOWN_TILING  # as shipped
+    outs, warps = kernels.GATE_UP_TILING if swiglu else kernels.down_tiling_for(proj)
     nan = float("nan")
     out = kernels.gather_qmv(
         x, arrays, indices, swiglu=swiglu, x_div=x_div, init_value=nan, outs=outs, warps=warps
