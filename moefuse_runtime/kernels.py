@@ -2,19 +2,23 @@
 
 At one token a MoE layer reads each active expert's packed weights once and
 does almost no arithmetic, so it should run at memory speed. MLX's
-``gather_qmm`` reaches 6-29% of the H100's streaming bandwidth there; these
-kernels 40-63% (GPU time, docs/kernels.md). They are quantized GEMVs over the
-routed experts: one warp per output, x staged once per block in shared
-memory, up to eight 16-byte weight loads in flight per lane, fp32 sums:
+``gather_qmm`` reaches 6-31% of the H100's streaming bandwidth there; these
+kernels 38-46% (Qwen3-30B-A3B) to 62-68% (Mixtral) (GPU time,
+docs/kernels.md). They are quantized GEMVs over the routed experts: one warp
+per output row (four for short down rows), x staged once per block in
+shared memory, up to eight 16-byte weight loads in flight per lane, fp32
+sums:
 
 * ``gate_up``: each warp reads row ``n`` of the gate half and row ``n`` of the
   up half of ``gate_up_proj`` for one (token, expert) pair and writes only
   ``silu(gate) * up``; the two halves are never written to memory.
 * ``down``: the same GEMV without the activation, on ``down_proj``.
 
-Only affine 4- and 8-bit weights with group sizes 32/64/128 and the plain
-`SwiGLU` activation take this path, and only for few (token, expert) pairs
-(decode); everything else, and every other backend, keeps ``gather_qmm``.
+The two launches run under mx.compile: a decode step's wall time is mostly
+host work per op, which a compiled call replays without Python. Only affine
+4- and 8-bit weights with group sizes 32/64/128 and the plain `SwiGLU`
+activation take this path, and only for few (token, expert) pairs (decode);
+everything else, and every other backend, keeps ``gather_qmm``.
 """
 
 from __future__ import annotations
