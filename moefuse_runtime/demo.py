@@ -149,15 +149,26 @@ class DemoResult:
         return self.unfused_tokens == self.fused_tokens
 
 
-def greedy_tokens(model: nn.Module, prompt: mx.array, steps: int) -> tuple[list[int], float]:
-    """Greedy decode with mlx-lm's own loop; tokens and decode tokens/s."""
-    tokens, start = [], 0.0
+def decode_intervals(
+    model: nn.Module, prompt: mx.array, steps: int
+) -> tuple[list[int], list[float]]:
+    """Greedy decode with mlx-lm's own loop: tokens, and the seconds between
+    consecutive tokens (timing starts once prefill and the first token are
+    done). The median interval is robust to a stall that a whole-run average
+    counts in full."""
+    tokens, stamps = [], []
     for n, (token, _) in enumerate(generate_step(prompt, model, max_tokens=steps)):
         if n == 0:
-            mx.synchronize()  # prefill and the first token done: decode starts
-            start = time.perf_counter()
+            mx.synchronize()
+        stamps.append(time.perf_counter())
         tokens.append(int(token))
-    return tokens, (len(tokens) - 1) / (time.perf_counter() - start)
+    return tokens, [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+
+
+def greedy_tokens(model: nn.Module, prompt: mx.array, steps: int) -> tuple[list[int], float]:
+    """Greedy decode with mlx-lm's own loop; tokens and decode tokens/s."""
+    tokens, gaps = decode_intervals(model, prompt, steps)
+    return tokens, len(gaps) / sum(gaps) if gaps else 0.0
 
 
 def run_demo(

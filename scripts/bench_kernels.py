@@ -19,7 +19,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import mlx.core as mx
 
@@ -48,13 +47,20 @@ def layer_stacks(shape: str, kind: str, layers: int):
     return bench.layer_stacks(hidden, experts, width, kind, layers)
 
 
-def run_paths(unfused, fused, path: str, x, indices):
+def forced_kernels(fused) -> list:
+    """Each fused layer's kernels as install() selected them, taking any
+    number of pairs (to find the crossover)."""
+    return [
+        dataclasses.replace(kernels.kernels_for(layer)[0], max_pairs=1 << 30) for layer in fused
+    ]
+
+
+def run_paths(unfused, fused, forced, path: str, x, indices):
     if path == "unfused":
         return [layer(x, indices) for layer in unfused]
-    forced = kernels.DecodeKernels(down=True, max_pairs=1 << 30) if path == "kernel" else None
     out = []
-    for layer in fused:
-        layer.decode_kernels = forced
+    for layer, chosen in zip(fused, forced, strict=True):
+        layer.decode_kernels = chosen if path == "kernel" else None
         out.append(layer(x, indices))
     return out
 
@@ -62,6 +68,7 @@ def run_paths(unfused, fused, path: str, x, indices):
 def bench_ffn(shape: str, kind: str, layers: int, rounds: int, stream: float) -> list[dict]:
     hidden, experts, top_k, width = bench.LAYER_SHAPES[shape]
     unfused, fused = layer_stacks(shape, kind, layers)
+    forced = forced_kernels(fused)
     per_expert = bench.expert_bytes(unfused[0], experts)
     rows = []
     for n in TOKENS:
@@ -75,14 +82,14 @@ def bench_ffn(shape: str, kind: str, layers: int, rounds: int, stream: float) ->
         mx.eval(inputs)
         # Agreement first: the kernel against the gather_qmm path, same inputs.
         x, idx = inputs[0]
-        ref = run_paths(unfused, fused, "unfused", x, idx)[0].astype(mx.float32)
-        got = run_paths(unfused, fused, "kernel", x, idx)[0].astype(mx.float32)
+        ref = run_paths(unfused, fused, forced, "unfused", x, idx)[0].astype(mx.float32)
+        got = run_paths(unfused, fused, forced, "kernel", x, idx)[0].astype(mx.float32)
         rel = (mx.linalg.norm((got - ref).flatten()) / mx.linalg.norm(ref.flatten())).item()
         times = {p: [] for p in PATHS}
         for r in range(rounds + 2):
             args = inputs[r % len(inputs)]
             for p in PATHS:
-                seconds = bench.timed(lambda p=p, a=args: run_paths(unfused, fused, p, *a))
+                seconds = bench.timed(lambda p=p, a=args: run_paths(unfused, fused, forced, p, *a))
                 if r >= 2:
                     times[p].append(seconds / layers * 1e3)
         distinct = statistics.mean(len(set(i.flatten().tolist())) for _, i in inputs)
@@ -112,21 +119,6 @@ def bench_ffn(shape: str, kind: str, layers: int, rounds: int, stream: float) ->
     return rows
 
 
-def decode_intervals(model, prompt, steps: int) -> tuple[list[int], list[float]]:
-    """Greedy tokens of mlx-lm's own loop and the seconds between tokens
-    (after the first): the median interval is robust to a stall that a
-    whole-run average counts in full."""
-    from mlx_lm.generate import generate_step
-
-    tokens, stamps = [], []
-    for n, (token, _) in enumerate(generate_step(prompt, model, max_tokens=steps)):
-        if n == 0:
-            mx.synchronize()
-        stamps.append(time.perf_counter())
-        tokens.append(int(token))
-    return tokens, [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-
-
 def first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
 
@@ -134,7 +126,7 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 def bench_decode(model_layers: int, steps: int, rounds: int, check: bool = True) -> dict:
     """Decode tok/s per path, rounds interleaved; ratios are paired per round
     (each path against the unfused run of the same round)."""
-    from moefuse_runtime.demo import build_demo_model
+    from moefuse_runtime.demo import build_demo_model, decode_intervals
 
     def build():
         return build_demo_model("qwen3-30b-a3b", layers=model_layers, dtype=mx.bfloat16)
@@ -149,7 +141,7 @@ def bench_decode(model_layers: int, steps: int, rounds: int, check: bool = True)
             "uncompiled": chosen and dataclasses.replace(chosen, compiled=False),
             "ffn_free": FreeFFN(),
         }
-        for layer, chosen in kernel_state
+        for _, chosen in kernel_state
     ]
     prompt = mx.random.randint(0, plain.args.vocab_size, (32,)).astype(mx.uint32)
     tok_s = {p: [] for p in DECODE_PATHS}
@@ -161,10 +153,11 @@ def bench_decode(model_layers: int, steps: int, rounds: int, check: bool = True)
                 layer.decode_kernels = paths_of_layer.get(p)
             out, gaps = decode_intervals(plain if p == "unfused" else fused, prompt, steps)
             tokens[p].append(out)
+            speed = len(gaps) / sum(gaps)
             if r > 0:
-                tok_s[p].append(len(gaps) / sum(gaps))
+                tok_s[p].append(speed)
                 step_tok_s[p].append(1 / statistics.median(gaps))
-            print(f"decode round {r} {p}: {len(gaps) / sum(gaps):.1f} tok/s", flush=True)
+            print(f"decode round {r} {p}: {speed:.1f} tok/s", flush=True)
     quality = fidelity(plain, fused, kernel_state, model_layers, steps, prompt) if check else None
 
     def paired(samples):

@@ -16,10 +16,10 @@ import sys
 import mlx.core as mx
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_kernels import decode_intervals, first_difference  # noqa: E402
+from bench_kernels import first_difference  # noqa: E402
 
 from moefuse_runtime import find_switch_glus, install  # noqa: E402
-from moefuse_runtime.demo import build_demo_model  # noqa: E402
+from moefuse_runtime.demo import build_demo_model, decode_intervals  # noqa: E402
 
 args = [int(a) for a in sys.argv[1:]] + [48, 256, 3][len(sys.argv) - 1 :]
 layers, steps, runs = args
