@@ -110,6 +110,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.cuda:
+        from .cuda import bench as cuda_bench
+
+        cuda_bench.run(args.out, layers=args.model_layers, rounds=args.model_rounds,
+                       parts=args.cuda, log=print)  # fmt: skip
+        print(f"wrote {args.out}/cuda.json and {args.out}/cuda.png")
+        return 0
     if args.quick:
         args.shapes, args.kinds, args.tokens = ["qwen3-30b-a3b"], ["4bit"], [1, 16]
         args.layers, args.rounds, args.scale = 2, 3, 16
@@ -190,6 +197,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dense", action="store_true",
                    help="the fused model copy also fuses its dense MLPs")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run")
+    p.add_argument("--cuda", nargs="+", choices=["layers", "model", "pairs"],
+                   help="the CUDA kernel paths instead (GPU): layer FLOP rates with the torch "
+                   "peer, prefill and batched decode with the FFN-free bound, pair sweep; "
+                   "uses --model-layers and --model-rounds")  # fmt: skip
     p.set_defaults(handler=cmd_bench)
     return parser
 

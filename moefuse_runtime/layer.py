@@ -10,7 +10,7 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU, _gather_sort, _scatter_unsort
 
 from . import projections
-from .kernels import kernels_for
+from .cuda import kernels_for
 from .memory import backend
 
 FUSED_NAME = "gate_up_proj"
@@ -26,13 +26,13 @@ class FusedSwitchGLU(SwitchGLU):
     """
 
     unfused_class: type[SwitchGLU] = SwitchGLU
-    decode_kernels = None
-    """`kernels.DecodeKernels` on CUDA when the layer qualifies, else None."""
+    kernels = None
+    """`cuda.LayerKernels` on CUDA when the layer qualifies, else None."""
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        kernels = self.decode_kernels
-        if kernels is not None and kernels.takes(self, x, indices):
-            return kernels(self, x, indices)
+        kernel_path = self.kernels.pick(self, x, indices) if self.kernels is not None else None
+        if kernel_path is not None:
+            return kernel_path(self, x, indices)
         x = mx.expand_dims(x, (-2, -3))
 
         # Same threshold and helpers as SwitchGLU: many tokens are sorted by
@@ -103,15 +103,15 @@ def select_path(layer: FusedSwitchGLU) -> str:
     """Pick the fused layer's compute path for this machine; say which."""
     kernels, path = kernels_for(layer)
     if kernels is None:
-        layer.__dict__.pop("decode_kernels", None)
+        layer.__dict__.pop("kernels", None)
     else:
-        layer.decode_kernels = kernels
+        layer.kernels = kernels
     return path
 
 
 def unfuse_layer(layer: FusedSwitchGLU, gate: nn.Module, up: nn.Module) -> None:
     """The inverse of `fuse_layer`."""
-    layer.__dict__.pop("decode_kernels", None)
+    layer.__dict__.pop("kernels", None)
     layer["gate_proj"], layer["up_proj"] = gate, up
     del layer[FUSED_NAME]
     layer.__class__ = type(layer).unfused_class

@@ -1,69 +1,132 @@
-"""Compile the decode kernels' CUDA source with nvcc, without a GPU.
+"""Compile every kernel configuration with nvcc, without a GPU.
 
 MLX builds a `mx.fast.cuda_kernel` at its first call, on the device; a typo
 costs a GPU round trip. This script writes the translation unit MLX would
-build (its signature and template constants, see mlx/backend/cuda/
-custom_kernel.cpp) for each configuration and compiles it for sm_90.
+build for each configuration (signature, template constants and launch
+bounds as mlx/backend/cuda/custom_kernel.cpp and moefuse_runtime/cuda write
+them) and compiles it for sm_90a, printing registers and spills.
 
-    python scripts/check_kernel_source.py MLX_SOURCE_ROOT
+    python scripts/check_kernel_source.py MLX_SOURCE_ROOT [--grouped-only]
 
 MLX_SOURCE_ROOT is a checkout of ml-explore/mlx (for device/utils.cuh).
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
+import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from moefuse_runtime import kernels
+import mlx.core as mx
 
-CUDA_TYPES = {"bfloat16": "__nv_bfloat16", "float16": "__half", "float32": "float"}
+from moefuse_runtime.cuda import decode, grouped, source
+
+DTYPES = {mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
 
 
-def translation_unit(dtype: str, bits: int, group: int, swiglu: bool) -> str:
-    t = CUDA_TYPES[dtype]
-    constants = {"BITS": bits, "GROUP": group, "K": 2880, "N": 768, "X_DIV": 8, "OUTS": 2}
+def translation_unit(name: str, header: str, params: str, template: list, body: str) -> str:
     lines = [
         '#include "mlx/backend/cuda/device/utils.cuh"',
         "#include <cooperative_groups.h>",
-        kernels._HEADER,
+        header,
         "namespace mlx::core::cu {",
         "namespace cg = cooperative_groups;",
-        f"__global__ void check_kernel(const {t}* x, const uint32_t* w, const {t}* scales,",
-        f"    const {t}* biases, const uint32_t* indices, {t}* out) {{",
-        *(f"  constexpr int {k} = {v};" for k, v in constants.items()),
-        f"  constexpr bool SWIGLU = {'true' if swiglu else 'false'};",
-        f"  using T = {t};",
-        kernels._SOURCE,
-        "}",
-        "}",
+        f"__global__ void {name}({params}) {{",
     ]
-    return "\n".join(lines)
+    for key, value in template:
+        if key == "T":
+            lines.append(f"  using T = {DTYPES[value]};")
+        elif isinstance(value, bool):
+            lines.append(f"  constexpr bool {key} = {'true' if value else 'false'};")
+        else:
+            lines.append(f"  constexpr int {key} = {value};")
+    return "\n".join([*lines, body, "}", "}"])
 
 
-def main(root: str) -> int:
+def gemv_units():
+    for dtype, bits, group, swiglu in itertools.product(
+        DTYPES, decode.KERNEL_BITS, decode.KERNEL_GROUP_SIZES, (True, False)
+    ):
+        t = DTYPES[dtype]
+        params = f"const {t}* x, const uint32_t* w, const {t}* scales, const {t}* biases, "
+        params += f"const uint32_t* indices, {t}* out"
+        template = [("T", dtype), ("BITS", bits), ("GROUP", group), ("K", 2880), ("N", 768),
+                    ("SWIGLU", swiglu), ("X_DIV", 8), ("OUTS", 2)]  # fmt: skip
+        label = f"gemv {t} {bits}-bit g{group} swiglu={swiglu}"
+        name = "custom_kernel_gemv"
+        yield label, translation_unit(
+            name, source.header("gemv.cuh"), params, template, decode._GEMV_SOURCE
+        )
+
+
+def grouped_units():
+    table = json.loads(source.read("tiles.json"))
+    tilings = {
+        (kind == "gate_up", json.dumps(e["tiling"], sort_keys=True))
+        for arch, kinds in table.items() if arch != "comment"
+        for kind, entries in kinds.items() for e in entries
+    }  # fmt: skip
+    for (swiglu, tiling_json), dtype, bits, group in itertools.product(
+        sorted(tilings), DTYPES, decode.KERNEL_BITS, decode.KERNEL_GROUP_SIZES
+    ):
+        tiling = grouped.Tiling(**json.loads(tiling_json))
+        t = DTYPES[dtype]
+        template = [("T", dtype), ("BITS", bits), ("GROUP", group), ("K", 2880),
+                    ("N", 90 if swiglu else 2880), ("SWIGLU", swiglu), ("TOP_K", 4),
+                    ("BM", tiling.bm), ("BN", tiling.bn), ("WARPS_M", tiling.warps_m),
+                    ("WARPS_N", tiling.warps_n), ("STAGES", tiling.stages)]  # fmt: skip
+        kernel = "moefuse_grouped_gemm"
+        header = source.header("grouped_gemm.cuh")
+        if tiling.min_blocks > 1:
+            header += grouped._launch_bounds(kernel, template, tiling, dtype)
+        suffix = grouped._launch_bounds(kernel, template, tiling, dtype).split("custom_kernel_")
+        name = "custom_kernel_" + suffix[1].split("(")[0]
+        params = f"const {t}* x, const uint32_t* w, const {t}* scales, const {t}* biases, "
+        params += f"const uint32_t* order, const int32_t* tiles, {t}* out"
+        label = f"grouped {t} {bits}-bit g{group} swiglu={swiglu} {tiling}"
+        yield label, translation_unit(name, header, params, template, grouped._GEMM_SOURCE)
+    params = "const uint32_t* sorted, const __grid_constant__ Shape sorted_shape, int32_t* tiles"
+    body = "moefuse::tile_schedule<E, BM>(sorted, sorted_shape[0], tiles);"
+    yield "tile_schedule", translation_unit(
+        "custom_kernel_schedule", source.header("grouped_gemm.cuh"), params,
+        [("E", 128), ("BM", 64)], body,
+    )  # fmt: skip
+
+
+def compile_unit(root: str, tmp: str, text: str) -> subprocess.CompletedProcess:
+    unit = Path(tmp) / "k.cu"
+    unit.write_text(text)
+    command = ["nvcc", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-c"]
+    command += ["-o", f"{tmp}/k.o", f"-I{root}", "--resource-usage", str(unit)]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mlx_root")
+    parser.add_argument("--grouped-only", action="store_true")
+    args = parser.parse_args()
+    units = list(grouped_units())
+    if not args.grouped_only:
+        units = list(gemv_units()) + units
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for dtype, bits, group, swiglu in itertools.product(
-            CUDA_TYPES, kernels.KERNEL_BITS, kernels.KERNEL_GROUP_SIZES, (True, False)
-        ):
-            source = Path(tmp) / "k.cu"
-            source.write_text(translation_unit(dtype, bits, group, swiglu))
-            command = ["nvcc", "-std=c++17", "-arch=sm_90", "-c", "-o", f"{tmp}/k.o"]
-            command += [f"-I{root}", "--resource-usage", str(source)]
-            done = subprocess.run(command, capture_output=True, text=True)
-            status = "ok" if done.returncode == 0 else "FAILED"
+        for label, text in units:
+            done = compile_unit(args.mlx_root, tmp, text)
             lines = done.stderr.splitlines()
-            usage = " ".join(line.strip() for line in lines if "registers" in line)
-            print(f"{dtype} {bits}-bit g{group} swiglu={swiglu}: {status} {usage}")
+            usage = " ".join(line.split("info    : ")[-1].strip() for line in lines
+                             if "registers" in line or "spill" in line)  # fmt: skip
+            print(f"{label}: {'ok' if done.returncode == 0 else 'FAILED'} {usage}", flush=True)
             if done.returncode:
                 print(done.stderr)
                 failures += 1
+    print(f"{len(units) - failures}/{len(units)} configurations compile")
     return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main())

@@ -18,7 +18,8 @@ import pytest
 from helpers import switch_glu
 
 import moefuse_runtime
-from moefuse_runtime import kernels
+from moefuse_runtime import cuda
+from moefuse_runtime.cuda import decode as kernels
 from moefuse_runtime.memory import backend
 
 needs_cuda = pytest.mark.skipif(
@@ -78,7 +79,7 @@ def test_cpu_keeps_gather_qmm():
     layer = quantized_layer(128, 64, 8, dtype=mx.float32)
     report = moefuse_runtime.install(layer, reserve_bytes=0)
     assert report.layers[0].compute_path == f"gather_qmm ({backend()})"
-    assert layer.decode_kernels is None
+    assert layer.kernels is None
 
 
 @pytest.mark.parametrize(
@@ -119,14 +120,14 @@ def test_bias_is_not_taken():
 @pytest.fixture
 def as_cuda(monkeypatch):
     """Selection logic as on a CUDA machine (nothing is run on the kernels)."""
-    monkeypatch.setattr(kernels, "backend", lambda: "cuda")
+    monkeypatch.setattr(cuda, "backend", lambda: "cuda")
 
 
 def test_selection_on_cuda(as_cuda):
     layer = quantized_layer(128, 64, 4)
     moefuse_runtime.install(layer, reserve_bytes=0)
-    chosen, path = kernels.kernels_for(layer)
-    assert chosen == kernels.DecodeKernels(down=True, down_tiling=kernels.SHORT_ROW_TILING)
+    chosen, path = cuda.kernels_for(layer)
+    assert chosen.decode == kernels.DecodeKernels(down=True, down_tiling=kernels.SHORT_ROW_TILING)
     assert path.startswith("cuda kernels")
 
 
@@ -145,10 +146,10 @@ def test_env_turns_kernels_off(as_cuda, monkeypatch):
     layer = quantized_layer(128, 64, 4)
     moefuse_runtime.install(layer, reserve_bytes=0)
     monkeypatch.setenv("MOEFUSE_KERNEL", "0")
-    assert kernels.kernels_for(layer) == (None, "gather_qmm (MOEFUSE_KERNEL=0)")
+    assert cuda.kernels_for(layer) == (None, "gather_qmm (MOEFUSE_KERNEL=0)")
     monkeypatch.setenv("MOEFUSE_KERNEL", "maybe")
     with pytest.raises(ValueError, match="MOEFUSE_KERNEL"):
-        kernels.kernels_for(layer)
+        cuda.kernels_for(layer)
 
 
 def test_other_activations_keep_gather_qmm(as_cuda):
@@ -157,15 +158,15 @@ def test_other_activations_keep_gather_qmm(as_cuda):
     layer = quantized_layer(128, 64, 4)
     layer.activation = SwigluOAI()  # GPT-OSS's clamped variant
     moefuse_runtime.install(layer, reserve_bytes=0)
-    assert kernels.kernels_for(layer) == (None, "gather_qmm (SwigluOAI activation)")
+    assert cuda.kernels_for(layer) == (None, "gather_qmm (SwigluOAI activation)")
 
 
 def test_float_down_keeps_gather_qmm_for_down(as_cuda):
     layer = quantized_layer(128, 64, 4)
     layer.down_proj = switch_glu(64, 128, 4).down_proj  # float down (wrong width is fine)
     moefuse_runtime.install(layer, reserve_bytes=0)
-    chosen, path = kernels.kernels_for(layer)
-    assert chosen == kernels.DecodeKernels(down=False)
+    chosen, path = cuda.kernels_for(layer)
+    assert chosen.decode == kernels.DecodeKernels(down=False)
     assert "down: gather_qmm" in path
 
 
@@ -173,16 +174,16 @@ def test_down_in_another_dtype_keeps_gather_qmm_for_down(as_cuda):
     layer = quantized_layer(128, 64, 4)
     layer.down_proj.set_dtype(mx.float16)  # bf16 gate/up, fp16 down scales
     moefuse_runtime.install(layer, reserve_bytes=0)
-    chosen, _ = kernels.kernels_for(layer)
-    assert chosen == kernels.DecodeKernels(down=False)
+    chosen, _ = cuda.kernels_for(layer)
+    assert chosen.decode == kernels.DecodeKernels(down=False)
 
 
 def test_uninstall_drops_the_kernels(as_cuda):
     layer = quantized_layer(128, 64, 4)
     moefuse_runtime.install(layer, reserve_bytes=0)
-    assert layer.decode_kernels is not None
+    assert layer.kernels is not None
     moefuse_runtime.uninstall(layer)
-    assert "decode_kernels" not in layer.__dict__
+    assert "kernels" not in layer.__dict__
 
 
 # -- on the GPU: numerics ---------------------------------------------------
@@ -194,12 +195,12 @@ def compare(layer, x, indices, dtype):
     """Kernel and gather_qmm outputs of ``layer`` against the float32 reference."""
     ref = reference(layer, x, indices)
     moefuse_runtime.install(layer, reserve_bytes=0)
-    assert layer.decode_kernels is not None
+    assert layer.kernels.pick(layer, x, indices) is layer.kernels.decode
     out = layer(x, indices)
-    gather = layer.decode_kernels
-    layer.decode_kernels = None  # the same fused layer on gather_qmm
+    chosen = layer.kernels
+    layer.kernels = None  # the same fused layer on gather_qmm
     expected = layer(x, indices)
-    layer.decode_kernels = gather
+    layer.kernels = chosen
     assert out.shape == expected.shape and out.dtype == expected.dtype == dtype
     kernel_error, gather_error = relative_error(out, ref), relative_error(expected, ref)
     assert kernel_error < TOLERANCE[dtype], (kernel_error, gather_error)
@@ -271,7 +272,7 @@ def test_compiled_call_equals_uncompiled_and_follows_new_weights():
     # bitwise, and new weights are used, not the ones it was traced with.
     layer = quantized_layer(1024, 256, 16)
     moefuse_runtime.install(layer, reserve_bytes=0)
-    compiled = layer.decode_kernels
+    compiled = layer.kernels.decode
     uncompiled = dataclasses.replace(compiled, compiled=False)
     assert compiled.compiled and compiled.down
     x = mx.random.normal((1, 2, 1024)).astype(mx.bfloat16)
@@ -290,9 +291,10 @@ def test_many_pairs_take_gather_qmm_bitwise():
     x = mx.random.normal((1, 16, 512)).astype(mx.bfloat16)  # 16 x 4 = 64 pairs
     indices = mx.random.randint(0, 16, (1, 16, 4)).astype(mx.uint32)
     moefuse_runtime.install(layer, reserve_bytes=0)
-    assert not layer.decode_kernels.takes(layer, x, indices)
+    assert not layer.kernels.decode.takes(layer, x, indices)
+    layer.kernels = dataclasses.replace(layer.kernels, grouped=None)  # gather_qmm above decode
     out = layer(x, indices)
-    layer.decode_kernels = None
+    layer.kernels = None
     assert mx.array_equal(out, layer(x, indices)).item()
 
 

@@ -1,0 +1,90 @@
+"""CUDA kernels for fused layers, on MLX's CUDA backend.
+
+Two paths, picked per call by the number of (token, expert) pairs:
+
+* `decode.DecodeKernels` (gemv.cuh): quantized GEMVs, up to
+  ``max(32, min(128, experts))`` pairs: decode steps.
+* `grouped.GroupedKernels` (grouped_gemm.cuh): pairs grouped by expert,
+  tensor-core GEMMs (mma.sync, sm_80 and newer), above that: prefill and
+  batched decode.
+
+Both take affine 4- and 8-bit weights, group sizes 32/64/128, bf16 or fp16
+scales, no bias, and mlx-lm's plain `SwiGLU`; everything else keeps
+``gather_qmm``. `kernels_for` decides per layer, at install, and says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwiGLU
+
+from ..config import KERNEL_ENV, env_flag
+from ..memory import backend
+from .decode import DOWN_TILING, DecodeKernels, down_tiling_for, max_pairs_for, why_not_kernel
+from .grouped import GroupedKernels
+
+MIN_TENSOR_CORE_ARCH = 80
+"""mma.sync m16n8k16 with bf16, ldmatrix and cp.async need sm_80 (Ampere) or newer."""
+
+
+@dataclass(frozen=True)
+class LayerKernels:
+    """The kernel paths of one fused layer; `pick` chooses one per call."""
+
+    decode: DecodeKernels
+    grouped: GroupedKernels | None
+
+    def pick(self, layer: nn.Module, x: mx.array, indices: mx.array):
+        """The path that takes this call, or None (gather_qmm)."""
+        for kernels in (self.decode, self.grouped):
+            if kernels is not None and kernels.takes(layer, x, indices):
+                return kernels
+        return None
+
+    @property
+    def path(self) -> str:
+        down = "kernel" if self.decode.down else "gather_qmm"
+        above = (
+            f"tensor cores above (down: {'kernel' if self.grouped.down else 'down_proj'})"
+            if self.grouped is not None
+            else "gather_qmm above"
+        )
+        return f"cuda kernels <= {self.decode.max_pairs} pairs (gate_up+swiglu, down: {down}); {above}"
+
+
+def device_arch() -> str:
+    """'sm_90' and the like, as MLX reports the default GPU."""
+    return str(mx.device_info().get("architecture", ""))
+
+
+def arch_number(arch: str) -> int:
+    digits = arch.removeprefix("sm_").rstrip("a")
+    return int(digits) if digits.isdigit() else 0
+
+
+def kernels_for(layer: nn.Module) -> tuple[LayerKernels | None, str]:
+    """The kernels a fused layer should use here, or None and why not."""
+    if backend() != "cuda":
+        return None, f"gather_qmm ({backend()})"
+    if not env_flag(KERNEL_ENV, default=True):
+        return None, f"gather_qmm ({KERNEL_ENV}=0)"
+    if type(layer.activation) is not SwiGLU:
+        return None, f"gather_qmm ({type(layer.activation).__name__} activation)"
+    reason = why_not_kernel(layer.gate_up_proj)
+    if reason:
+        return None, f"gather_qmm ({reason})"
+    experts = layer.gate_up_proj["weight"].shape[0]
+    down = why_not_kernel(layer.down_proj) is None and (
+        layer.down_proj["scales"].dtype == layer.gate_up_proj["scales"].dtype
+    )  # the down kernels read their input (gate_up's output) in the scales' dtype
+    tiling = down_tiling_for(layer.down_proj) if down else DOWN_TILING
+    decode = DecodeKernels(down, max_pairs_for(experts), down_tiling=tiling)
+    arch = device_arch()
+    grouped = None
+    if arch_number(arch) >= MIN_TENSOR_CORE_ARCH:
+        grouped = GroupedKernels(down, decode.max_pairs, arch)
+    kernels = LayerKernels(decode, grouped)
+    return kernels, kernels.path

@@ -1,0 +1,343 @@
+"""Benchmarks of the CUDA kernel paths (``moefuse bench --cuda``, lent GPU).
+
+One run measures, variants interleaved round by round, medians:
+
+* ``model``: a Qwen3-30B-A3B-dimension model (random 4-bit weights, bf16):
+  prefill (512 and 2,048 tokens) and one batched decode step (4, 16, 32 and
+  64 sequences), for ``unfused`` (mlx-lm), ``fused`` (as install() selects:
+  kernels) and ``bound`` (every MoE FFN replaced by a broadcast of its
+  input: no FFN kernel can do better).
+* ``layers``: one MoE layer's FLOP rate at 512 and 2,048 tokens (Qwen3 and
+  Mixtral dimensions): unfused, fused, PyTorch's bf16 ``torch._grouped_mm``
+  on the same routing (the peer, when PyTorch is there) and MLX's dense bf16
+  matmul of the same FLOPs (the machine's reference).
+* ``pairs``: one Qwen3 layer from 1 to 16,384 tokens at top-8: unfused,
+  fused ``gather_qmm``, the decode kernels and the tensor-core kernels, each
+  forced, to show the crossovers that the selection follows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+
+import mlx.core as mx
+
+from .. import bench
+from ..install import find_switch_glus, install
+
+LAYER_SHAPES = {"qwen3-30b-a3b": (2048, 128, 8, 768), "mixtral-8x7b": (4096, 8, 2, 14336)}
+LAYER_TOKENS = (512, 2048)
+PREFILL_TOKENS = (512, 2048)
+DECODE_BATCHES = (4, 16, 32, 64)
+PAIR_SWEEP_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+DECODE_CONTEXT = 128
+
+
+def seconds_of(fn: Callable[[], object], inner: int = 1) -> float:
+    """Wall seconds of one call, outputs evaluated and the device synchronized."""
+    mx.synchronize()
+    start = time.perf_counter()
+    for _ in range(inner):
+        mx.eval(fn())
+    mx.synchronize()
+    return (time.perf_counter() - start) / inner
+
+
+def interleaved(variants: dict[str, Callable[[], object]], rounds: int) -> dict[str, list]:
+    """Seconds per variant per round, variants alternating; one warm-up round."""
+    times: dict[str, list] = {k: [] for k in variants}
+    for r in range(rounds + 1):
+        for name, fn in variants.items():
+            try:
+                seconds = seconds_of(fn)
+            except Exception as error:  # noqa: BLE001 - a variant that fails is recorded
+                times[name] = f"failed: {type(error).__name__}: {error}"[:300]
+                continue
+            if r and isinstance(times[name], list):
+                times[name].append(seconds)
+    return times
+
+
+class BroadcastFFN:
+    """A kernel path that replaces the MoE FFN by a broadcast of its input."""
+
+    def pick(self, layer, x, indices):
+        return self
+
+    def __call__(self, layer, x, indices):
+        return mx.broadcast_to(mx.expand_dims(x, -2), (*indices.shape, x.shape[-1]))
+
+
+def _ratios(times: dict[str, list], base: str = "unfused") -> dict[str, float]:
+    """Median over rounds of base time / variant time (paired per round)."""
+    out = {}
+    for name, samples in times.items():
+        if isinstance(samples, list) and isinstance(times[base], list) and samples:
+            out[name] = statistics.median(b / s for b, s in zip(times[base], samples, strict=True))
+    return out
+
+
+def bench_model(layers: int, rounds: int, log: Callable[[str], None]) -> dict:
+    """Prefill tok/s and batched decode steps: unfused, fused, bound."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from ..demo import build_demo_model
+
+    def build():
+        return build_demo_model("qwen3-30b-a3b", layers=layers, dtype=mx.bfloat16)
+
+    plain, fused = build(), build()
+    report = install(fused, reserve_bytes=0)
+    kernels = [layer.kernels for _, layer in find_switch_glus(fused)]
+    free = BroadcastFFN()
+
+    def with_kernels(chosen: list):
+        for (_, layer), k in zip(find_switch_glus(fused), chosen, strict=True):
+            layer.kernels = k
+
+    def trunk(model, tokens, cache):
+        return model.model(tokens, cache=cache)  # hidden states of every layer
+
+    result = {"layers": layers, "paths": sorted({r.compute_path for r in report.layers}),
+              "prefill": [], "decode": []}  # fmt: skip
+    variants = {"unfused": (plain, None), "fused": (fused, kernels),
+                "bound": (fused, [free] * len(kernels))}  # fmt: skip
+
+    def prefill_fn(model, chosen, prompt):
+        def run():
+            if chosen is not None:
+                with_kernels(chosen)
+            return trunk(model, prompt, make_prompt_cache(model))
+
+        return run
+
+    for n in PREFILL_TOKENS:
+        prompt = mx.random.randint(0, 1000, (1, n))
+        times = interleaved({k: prefill_fn(m, c, prompt) for k, (m, c) in variants.items()},
+                            rounds)  # fmt: skip
+        row = {"tokens": n, "tok_s": {k: n / statistics.median(v) for k, v in times.items()
+                                      if isinstance(v, list)},
+               "speedup": _ratios(times), "failures": _failures(times)}  # fmt: skip
+        result["prefill"].append(row)
+        log(f"prefill {n}: " + _format(row["tok_s"], "tok/s") + _format_ratios(row["speedup"]))
+    with_kernels(kernels)
+    for batch in DECODE_BATCHES:
+        caches = {}
+        for name, (model, chosen) in variants.items():
+            if chosen is not None:
+                with_kernels(chosen)
+            cache = make_prompt_cache(model)
+            mx.eval(trunk(model, mx.random.randint(0, 1000, (batch, DECODE_CONTEXT)), cache))
+            caches[name] = cache
+        step = mx.random.randint(0, 1000, (batch, 1))
+
+        def decode_fn(name, model, chosen):
+            def run():
+                if chosen is not None:
+                    with_kernels(chosen)
+                return model(step, cache=caches[name])  # logits, as a server's step
+
+            return run
+
+        times = interleaved({k: decode_fn(k, m, c) for k, (m, c) in variants.items()}, rounds)
+        row = {"sequences": batch, "step_ms": {k: 1e3 * statistics.median(v)
+                                               for k, v in times.items() if isinstance(v, list)},
+               "speedup": _ratios(times), "failures": _failures(times)}  # fmt: skip
+        result["decode"].append(row)
+        log(f"decode step, {batch} sequences: " + _format(row["step_ms"], "ms")
+            + _format_ratios(row["speedup"]))  # fmt: skip
+    with_kernels(kernels)
+    bench.free(plain, fused)
+    return result
+
+
+def _failures(times: dict) -> dict[str, str]:
+    return {k: v for k, v in times.items() if isinstance(v, str)}
+
+
+def _format(values: dict[str, float], unit: str) -> str:
+    return ", ".join(f"{k} {v:.1f} {unit}" for k, v in values.items())
+
+
+def _format_ratios(ratios: dict[str, float]) -> str:
+    return " | x" + ", x".join(f"{v:.2f} {k}" for k, v in ratios.items() if k != "unfused")
+
+
+def torch_grouped_mm_seconds(hidden: int, experts: int, width: int, indices, rounds: int):
+    """PyTorch's bf16 grouped GEMM on the same routing: gate_up + down, or None."""
+    try:
+        import numpy as np
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available() or not hasattr(torch, "_grouped_mm"):
+        return None
+    idx = np.array(indices).reshape(-1)
+    offs = torch.tensor(np.cumsum(np.bincount(idx, minlength=experts)), dtype=torch.int32,
+                        device="cuda")  # fmt: skip
+    bf16 = {"device": "cuda", "dtype": torch.bfloat16}
+    a, h = torch.randn(idx.size, hidden, **bf16), torch.randn(idx.size, width, **bf16)
+    w1 = torch.randn(experts, hidden, 2 * width, **bf16)
+    w2 = torch.randn(experts, width, hidden, **bf16)
+
+    def run():
+        torch._grouped_mm(a, w1, offs=offs)
+        torch._grouped_mm(h, w2, offs=offs)
+
+    run()
+    samples = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def bench_layers(rounds: int, log: Callable[[str], None]) -> list[dict]:
+    """TFLOP/s of one MoE layer: unfused, fused, torch peer, dense reference."""
+    rows = []
+    for shape, (hidden, experts, top_k, width) in LAYER_SHAPES.items():
+        unfused = bench.make_layer(hidden, experts, width, "4bit", seed=0)
+        fused = bench.make_layer(hidden, experts, width, "4bit", seed=0)
+        install(fused, reserve_bytes=0)
+        for n in LAYER_TOKENS:
+            x = mx.random.normal((n, hidden)).astype(mx.bfloat16)
+            indices = mx.random.randint(0, experts, (n, top_k)).astype(mx.uint32)
+            pairs = n * top_k
+            dense_x = mx.random.normal((pairs, hidden)).astype(mx.bfloat16)
+            dense_w = mx.random.normal((hidden, 3 * width)).astype(mx.bfloat16)
+            mx.eval(x, indices, dense_x, dense_w)
+            flops = 2 * pairs * hidden * 3 * width  # gate, up and down
+            times = interleaved({
+                "unfused": lambda: unfused(x, indices),
+                "fused": lambda: fused(x, indices),
+                "dense_bf16_matmul": lambda: dense_x @ dense_w,
+            }, rounds)  # fmt: skip
+            tflops = {k: flops / statistics.median(v) / 1e12 for k, v in times.items()
+                      if isinstance(v, list)}  # fmt: skip
+            peer = torch_grouped_mm_seconds(hidden, experts, width, indices, rounds)
+            if peer is not None:
+                tflops["torch_grouped_mm_bf16"] = flops / peer / 1e12
+            rows.append({"shape": shape, "tokens": n, "pairs": pairs, "flops": flops,
+                         "tflops": tflops, "failures": _failures(times)})  # fmt: skip
+            log(f"layer {shape} {n} tokens: " + _format(tflops, "TFLOP/s"))
+        bench.free(unfused, fused)
+    return rows
+
+
+def bench_pairs(rounds: int, log: Callable[[str], None]) -> list[dict]:
+    """One Qwen3 layer per path, each forced, from 1 to 16,384 tokens at top-8."""
+    hidden, experts, top_k, width = LAYER_SHAPES["qwen3-30b-a3b"]
+    unfused = bench.make_layer(hidden, experts, width, "4bit", seed=0)
+    fused = bench.make_layer(hidden, experts, width, "4bit", seed=0)
+    install(fused, reserve_bytes=0)
+    chosen = fused.kernels
+    forced = {
+        "fused_gather_qmm": None,
+        "decode_kernels": dataclasses.replace(chosen.decode, max_pairs=1 << 30),
+        "tensor_cores": dataclasses.replace(chosen.grouped, min_pairs=0),
+    }
+
+    def on(path):
+        def run():
+            kernels = forced[path]
+            fused.kernels = None if kernels is None else _Only(kernels)
+            return fused(x, indices)
+
+        return run
+
+    rows = []
+    for n in PAIR_SWEEP_TOKENS:
+        x = mx.random.normal((n, hidden)).astype(mx.bfloat16)
+        indices = mx.random.randint(0, experts, (n, top_k)).astype(mx.uint32)
+        mx.eval(x, indices)
+        variants = {"unfused": lambda: unfused(x, indices), **{p: on(p) for p in forced}}
+        if n * top_k > 4096:
+            del variants["decode_kernels"]  # a GEMV per pair: far behind, and slow to time
+        times = interleaved(variants, rounds)
+        ms = {k: 1e3 * statistics.median(v) for k, v in times.items() if isinstance(v, list)}
+        fused.kernels = chosen
+        ms["installed"] = 1e3 * statistics.median(
+            seconds_of(lambda: fused(x, indices)) for _ in range(rounds)
+        )
+        rows.append({"tokens": n, "pairs": n * top_k, "ms": ms, "failures": _failures(times)})
+        log(f"pairs {n * top_k}: " + _format(ms, "ms")
+            + (f" | failed: {', '.join(_failures(times))}" if _failures(times) else ""))  # fmt: skip
+    fused.kernels = chosen
+    bench.free(unfused, fused)
+    return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class _Only:
+    """Layer kernels that always take one path."""
+
+    kernels: object
+
+    def pick(self, layer, x, indices):
+        return self.kernels
+
+
+def run(out_dir: str, *, layers: int = 48, rounds: int = 7, parts=("layers", "model", "pairs"),
+        log: Callable[[str], None] = lambda _: None) -> dict:  # fmt: skip
+    """The CUDA suite; writes ``cuda.json`` (after each part) and ``cuda.png``."""
+    import json
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    result = {"device": mx.device_info().get("device_name"), "mlx": mx.__version__,
+              "streaming_bandwidth_bytes_per_s": bench.streaming_bandwidth()}  # fmt: skip
+    for part in parts:
+        if part == "layers":
+            result["layers"] = bench_layers(rounds, log)
+        elif part == "model":
+            result["model"] = bench_model(layers, rounds, log)
+        elif part == "pairs":
+            result["pairs"] = bench_pairs(rounds, log)
+        with open(os.path.join(out_dir, "cuda.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    plot(result, os.path.join(out_dir, "cuda.png"))
+    return result
+
+
+def plot(result: dict, path: str) -> None:
+    """Per-layer time against pairs per path, and the model ratios."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    rows = result.get("pairs", [])
+    for path_name in ("unfused", "fused_gather_qmm", "decode_kernels", "tensor_cores", "installed"):
+        points = [(r["pairs"], r["ms"][path_name]) for r in rows if path_name in r["ms"]]
+        if points:
+            left.plot(*zip(*points, strict=True), marker="o", label=path_name)
+    left.set(xscale="log", yscale="log", xlabel="(token, expert) pairs", ylabel="ms per layer",
+             title="Qwen3-30B-A3B MoE layer, 4-bit, per path")  # fmt: skip
+    left.legend(fontsize=7)
+    model = result.get("model", {})
+    labels, fused, bound = [], [], []
+    for r in model.get("prefill", []):
+        labels.append(f"prefill {r['tokens']}")
+        fused.append(r["speedup"].get("fused", 0))
+        bound.append(r["speedup"].get("bound", 0))
+    for r in model.get("decode", []):
+        labels.append(f"decode x{r['sequences']}")
+        fused.append(r["speedup"].get("fused", 0))
+        bound.append(r["speedup"].get("bound", 0))
+    if labels:
+        pos = range(len(labels))
+        right.bar([p - 0.2 for p in pos], fused, width=0.4, label="fused (kernels)")
+        right.bar([p + 0.2 for p in pos], bound, width=0.4, label="FFN-free bound")
+        right.set_xticks(list(pos), labels, rotation=30, fontsize=7)
+        right.set(yscale="log", ylabel="speed-up over unfused",
+                  title=f"{model.get('layers')}-layer model")  # fmt: skip
+        right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

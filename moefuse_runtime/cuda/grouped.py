@@ -1,0 +1,287 @@
+"""The tensor-core path: the fused FFN as grouped GEMMs over the routed experts.
+
+Above the decode kernels' pair count (prefill, batched decode), MLX's sorted
+``gather_qmm`` computes each (token, expert) pair as its own one-row matrix
+product: 5 TFLOP/s on an H100. Here the pairs are sorted by expert and each
+expert's rows run as one GEMM on the tensor cores (grouped_gemm.cuh), packed
+weights dequantized in shared memory, fp32 accumulation:
+
+    order = argsort(indices)          sorted pairs, MLX's sort
+    tiles = tile_schedule(...)        (expert, rows) per tile of BM rows
+    h     = grouped_gemm(x, gate_up)  silu(gate) * up, sorted rows
+    y     = grouped_gemm(h, down)     each row back to its pair's place
+
+Tile shapes come from tiles.json (measured; scripts/tune_grouped.py), looked
+up by device and by rows per expert.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import cache
+
+import mlx.core as mx
+
+from . import source
+from .decode import QuantizedArrays
+
+GEMM_BK = 64
+"""k values per pipeline stage (grouped_gemm.cuh: GEMM_BK)."""
+
+SCHEDULE_THREADS = 1024
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """One block's work: BM x BN outputs, warps as WARPS_M x WARPS_N, a
+    STAGES-deep copy pipeline, and at least MIN_BLOCKS blocks per SM (a
+    register cap the compiler honours through __launch_bounds__)."""
+
+    bm: int
+    bn: int
+    warps_m: int
+    warps_n: int
+    stages: int
+    min_blocks: int = 1
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps_m * self.warps_n
+
+    def shared_bytes(self, bits: int) -> int:
+        """A stages, packed B stages and two dequantized B tiles, in 16-byte chunks."""
+        chunks = self.stages * (self.bm * 8 + self.bn * GEMM_BK * bits // 128) + 2 * self.bn * 8
+        return 16 * chunks
+
+    def why_not(self, swiglu: bool, bits: int) -> str | None:
+        """Why the kernel's static checks would reject this tiling, or None."""
+        wm, wn = self.bm // self.warps_m, self.bn // self.warps_n
+        if wm % 16 or wn % (32 if swiglu else 16) or self.stages < 3:
+            return f"{self} does not split into warp tiles"
+        if self.shared_bytes(bits) > MAX_SHARED_BYTES:
+            return f"{self} needs {self.shared_bytes(bits)} bytes of shared memory"
+        return None
+
+
+MAX_SHARED_BYTES = 227 * 1024
+"""Shared memory one block may have on sm_80 (A100) and sm_90 (H100)."""
+
+
+@cache
+def _table() -> dict:
+    return json.loads(source.read("tiles.json"))
+
+
+def tiling_for(arch: str, rows_per_expert: float, swiglu: bool) -> Tiling:
+    """The measured tiling for this device and density (tiles.json)."""
+    table = _table()
+    by_kind = table.get(arch, table["default"])["gate_up" if swiglu else "down"]
+    for entry in by_kind:
+        if entry["max_rows_per_expert"] is None or rows_per_expert <= entry["max_rows_per_expert"]:
+            return Tiling(**entry["tiling"])
+    raise ValueError(f"tiles.json: no catch-all entry for {arch}")
+
+
+def max_tiles(pairs: int, experts: int, bm: int) -> int:
+    """Tiles the schedule may need (grouped_gemm.cuh: max_tiles)."""
+    return math.ceil(pairs / bm) + min(experts, pairs)
+
+
+@cache
+def _schedule_kernel():
+    return mx.fast.cuda_kernel(
+        name="moefuse_tile_schedule",
+        input_names=["sorted"],
+        output_names=["tiles"],
+        source="moefuse::tile_schedule<E, BM>(sorted, sorted_shape[0], tiles);",
+        header=source.header("grouped_gemm.cuh"),
+    )
+
+
+def schedule(sorted_experts: mx.array, experts: int, bm: int) -> mx.array:
+    """(max_tiles, 4) int32: expert, first sorted row, end row, 0; -1 = empty."""
+    (tiles,) = _schedule_kernel()(
+        inputs=[sorted_experts],
+        template=[("E", experts), ("BM", bm)],
+        grid=(SCHEDULE_THREADS, 1, 1),
+        threadgroup=(SCHEDULE_THREADS, 1, 1),
+        output_shapes=[(max_tiles(sorted_experts.size, experts, bm), 4)],
+        output_dtypes=[mx.int32],
+    )
+    return tiles
+
+
+_CUDA_TYPES = {mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
+_HASH_TYPES = {mx.bfloat16: "bfloat16_t", mx.float16: "float16_t"}
+_GEMM_INPUTS = ["x", "w", "scales", "biases", "order", "tiles"]
+_GEMM_SOURCE = (
+    "moefuse::grouped_gemm<T, BITS, GROUP, K, N, SWIGLU, TOP_K, BM, BN, WARPS_M, WARPS_N, "
+    "STAGES>(x, w, scales, biases, order, tiles, out);"
+)
+
+
+def _launch_bounds(name: str, template: list[tuple[str, object]], tiling: Tiling, dtype) -> str:
+    """A declaration of the kernel MLX will generate, with __launch_bounds__.
+
+    MLX writes the ``__global__`` function itself and takes no attributes; a
+    prior declaration of the same function with launch bounds caps its
+    registers (checked with nvcc by scripts/check_kernel_source.py). The name
+    and parameters follow mlx/backend/cuda/custom_kernel.cpp.
+    """
+    suffix = "".join(
+        f"_{_HASH_TYPES[v]}" if k == "T" else ("_t" if v else "_f") if isinstance(v, bool)
+        else f"_{v}" for k, v in template
+    )  # fmt: skip
+    t = _CUDA_TYPES[dtype]
+    params = f"const {t}*, const uint32_t*, const {t}*, const {t}*, const uint32_t*, "
+    params += f"const int32_t*, {t}*"
+    return (
+        "namespace mlx::core::cu {\n"
+        f"__global__ void __launch_bounds__({tiling.threads}, {tiling.min_blocks}) "
+        f"custom_kernel_{name}{suffix}({params});\n"
+        "}\n"
+    )
+
+
+@cache
+def _gemm_kernel(template: tuple, tiling: Tiling, shared: int, dtype):
+    name = "moefuse_grouped_gemm"
+    header = source.header("grouped_gemm.cuh")
+    if tiling.min_blocks > 1:
+        header += _launch_bounds(name, list(template), tiling, dtype)
+    return mx.fast.cuda_kernel(
+        name=name,
+        input_names=_GEMM_INPUTS,
+        output_names=["out"],
+        source=_GEMM_SOURCE,
+        header=header,
+        shared_memory=shared,
+    )
+
+
+def grouped_gemm(
+    x: mx.array,
+    proj: QuantizedArrays,
+    order: mx.array,
+    tiles: mx.array,
+    *,
+    swiglu: bool,
+    top_k: int,
+    tiling: Tiling,
+    init_value: float | None = None,
+) -> mx.array:
+    """Rows of ``x`` times their experts' weights, for every tile of ``tiles``.
+
+    gate_up (``swiglu``): row s of the result is silu(gate) * up of x row
+    ``order[s] // top_k``, in sorted order. down: x rows are sorted h rows,
+    and row s lands at ``order[s]``. ``init_value`` pre-fills the output
+    (tests poison it with NaN to prove every element is written).
+    """
+    k = x.shape[-1]
+    n = proj.weight.shape[-2] // (2 if swiglu else 1)
+    cols = tiling.bn // 2 if swiglu else tiling.bn
+    blocks = tiles.shape[0] * math.ceil(n / cols)
+    template = (
+        ("T", x.dtype),
+        ("BITS", proj.bits),
+        ("GROUP", proj.group_size),
+        ("K", k),
+        ("N", n),
+        ("SWIGLU", swiglu),
+        ("TOP_K", top_k),
+        ("BM", tiling.bm),
+        ("BN", tiling.bn),
+        ("WARPS_M", tiling.warps_m),
+        ("WARPS_N", tiling.warps_n),
+        ("STAGES", tiling.stages),
+    )
+    kernel = _gemm_kernel(template, tiling, tiling.shared_bytes(proj.bits), x.dtype)
+    (out,) = kernel(
+        inputs=[x, proj.weight, proj.scales, proj.biases, order, tiles],
+        template=list(template),
+        grid=(tiling.threads * blocks, 1, 1),
+        threadgroup=(tiling.threads, 1, 1),
+        output_shapes=[(order.size, n)],
+        output_dtypes=[x.dtype],
+        init_value=init_value,
+    )
+    return out
+
+
+@dataclass(frozen=True)
+class GroupedKernels:
+    """The tensor-core path of one fused layer, for more than ``min_pairs`` pairs.
+
+    gate_up always; down on the kernel when it qualifies (``down``), else
+    the layer's own ``down_proj`` on the sorted rows. ``arch`` picks the
+    tile table. With both kernels the call runs under mx.compile, the
+    layer's arrays as inputs.
+    """
+
+    down: bool
+    min_pairs: int
+    arch: str = "default"
+    compiled: bool = True
+
+    def takes(self, layer, x: mx.array, indices: mx.array) -> bool:
+        return indices.size > self.min_pairs and x.dtype == layer.gate_up_proj["scales"].dtype
+
+    def tilings(self, pairs: int, experts: int) -> tuple[Tiling, Tiling]:
+        rows_per_expert = pairs / min(experts, pairs)
+        return (
+            tiling_for(self.arch, rows_per_expert, swiglu=True),
+            tiling_for(self.arch, rows_per_expert, swiglu=False),
+        )
+
+    def __call__(self, layer, x: mx.array, indices: mx.array) -> mx.array:
+        gate_up = QuantizedArrays.of(layer.gate_up_proj)
+        tilings = self.tilings(indices.size, gate_up.weight.shape[0])
+        if not self.down:
+            return self.ffn(x, indices, gate_up, None, tilings, layer.down_proj)
+        down = QuantizedArrays.of(layer.down_proj)
+        if not self.compiled:
+            return self.ffn(x, indices, gate_up, down, tilings)
+        formats = (gate_up.bits, gate_up.group_size, down.bits, down.group_size)
+        return _compiled_ffn(formats, tilings)(x, indices, gate_up[:3], down[:3])
+
+    @staticmethod
+    def ffn(x, indices, gate_up, down, tilings, down_proj=None) -> mx.array:
+        """The FFN on the grouped GEMMs: (..., top_k, hidden), as SwitchGLU."""
+        gate_up_tiling, down_tiling = tilings
+        experts = gate_up.weight.shape[0]
+        flat = indices.reshape(-1)
+        flat = flat if flat.dtype == mx.uint32 else flat.astype(mx.uint32)
+        order = mx.argsort(flat)
+        sorted_experts = flat[order]
+        tiles = schedule(sorted_experts, experts, gate_up_tiling.bm)
+        h = grouped_gemm(
+            x.reshape(-1, x.shape[-1]), gate_up, order, tiles,
+            swiglu=True, top_k=indices.shape[-1], tiling=gate_up_tiling,
+        )  # fmt: skip
+        if down is None:  # the layer's own down_proj on the sorted rows, then unsorted
+            y = down_proj(mx.expand_dims(h, -2), sorted_experts, sorted_indices=True)
+            y = y.squeeze(-2)[mx.argsort(order)]
+        else:
+            if down_tiling.bm != gate_up_tiling.bm:
+                tiles = schedule(sorted_experts, experts, down_tiling.bm)
+            y = grouped_gemm(h, down, order, tiles, swiglu=False, top_k=1, tiling=down_tiling)
+        return y.reshape(*indices.shape, y.shape[-1])
+
+    @property
+    def path(self) -> str:
+        down = "kernel" if self.down else "down_proj"
+        return f"tensor cores > {self.min_pairs} pairs (gate_up+swiglu, down: {down})"
+
+
+@cache
+def _compiled_ffn(formats: tuple[int, int, int, int], tilings: tuple[Tiling, Tiling]):
+    """`GroupedKernels.ffn` under mx.compile, per weight format and tilings."""
+
+    def ffn(x, indices, gate_up, down):
+        gate_up = QuantizedArrays(*gate_up, *formats[:2])
+        down = QuantizedArrays(*down, *formats[2:])
+        return GroupedKernels.ffn(x, indices, gate_up, down, tilings)
+
+    return mx.compile(ffn)

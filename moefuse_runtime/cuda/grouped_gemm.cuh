@@ -1,0 +1,358 @@
+// The tensor-core path of a fused MoE layer: (token, expert) pairs grouped by
+// expert, each group a GEMM against that expert's packed affine weights.
+//
+// The caller sorts the pairs by expert (argsort of the routing indices) and
+// `tile_schedule` cuts each expert's run of sorted rows into tiles of BM
+// rows: a tile is (expert, first sorted row, end). `grouped_gemm` runs one
+// block per (tile, BN output columns):
+//
+//   fetch   A rows (gathered x rows for gate_up, sorted h rows for down) and
+//           the packed weight rows of the tile, 16-byte cp.async, STAGES deep;
+//   dequant the packed k-tile once per block into bf16/fp16 in shared memory
+//           (each thread dequantizes the chunks it fetched itself);
+//   mma     ldmatrix + mma.sync m16n8k16, fp32 accumulators;
+//   store   gate_up: silu(gate) * up of matching columns (a block holds BN/2
+//           gate rows and the same BN/2 up rows), in sorted row order;
+//           down: each row back to its pair's place.
+//
+// Experts with no rows have no tiles; each expert's weights are read once
+// per tile of its rows. The grid is one-dimensional (tiles x column tiles),
+// so no pair count meets the 65,535 limit of a grid's y and z.
+#pragma once
+
+#include "common.cuh"
+
+namespace moefuse {
+
+constexpr int GEMM_BK = 64;  // k per pipeline stage: one 128-byte row of bf16 in shared memory
+
+// Upper bound on the tiles of `pairs` sorted rows over E experts: each
+// non-empty expert adds at most one partial tile. The Python launcher sizes
+// the schedule with the same formula (grouped.py: max_tiles).
+__device__ __forceinline__ int max_tiles(int pairs, int experts, int bm) {
+  return (pairs + bm - 1) / bm + min(experts, pairs);
+}
+
+// First index in sorted[0, n) whose value is >= value.
+__device__ __forceinline__ int lower_bound(const unsigned* sorted, int n, unsigned value) {
+  int lo = 0, hi = n;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (sorted[mid] < value) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// One block: tiles[t] = {expert, first row, end row, 0}, experts in order,
+// then {-1, 0, 0, 0} up to max_tiles. Thread e finds expert e's run by binary
+// search; a block-wide scan of tile counts places its tiles.
+template <int E, int BM>
+__device__ void tile_schedule(const unsigned* sorted, int pairs, int* tiles) {
+  __shared__ int warp_totals[32];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warps = blockDim.x >> 5;
+  int4* out = reinterpret_cast<int4*>(tiles);
+  int placed = 0;
+  for (int base = 0; base < E; base += blockDim.x) {
+    const int e = base + tid;
+    int start = 0, end = 0;
+    if (e < E) {
+      start = lower_bound(sorted, pairs, e);
+      end = lower_bound(sorted, pairs, e + 1);
+    }
+    const int count = (end - start + BM - 1) / BM;
+    int inclusive = count;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, inclusive, offset);
+      inclusive += lane >= offset ? v : 0;
+    }
+    if (lane == 31) {
+      warp_totals[warp] = inclusive;
+    }
+    __syncthreads();
+    if (warp == 0) {
+      int total = lane < warps ? warp_totals[lane] : 0;
+#pragma unroll
+      for (int offset = 1; offset < 32; offset <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, total, offset);
+        total += lane >= offset ? v : 0;
+      }
+      warp_totals[lane] = total;
+    }
+    __syncthreads();
+    const int first = placed + (warp > 0 ? warp_totals[warp - 1] : 0) + inclusive - count;
+    for (int j = 0; j < count; ++j) {
+      const int row = start + j * BM;
+      out[first + j] = make_int4(e, row, min(row + BM, end), 0);
+    }
+    placed += warp_totals[warps - 1];
+    __syncthreads();  // warp_totals is reused by the next round
+  }
+  for (int t = placed + tid; t < max_tiles(pairs, E, BM); t += blockDim.x) {
+    out[t] = make_int4(-1, 0, 0, 0);
+  }
+}
+
+// Offset, in 16-byte chunks, of chunk `chunk` of row `row` in a tile whose
+// rows are 8 chunks (GEMM_BK values) long: XOR-swizzled so that the 8 rows
+// one ldmatrix reads sit in 8 different bank groups.
+__device__ __forceinline__ int swizzle(int row, int chunk) {
+  return row * 8 + (chunk ^ (row & 7));
+}
+
+// out = act(x @ W[e]^T) for the tiles of `tiles`; see the top of this file.
+// T: activation and scale dtype. N: outputs per pair (gate_up: the width,
+// weights hold 2N rows). TOP_K: pairs per x row (gate_up's gather).
+// Block: 32 * WARPS_M * WARPS_N threads; grid: tiles x column tiles.
+// Dynamic shared memory: grouped.py's shared_bytes().
+template <typename T, int BITS, int GROUP, int K, int N, bool SWIGLU, int TOP_K, int BM, int BN,
+          int WARPS_M, int WARPS_N, int STAGES>
+__device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, const T* biases,
+                             const unsigned* order, const int* tiles, T* out) {
+  constexpr int BK = GEMM_BK;
+  constexpr int THREADS = 32 * WARPS_M * WARPS_N;
+  constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
+  constexpr int MT = WM / 16, NT = WN / 8;           // m16 and n8 tiles per warp
+  constexpr int ROWS = SWIGLU ? 2 * N : N;           // weight rows per expert
+  constexpr int COLS = SWIGLU ? BN / 2 : BN;         // output columns per block
+  constexpr int N_TILES = (N + COLS - 1) / COLS;
+  constexpr int WORDS = K * BITS / 32;               // packed words per weight row
+  constexpr int GROUPS = K / GROUP;
+  constexpr int B_CHUNKS = BK * BITS / 128;          // packed 16-byte chunks per row and stage
+  constexpr int B_VALS = 128 / BITS;                 // values per packed chunk
+  constexpr int KT = (K + BK - 1) / BK;
+  constexpr int A_ITERS = (BM * 8 + THREADS - 1) / THREADS;
+  constexpr int B_ITERS = (BN * B_CHUNKS + THREADS - 1) / THREADS;
+  static_assert(STAGES >= 3, "the loop waits for the stage after the one it computes");
+  static_assert(MT >= 1 && WM % 16 == 0 && NT % 2 == 0, "warp tile: m16 x (2 n8) multiples");
+  static_assert(!SWIGLU || NT % 4 == 0, "gate_up: each warp holds gate and up n8 pairs");
+  static_assert(K % 32 == 0 && GROUP % 32 == 0, "k tails are whole 32-value chunks");
+  static_assert(THREADS % 8 == 0, "each thread copies one fixed chunk column of A");
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+  const int tile_id = blockIdx.x / N_TILES, n_tile = blockIdx.x % N_TILES;
+  const int4 tile = reinterpret_cast<const int4*>(tiles)[tile_id];
+  if (tile.x < 0) {
+    return;  // the schedule's upper bound left this one empty
+  }
+  const int expert = tile.x, row0 = tile.y, rows = tile.z - tile.y;
+
+  extern __shared__ uint4 smem[];
+  uint4* a_smem = smem;                                 // STAGES x BM x 8 chunks
+  uint4* q_smem = a_smem + STAGES * BM * 8;             // STAGES x BN x B_CHUNKS
+  uint4* b_smem = q_smem + STAGES * BN * B_CHUNKS;      // 2 x BN x 8 chunks, dequantized
+
+  // Where this thread's copies come from (fixed for the block).
+  const T* a_src[A_ITERS];
+  bool a_ok[A_ITERS];
+  const int a_chunk = tid % 8;
+#pragma unroll
+  for (int j = 0; j < A_ITERS; ++j) {
+    const int r = (tid + j * THREADS) / 8;
+    a_ok[j] = r < BM && r < rows;
+    const int src = !a_ok[j] ? 0 : SWIGLU ? order[row0 + r] / TOP_K : row0 + r;
+    a_src[j] = x + (size_t)src * K + a_chunk * 8;
+  }
+  const unsigned* q_src[B_ITERS];
+  size_t s_idx[B_ITERS];
+  bool q_ok[B_ITERS];
+#pragma unroll
+  for (int j = 0; j < B_ITERS; ++j) {
+    const int i = tid + j * THREADS, r = i / B_CHUNKS;
+    const int upper = SWIGLU && r >= BN / 2;           // the up half of gate_up
+    const int n = n_tile * COLS + r - (upper ? BN / 2 : 0);
+    q_ok[j] = i < BN * B_CHUNKS && n < N;
+    const size_t row = (size_t)expert * ROWS + (q_ok[j] ? n + (upper ? N : 0) : 0);
+    q_src[j] = w + row * WORDS + (i % B_CHUNKS) * 4;
+    s_idx[j] = row * GROUPS;
+  }
+
+  auto fetch_gmem = [&](int kt) {
+    if (kt < KT) {
+      uint4* a_stage = a_smem + (kt % STAGES) * BM * 8;
+      const bool a_k = kt * BK + a_chunk * 8 < K;
+#pragma unroll
+      for (int j = 0; j < A_ITERS; ++j) {
+        const int r = (tid + j * THREADS) / 8;
+        if (r < BM) {
+          const bool ok = a_ok[j] && a_k;
+          cp_async_16(a_stage + swizzle(r, a_chunk), ok ? a_src[j] + kt * BK : x, ok);
+        }
+      }
+      uint4* q_stage = q_smem + (kt % STAGES) * BN * B_CHUNKS;
+#pragma unroll
+      for (int j = 0; j < B_ITERS; ++j) {
+        const int i = tid + j * THREADS;
+        if (i < BN * B_CHUNKS) {
+          const bool ok = q_ok[j] && kt * BK + (i % B_CHUNKS) * B_VALS < K;
+          cp_async_16(q_stage + i, ok ? q_src[j] + kt * (BK * BITS / 32) : w, ok);
+        }
+      }
+    }
+    cp_async_commit();  // empty groups too: the wait counts stay uniform
+  };
+
+  T scale[B_ITERS], bias[B_ITERS];
+  auto fetch_scales = [&](int kt) {
+#pragma unroll
+    for (int j = 0; j < B_ITERS; ++j) {
+      const int k = kt * BK + ((tid + j * THREADS) % B_CHUNKS) * B_VALS;
+      const bool ok = q_ok[j] && kt < KT && k < K;
+      scale[j] = ok ? scales[s_idx[j] + k / GROUP] : static_cast<T>(0.f);
+      bias[j] = ok ? biases[s_idx[j] + k / GROUP] : static_cast<T>(0.f);
+    }
+  };
+
+  // The packed chunks this thread fetched for k-tile kt, dequantized into
+  // b_smem[buffer]: 8 (4-bit) or 4 (8-bit) values per word.
+  auto dequant = [&](int kt, int buffer) {
+    const uint4* q_stage = q_smem + (kt % STAGES) * BN * B_CHUNKS;
+    uint4* b_tile = b_smem + buffer * BN * 8;
+#pragma unroll
+    for (int j = 0; j < B_ITERS; ++j) {
+      const int i = tid + j * THREADS;
+      if (i < BN * B_CHUNKS) {
+        const int r = i / B_CHUNKS, c = i % B_CHUNKS;
+        const uint4 q = q_stage[i];
+        const unsigned words[4] = {q.x, q.y, q.z, q.w};
+        if constexpr (BITS == 4) {
+#pragma unroll
+          for (int v = 0; v < 4; ++v) {
+            unsigned pairs[4];
+            dequant_word<T, 4>(words[v], scale[j], bias[j], pairs);
+            b_tile[swizzle(r, c * 4 + v)] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
+          }
+        } else {
+#pragma unroll
+          for (int v = 0; v < 4; v += 2) {
+            unsigned lo[2], hi[2];
+            dequant_word<T, 8>(words[v], scale[j], bias[j], lo);
+            dequant_word<T, 8>(words[v + 1], scale[j], bias[j], hi);
+            b_tile[swizzle(r, c * 2 + v / 2)] = make_uint4(lo[0], lo[1], hi[0], hi[1]);
+          }
+        }
+      }
+    }
+  };
+
+  // The shared-memory row of this warp's n8 tile j: gate_up warps hold
+  // NT/2 gate tiles and the NT/2 up tiles of the same columns.
+  auto b_row = [&](int j) {
+    if constexpr (SWIGLU) {
+      return (j < NT / 2 ? 0 : BN / 2) + wn * (WN / 2) + (j % (NT / 2)) * 8;
+    } else {
+      return wn * WN + j * 8;
+    }
+  };
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        acc[mt][j][e] = 0.f;
+      }
+    }
+  }
+
+  auto mma_ktile = [&](int kt) {
+    const uint4* a_stage = a_smem + (kt % STAGES) * BM * 8;
+    const uint4* b_tile = b_smem + (kt & 1) * BN * 8;
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ++ks) {
+      unsigned a[MT][4], b[NT][2];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const int r = wm * WM + mt * 16 + (lane & 15);
+        ldmatrix_x4(a[mt], a_stage + swizzle(r, 2 * ks + (lane >> 4)));
+      }
+#pragma unroll
+      for (int jp = 0; jp < NT; jp += 2) {
+        const int m = lane >> 3;  // which 8x8 matrix this lane addresses
+        unsigned r[4];
+        ldmatrix_x4(r, b_tile + swizzle(b_row(jp + (m >> 1)) + (lane & 7), 2 * ks + (m & 1)));
+        b[jp][0] = r[0];
+        b[jp][1] = r[1];
+        b[jp + 1][0] = r[2];
+        b[jp + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          mma_16816<T>(acc[mt][j], a[mt], b[j][0], b[j][1]);
+        }
+      }
+    }
+  };
+
+  // Software pipeline: k-tile kt+1 is dequantized while kt is multiplied.
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    fetch_gmem(s);
+  }
+  fetch_scales(0);
+  cp_async_wait<STAGES - 2>();
+  dequant(0, 0);  // this thread's own chunks: its wait is enough
+  fetch_scales(1);
+  for (int kt = 0; kt < KT; ++kt) {
+    cp_async_wait<STAGES - 3>();  // k-tile kt+1 has landed
+    __syncthreads();              // kt's A and dequantized B are visible; kt-1 is done
+    fetch_gmem(kt + STAGES - 1);  // into the stage kt-1 used
+    if (kt + 1 < KT) {
+      dequant(kt + 1, (kt + 1) & 1);
+      fetch_scales(kt + 2);
+    }
+    mma_ktile(kt);
+  }
+
+  // Epilogue: accumulator c[e] of (mt, j) is row g (+8 for e >= 2), column 2t + e % 2.
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = wm * WM + mt * 16 + g + 8 * half;
+      if (r >= rows) {
+        continue;
+      }
+      const int s = row0 + r;
+      T* dst = out + (size_t)(SWIGLU ? s : order[s]) * N;
+#pragma unroll
+      for (int j = 0; j < (SWIGLU ? NT / 2 : NT); ++j) {
+        const int col = n_tile * COLS + wn * (SWIGLU ? WN / 2 : WN) + j * 8 + 2 * t;
+        float v[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float first = acc[mt][j][2 * half + e];
+          if constexpr (SWIGLU) {
+            // Rounded where the gather_qmm path rounds: both matmul outputs,
+            // silu(gate), and the product.
+            const float gate = static_cast<float>(static_cast<T>(first));
+            const float up = static_cast<float>(static_cast<T>(acc[mt][j + NT / 2][2 * half + e]));
+            const float silu = static_cast<float>(static_cast<T>(gate / (1.f + __expf(-gate))));
+            v[e] = silu * up;
+          } else {
+            v[e] = first;
+          }
+        }
+        if (N % 2 == 0 && col + 1 < N) {
+          *reinterpret_cast<unsigned*>(dst + col) = pack2<T>(v[0], v[1]);
+        } else {
+          if (col < N) dst[col] = static_cast<T>(v[0]);
+          if (col + 1 < N) dst[col + 1] = static_cast<T>(v[1]);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace moefuse

@@ -1,0 +1,308 @@
+"""The tensor-core path (cuda/grouped.py): selection and tile table
+everywhere, numerics on the GPU.
+
+Like the decode kernels, it sums in fp32 in another order than gather_qmm,
+so it is held to a stated tolerance against a float32 evaluation of the same
+dequantized weights, and to at most ``GATHER_SLACK`` times gather_qmm's own
+error on the same inputs. The GPU tests skip on the CPU with the reason and
+were run on the lent H100 (docs/kernels.md).
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import switch_glu
+
+import moefuse_runtime
+from moefuse_runtime import cuda
+from moefuse_runtime.cuda import grouped, source
+from moefuse_runtime.memory import backend
+
+needs_cuda = pytest.mark.skipif(
+    backend() != "cuda", reason="the tensor-core kernels run on MLX's CUDA backend only (lent GPU)"
+)
+
+TOLERANCE = {mx.bfloat16: 1.5e-2, mx.float16: 2e-3}
+GATHER_SLACK = 1.5
+
+
+@pytest.fixture(autouse=True)
+def kernels_on(monkeypatch):
+    monkeypatch.setenv("MOEFUSE_KERNEL", "1")
+
+
+def quantized_layer(dims, width, experts, *, bits=4, group_size=64, dtype=mx.bfloat16,
+                    quantize_down=True, seed=0):  # fmt: skip
+    layer = switch_glu(dims, width, experts, seed=seed)
+    layer.set_dtype(dtype)
+    for name in ("gate_proj", "up_proj", "down_proj")[: 3 if quantize_down else 2]:
+        layer[name] = layer[name].to_quantized(group_size=group_size, bits=bits)
+    mx.eval(layer.parameters())
+    return layer
+
+
+def dense_weight(proj) -> np.ndarray:
+    if "scales" not in proj:
+        return np.array(proj.weight.astype(mx.float32))
+    w = mx.dequantize(proj.weight, proj.scales, proj.biases, proj.group_size, proj.bits)
+    return np.array(w.astype(mx.float32))
+
+
+def reference(layer, x, indices) -> np.ndarray:
+    """float32 SwitchGLU on the dequantized weights, one expert at a time."""
+    gate, up, down = (dense_weight(layer[k]) for k in ("gate_proj", "up_proj", "down_proj"))
+    idx = np.array(indices).reshape(-1)
+    top_k = indices.shape[-1]
+    xs = np.array(x.astype(mx.float32)).reshape(-1, x.shape[-1])[np.arange(idx.size) // top_k]
+    y = np.zeros((idx.size, down.shape[1]), np.float32)
+    for e in np.unique(idx):
+        rows = idx == e
+        g, u = xs[rows] @ gate[e].T, xs[rows] @ up[e].T
+        y[rows] = (g / (1 + np.exp(-g)) * u) @ down[e].T
+    return y.reshape(*indices.shape, -1)
+
+
+def relative_error(y, ref: np.ndarray) -> float:
+    diff = np.array(y.astype(mx.float32)) - ref
+    return float(np.linalg.norm(diff) / np.linalg.norm(ref))
+
+
+# -- everywhere: which path, which tiles --------------------------------------
+
+
+def test_tile_table_has_a_catch_all_and_valid_tilings():
+    table = json.loads(source.read("tiles.json"))
+    for arch, kinds in table.items():
+        if arch == "comment":
+            continue
+        for kind, entries in kinds.items():
+            assert entries[-1]["max_rows_per_expert"] is None, (arch, kind)
+            limits = [e["max_rows_per_expert"] for e in entries[:-1]]
+            assert limits == sorted(limits), (arch, kind)
+            for entry in entries:
+                tiling = grouped.Tiling(**entry["tiling"])
+                for bits in (4, 8):
+                    assert tiling.why_not(kind == "gate_up", bits) is None, (arch, kind, tiling)
+
+
+@pytest.mark.parametrize(("rows", "index"), [(1, 0), (12, 0), (12.5, 1), (40, 1), (500, 3)])
+def test_tiling_lookup_by_rows_per_expert(rows, index):
+    table = json.loads(source.read("tiles.json"))["default"]["gate_up"]
+    assert grouped.tiling_for("sm_00", rows, swiglu=True) == grouped.Tiling(
+        **table[index]["tiling"]
+    )
+
+
+def test_unknown_device_takes_the_default_table():
+    assert grouped.tiling_for("sm_1000", 4, swiglu=False) == grouped.tiling_for(
+        "default", 4, swiglu=False
+    )
+
+
+def test_schedule_bound_covers_every_routing():
+    # Each non-empty expert adds at most one partial tile to pairs / BM.
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        experts, bm = int(rng.integers(1, 300)), int(rng.choice([16, 32, 64, 128]))
+        idx = rng.integers(0, experts, int(rng.integers(1, 5000)))
+        needed = sum(-(-c // bm) for c in np.bincount(idx))
+        assert needed <= grouped.max_tiles(idx.size, experts, bm)
+
+
+def test_tiling_sizes():
+    t = grouped.Tiling(128, 128, 2, 4, 4)
+    assert t.threads == 256
+    # A: 4 x 128 x 128 B, packed 4-bit B: 4 x 128 x 32 B, two bf16 B tiles: 2 x 128 x 128 B
+    assert t.shared_bytes(4) == 4 * 128 * 128 + 4 * 128 * 32 + 2 * 128 * 128
+    assert "warp tiles" in grouped.Tiling(128, 64, 2, 4, 4).why_not(swiglu=True, bits=4)
+    assert "shared memory" in grouped.Tiling(256, 256, 2, 4, 8).why_not(swiglu=False, bits=8)
+
+
+@pytest.fixture
+def as_cuda(monkeypatch):
+    """Selection as on a CUDA machine of a given architecture (nothing runs)."""
+    monkeypatch.setattr(cuda, "backend", lambda: "cuda")
+    arch = {"value": "sm_90"}
+    monkeypatch.setattr(cuda, "device_arch", lambda: arch["value"])
+    return arch
+
+
+def test_both_paths_are_selected_with_their_pair_ranges(as_cuda):
+    layer = quantized_layer(128, 64, 16)
+    report = moefuse_runtime.install(layer, reserve_bytes=0)
+    kernels = layer.kernels
+    assert kernels.decode.max_pairs == 32
+    assert kernels.grouped == grouped.GroupedKernels(True, 32, "sm_90")
+    assert report.layers[0].compute_path == (
+        "cuda kernels <= 32 pairs (gate_up+swiglu, down: kernel); "
+        "tensor cores above (down: kernel)"
+    )
+
+
+def test_pairs_pick_the_path(as_cuda):
+    layer = quantized_layer(128, 64, 16)
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    x = mx.zeros((1, 8, 128), dtype=mx.bfloat16)
+    assert layer.kernels.pick(layer, x, mx.zeros((1, 8, 4), mx.uint32)) is layer.kernels.decode
+    assert layer.kernels.pick(layer, x, mx.zeros((1, 9, 4), mx.uint32)) is layer.kernels.grouped
+    # an input in another dtype than the scales keeps gather_qmm
+    assert layer.kernels.pick(layer, x.astype(mx.float16), mx.zeros((1, 9, 4), mx.uint32)) is None
+
+
+def test_pre_ampere_gpus_keep_gather_qmm_above_decode(as_cuda):
+    as_cuda["value"] = "sm_75"
+    layer = quantized_layer(128, 64, 16)
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    assert layer.kernels.grouped is None
+    assert "gather_qmm above" in cuda.kernels_for(layer)[1]
+
+
+def test_float_down_runs_the_layers_own_down_proj(as_cuda):
+    layer = quantized_layer(128, 64, 16, quantize_down=False)
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    assert layer.kernels.grouped.down is False
+    assert "tensor cores above (down: down_proj)" in cuda.kernels_for(layer)[1]
+
+
+# -- on the GPU: numerics -------------------------------------------------------
+
+
+def compare(layer, x, indices, dtype, *, expect_grouped=True):
+    """Grouped-kernel and gather_qmm outputs of ``layer`` against float32."""
+    ref = reference(layer, x, indices)
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    kernels = layer.kernels
+    assert (kernels.pick(layer, x, indices) is kernels.grouped) == expect_grouped
+    out = layer(x, indices)
+    layer.kernels = None  # the same fused layer on gather_qmm
+    expected = layer(x, indices)
+    layer.kernels = kernels
+    assert out.shape == expected.shape and out.dtype == expected.dtype == dtype
+    kernel_error, gather_error = relative_error(out, ref), relative_error(expected, ref)
+    assert kernel_error < TOLERANCE[dtype], (kernel_error, gather_error)
+    assert kernel_error <= GATHER_SLACK * gather_error + 1e-4, (kernel_error, gather_error)
+    return kernel_error, gather_error
+
+
+FORMATS = [(bits, gs) for bits in (4, 8) for gs in (32, 64, 128)]
+CASES = [(*f, mx.bfloat16) for f in FORMATS] + [(4, 64, mx.float16), (8, 32, mx.float16)]
+
+
+@needs_cuda
+@pytest.mark.parametrize(("bits", "group_size", "dtype"), CASES)
+@pytest.mark.parametrize("tokens", [40, 300])
+def test_qwen3_dims(bits, group_size, dtype, tokens):
+    # 40 x 8 = 320 pairs (2.5 per expert: small tiles), 300 x 8 = 2400 (~19)
+    layer = quantized_layer(2048, 768, 128, bits=bits, group_size=group_size, dtype=dtype)
+    x = mx.random.normal((1, tokens, 2048)).astype(dtype)
+    indices = mx.random.randint(0, 128, (1, tokens, 8)).astype(mx.uint32)
+    compare(layer, x, indices, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 64), (8, 32)])
+@pytest.mark.parametrize("width", [90, 192])
+def test_odd_shapes(bits, group_size, width):
+    # hidden 2880 (k tail: 2880 = 45 x 64), width 90 (columns not a multiple
+    # of any tile; down stays float: the layer's down_proj), 7 experts, top-4,
+    # 250 tokens: 1000 pairs, ~143 rows per expert: the large tiles
+    layer = quantized_layer(
+        2880, width, 7, bits=bits, group_size=group_size, quantize_down=width % group_size == 0
+    )
+    x = mx.random.normal((250, 2880)).astype(mx.bfloat16)
+    indices = mx.random.randint(0, 7, (250, 4)).astype(mx.uint32)
+    compare(layer, x, indices, mx.bfloat16)
+
+
+@needs_cuda
+def test_experts_with_zero_one_and_many_rows():
+    layer = quantized_layer(1024, 256, 16)
+    many = [[3, 3, 3, 9]] * 150  # expert 3 three times per token: 450 rows
+    one = [[15, 0, 3, 9]]  # experts 15 and 0 get one row each
+    indices = mx.array(many + one, dtype=mx.uint32)  # experts 1-2, 4-8, 10-14: none
+    x = mx.random.normal((151, 1024)).astype(mx.bfloat16)
+    compare(layer, x, indices, mx.bfloat16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("swiglu", [True, False])
+@pytest.mark.parametrize("rows_per_expert", [2, 30, 300])
+def test_every_output_element_is_written(swiglu, rows_per_expert):
+    layer = quantized_layer(2880, 96, 5, group_size=32)
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    proj = grouped.QuantizedArrays.of(layer.gate_up_proj if swiglu else layer.down_proj)
+    pairs = 5 * rows_per_expert
+    k = proj.weight.shape[-1] * 32 // proj.bits
+    x = mx.random.normal((pairs // (2 if swiglu else 1), k)).astype(mx.bfloat16)
+    indices = mx.random.randint(0, 5, (pairs,)).astype(mx.uint32)
+    order = mx.argsort(indices)
+    tiling = grouped.tiling_for(cuda.device_arch(), rows_per_expert, swiglu)
+    tiles = grouped.schedule(indices[order], 5, tiling.bm)
+    out = grouped.grouped_gemm(x, proj, order, tiles, swiglu=swiglu, top_k=2 if swiglu else 1,
+                               tiling=tiling, init_value=float("nan"))  # fmt: skip
+    assert out.shape == (pairs, 96)
+    assert not mx.isnan(out).any().item()
+
+
+@needs_cuda
+def test_schedule_matches_the_routing():
+    indices = mx.array([5, 0, 5, 5, 2, 0] * 40, dtype=mx.uint32)  # 80 of 0, 40 of 2, 120 of 5
+    sorted_experts = mx.sort(indices)
+    tiles = np.array(grouped.schedule(sorted_experts, 7, 64))
+    live = tiles[tiles[:, 0] >= 0]
+    assert live.tolist() == [
+        [0, 0, 64, 0], [0, 64, 80, 0], [2, 80, 120, 0], [5, 120, 184, 0], [5, 184, 240, 0]
+    ]  # fmt: skip
+    assert len(tiles) == grouped.max_tiles(240, 7, 64)
+    assert (tiles[len(live):, 0] == -1).all()
+
+
+@needs_cuda
+def test_16384_tokens_top8_in_one_call():
+    # 131,072 pairs: more than a grid's y or z may hold (65,535)
+    layer = quantized_layer(2048, 768, 128)
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    x = mx.random.normal((16384, 2048)).astype(mx.bfloat16) * 0.5
+    indices = mx.random.randint(0, 128, (16384, 8)).astype(mx.uint32)
+    out = layer(x, indices)
+    mx.eval(out)
+    assert out.shape == (16384, 8, 2048)
+    assert mx.isfinite(out).all().item()
+    sample = slice(0, 16384, 997)  # a float32 check of every 997th token
+    ref = reference(layer, x[sample], indices[sample])
+    assert relative_error(out[sample], ref) < TOLERANCE[mx.bfloat16]
+
+
+@needs_cuda
+def test_compiled_call_equals_uncompiled_and_follows_new_weights():
+    import dataclasses
+
+    layer = quantized_layer(1024, 256, 16)
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    compiled = layer.kernels.grouped
+    uncompiled = dataclasses.replace(compiled, compiled=False)
+    x = mx.random.normal((1, 64, 1024)).astype(mx.bfloat16)
+    indices = mx.random.randint(0, 16, (1, 64, 4)).astype(mx.uint32)
+    before = compiled(layer, x, indices)
+    assert mx.array_equal(before, uncompiled(layer, x, indices)).item()
+    layer.down_proj.scales = layer.down_proj.scales * 2
+    after = compiled(layer, x, indices)
+    assert mx.array_equal(after, uncompiled(layer, x, indices)).item()
+    assert not mx.array_equal(after, before).item()
+
+
+@needs_cuda
+def test_bf16_model_prefill_close_to_unfused():
+    from moefuse_runtime.demo import build_demo_model
+
+    plain = build_demo_model("tiny", dtype=mx.bfloat16)
+    model = build_demo_model("tiny", dtype=mx.bfloat16)
+    report = moefuse_runtime.install(model, reserve_bytes=0)
+    assert all("tensor cores above" in r.compute_path for r in report.layers), str(report)
+    tokens = mx.random.randint(0, 512, (2, 96))  # a batch-2 prompt: the grouped path
+    error = relative_error(model(tokens), np.array(plain(tokens).astype(mx.float32)))
+    assert error < TOLERANCE[mx.bfloat16], error
