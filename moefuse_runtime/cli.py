@@ -114,7 +114,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .cuda import bench as cuda_bench
 
         cuda_bench.run(args.out, layers=args.model_layers, rounds=args.model_rounds,
-                       parts=args.cuda, log=print)  # fmt: skip
+                       parts=args.cuda, prefill_tokens=args.prefill_tokens,
+                       decode_batches=args.decode_batches, log=print)  # fmt: skip
         print(f"wrote {args.out}/cuda.json and {args.out}/cuda.png")
         return 0
     if args.quick:
@@ -201,6 +202,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="the CUDA kernel paths instead (GPU): layer FLOP rates with the torch "
                    "peer, prefill and batched decode with the FFN-free bound, pair sweep; "
                    "uses --model-layers and --model-rounds")  # fmt: skip
+    p.add_argument("--prefill-tokens", nargs="*", type=int, default=[512, 2048],
+                   help="--cuda model: prompt lengths")
+    p.add_argument("--decode-batches", nargs="*", type=int, default=[4, 16, 32, 64],
+                   help="--cuda model: sequences per batched decode step")
     p.set_defaults(handler=cmd_bench)
     return parser
 

@@ -34,6 +34,7 @@ PREFILL_TOKENS = (512, 2048)
 DECODE_BATCHES = (4, 16, 32, 64)
 PAIR_SWEEP_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 DECODE_CONTEXT = 128
+CONTEXT_CHUNK = 32
 
 
 def seconds_of(fn: Callable[[], object], inner: int = 1) -> float:
@@ -80,7 +81,8 @@ def _ratios(times: dict[str, list], base: str = "unfused") -> dict[str, float]:
     return out
 
 
-def bench_model(layers: int, rounds: int, log: Callable[[str], None]) -> dict:
+def bench_model(layers: int, rounds: int, log: Callable[[str], None],
+                prefill_tokens=PREFILL_TOKENS, decode_batches=DECODE_BATCHES) -> dict:  # fmt: skip
     """Prefill tok/s and batched decode steps: unfused, fused, bound."""
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -114,7 +116,7 @@ def bench_model(layers: int, rounds: int, log: Callable[[str], None]) -> dict:
 
         return run
 
-    for n in PREFILL_TOKENS:
+    for n in prefill_tokens:
         prompt = mx.random.randint(0, 1000, (1, n))
         times = interleaved({k: prefill_fn(m, c, prompt) for k, (m, c) in variants.items()},
                             rounds)  # fmt: skip
@@ -124,14 +126,16 @@ def bench_model(layers: int, rounds: int, log: Callable[[str], None]) -> dict:
         result["prefill"].append(row)
         log(f"prefill {n}: " + _format(row["tok_s"], "tok/s") + _format_ratios(row["speedup"]))
     with_kernels(kernels)
-    for batch in DECODE_BATCHES:
+    for batch in decode_batches:
+        caches = None  # the last batch's caches go before this batch's are built
         caches = {}
         for name, (model, chosen) in variants.items():
             if chosen is not None:
                 with_kernels(chosen)
             cache = make_prompt_cache(model)
-            mx.eval(trunk(model, mx.random.randint(0, 1000, (batch, DECODE_CONTEXT)), cache))
-            caches[name] = cache
+            for _ in range(DECODE_CONTEXT // CONTEXT_CHUNK):  # mlx-lm's gather_qmm fails at
+                mx.eval(trunk(model, mx.random.randint(0, 1000, (batch, CONTEXT_CHUNK)), cache))
+            caches[name] = cache  # ... >= 65,536 pairs in one call (64 x 128 x 8)
         step = mx.random.randint(0, 1000, (batch, 1))
 
         def decode_fn(name, model, chosen):
@@ -284,6 +288,7 @@ class _Only:
 
 
 def run(out_dir: str, *, layers: int = 48, rounds: int = 7, parts=("layers", "model", "pairs"),
+        prefill_tokens=PREFILL_TOKENS, decode_batches=DECODE_BATCHES,
         log: Callable[[str], None] = lambda _: None) -> dict:  # fmt: skip
     """The CUDA suite; writes ``cuda.json`` (after each part) and ``cuda.png``."""
     import json
@@ -296,7 +301,7 @@ def run(out_dir: str, *, layers: int = 48, rounds: int = 7, parts=("layers", "mo
         if part == "layers":
             result["layers"] = bench_layers(rounds, log)
         elif part == "model":
-            result["model"] = bench_model(layers, rounds, log)
+            result["model"] = bench_model(layers, rounds, log, prefill_tokens, decode_batches)
         elif part == "pairs":
             result["pairs"] = bench_pairs(rounds, log)
         with open(os.path.join(out_dir, "cuda.json"), "w") as f:
