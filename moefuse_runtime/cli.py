@@ -198,9 +198,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dense", action="store_true",
                    help="the fused model copy also fuses its dense MLPs")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run")
-    p.add_argument("--cuda", nargs="+", choices=["layers", "model", "pairs"],
+    p.add_argument("--cuda", nargs="+", choices=["layers", "model", "pairs", "fidelity"],
                    help="the CUDA kernel paths instead (GPU): layer FLOP rates with the torch "
-                   "peer, prefill and batched decode with the FFN-free bound, pair sweep; "
+                   "peer, prefill and batched decode with the FFN-free bound, pair sweep, "
+                   "top-1 agreement with float32; "
                    "uses --model-layers and --model-rounds")  # fmt: skip
     p.add_argument("--prefill-tokens", nargs="*", type=int, default=[512, 2048],
                    help="--cuda model: prompt lengths")

@@ -52,7 +52,8 @@ class LayerKernels:
             if self.grouped is not None
             else "gather_qmm above"
         )
-        return f"cuda kernels <= {self.decode.max_pairs} pairs (gate_up+swiglu, down: {down}); {above}"
+        decode = f"cuda kernels <= {self.decode.max_pairs} pairs (gate_up+swiglu, down: {down})"
+        return f"{decode}; {above}"
 
 
 def device_arch() -> str:

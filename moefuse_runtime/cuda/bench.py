@@ -13,7 +13,11 @@ One run measures, variants interleaved round by round, medians:
   matmul of the same FLOPs (the machine's reference).
 * ``pairs``: one Qwen3 layer from 1 to 16,384 tokens at top-8: unfused,
   fused ``gather_qmm``, the decode kernels and the tensor-core kernels, each
-  forced, to show the crossovers that the selection follows.
+  forced, and the path install() selects, to show the crossovers that the
+  selection follows.
+* ``fidelity``: teacher-forced top-1 agreement of unfused and fused with a
+  float32 evaluation of the same model, over a 512-token prompt (the
+  tensor-core path).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ PREFILL_TOKENS = (512, 2048)
 DECODE_BATCHES = (4, 16, 32, 64)
 PAIR_SWEEP_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 DECODE_CONTEXT = 128
+FIDELITY_TOKENS = 512
 CONTEXT_CHUNK = 32
 
 
@@ -138,7 +143,7 @@ def bench_model(layers: int, rounds: int, log: Callable[[str], None],
             caches[name] = cache  # ... >= 65,536 pairs in one call (64 x 128 x 8)
         step = mx.random.randint(0, 1000, (batch, 1))
 
-        def decode_fn(name, model, chosen):
+        def decode_fn(name, model, chosen, step=step, caches=caches):
             def run():
                 if chosen is not None:
                     with_kernels(chosen)
@@ -155,6 +160,41 @@ def bench_model(layers: int, rounds: int, log: Callable[[str], None],
             + _format_ratios(row["speedup"]))  # fmt: skip
     with_kernels(kernels)
     bench.free(plain, fused)
+    return result
+
+
+def bench_fidelity(layers: int, tokens: int, log: Callable[[str], None]) -> dict:
+    """Teacher-forced top-1 agreement with a float32 evaluation, prefill path.
+
+    One prompt of ``tokens`` random tokens through three copies of the same
+    model: bf16 unfused (mlx-lm), bf16 fused (kernels) and a float32 copy
+    (the same quantized weights; scales, biases and activations in float32).
+    At every position: does the top-1 token match the float32 copy's, and
+    the logits' relative error.
+    """
+    from ..demo import build_demo_model
+
+    def build():
+        return build_demo_model("qwen3-30b-a3b", layers=layers, dtype=mx.bfloat16)
+
+    plain, fused, reference = build(), build(), build()
+    install(fused, reserve_bytes=0)
+    reference.set_dtype(mx.float32)
+    prompt = mx.random.randint(0, 1000, (1, tokens))
+    ref = reference(prompt).astype(mx.float32)
+    mx.eval(ref)
+    ref_top = mx.argmax(ref, axis=-1)
+    result = {"layers": layers, "tokens": tokens}
+    for name, model in (("unfused", plain), ("fused", fused)):
+        logits = model(prompt).astype(mx.float32)
+        agree = mx.mean(mx.argmax(logits, axis=-1) == ref_top).item()
+        error = (mx.linalg.norm((logits - ref).flatten()) / mx.linalg.norm(ref.flatten())).item()
+        result[name] = {"top1_agreement": agree, "logits_rel_error": error}
+    log(f"fidelity vs float32, {layers} layers, {tokens} tokens: "
+        + ", ".join(f"{k} top-1 {v['top1_agreement']:.4f} (logits rel. error "
+                    f"{v['logits_rel_error']:.2e})" for k, v in result.items()
+                    if isinstance(v, dict)))  # fmt: skip
+    bench.free(plain, fused, reference)
     return result
 
 
@@ -218,9 +258,9 @@ def bench_layers(rounds: int, log: Callable[[str], None]) -> list[dict]:
             mx.eval(x, indices, dense_x, dense_w)
             flops = 2 * pairs * hidden * 3 * width  # gate, up and down
             times = interleaved({
-                "unfused": lambda: unfused(x, indices),
-                "fused": lambda: fused(x, indices),
-                "dense_bf16_matmul": lambda: dense_x @ dense_w,
+                "unfused": lambda u=unfused, x=x, i=indices: u(x, i),
+                "fused": lambda f=fused, x=x, i=indices: f(x, i),
+                "dense_bf16_matmul": lambda a=dense_x, b=dense_w: a @ b,
             }, rounds)  # fmt: skip
             tflops = {k: flops / statistics.median(v) / 1e12 for k, v in times.items()
                       if isinstance(v, list)}  # fmt: skip
@@ -247,10 +287,11 @@ def bench_pairs(rounds: int, log: Callable[[str], None]) -> list[dict]:
         "tensor_cores": dataclasses.replace(chosen.grouped, min_pairs=0),
     }
 
-    def on(path):
+    def on(path, x, indices):
         def run():
-            kernels = forced[path]
-            fused.kernels = None if kernels is None else _Only(kernels)
+            kernels = forced.get(path)
+            fused.kernels = chosen if path == "installed" else None if kernels is None else (
+                _Only(kernels))  # fmt: skip
             return fused(x, indices)
 
         return run
@@ -260,18 +301,16 @@ def bench_pairs(rounds: int, log: Callable[[str], None]) -> list[dict]:
         x = mx.random.normal((n, hidden)).astype(mx.bfloat16)
         indices = mx.random.randint(0, experts, (n, top_k)).astype(mx.uint32)
         mx.eval(x, indices)
-        variants = {"unfused": lambda: unfused(x, indices), **{p: on(p) for p in forced}}
+        variants = {"unfused": lambda x=x, i=indices: unfused(x, i),
+                    **{p: on(p, x, indices) for p in forced}}  # fmt: skip
+        variants["installed"] = on("installed", x, indices)
         if n * top_k > 4096:
             del variants["decode_kernels"]  # a GEMV per pair: far behind, and slow to time
         times = interleaved(variants, rounds)
         ms = {k: 1e3 * statistics.median(v) for k, v in times.items() if isinstance(v, list)}
-        fused.kernels = chosen
-        ms["installed"] = 1e3 * statistics.median(
-            seconds_of(lambda: fused(x, indices)) for _ in range(rounds)
-        )
         rows.append({"tokens": n, "pairs": n * top_k, "ms": ms, "failures": _failures(times)})
-        log(f"pairs {n * top_k}: " + _format(ms, "ms")
-            + (f" | failed: {', '.join(_failures(times))}" if _failures(times) else ""))  # fmt: skip
+        failed = ", ".join(_failures(times))
+        log(f"pairs {n * top_k}: " + _format(ms, "ms") + (f" | failed: {failed}" if failed else ""))
     fused.kernels = chosen
     bench.free(unfused, fused)
     return rows
@@ -304,6 +343,8 @@ def run(out_dir: str, *, layers: int = 48, rounds: int = 7, parts=("layers", "mo
             result["model"] = bench_model(layers, rounds, log, prefill_tokens, decode_batches)
         elif part == "pairs":
             result["pairs"] = bench_pairs(rounds, log)
+        elif part == "fidelity":
+            result["fidelity"] = bench_fidelity(layers, FIDELITY_TOKENS, log)
         with open(os.path.join(out_dir, "cuda.json"), "w") as f:
             json.dump(result, f, indent=1)
     plot(result, os.path.join(out_dir, "cuda.png"))

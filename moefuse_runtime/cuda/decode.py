@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from . import source
 
@@ -75,7 +75,9 @@ MAX_SHARED_BYTES = 200 * 1024
 """Below the H100's 227 KiB per block, leaving room for two blocks per SM."""
 
 
-_GEMV_SOURCE = "moefuse::gemv<T, BITS, GROUP, K, N, SWIGLU, X_DIV, OUTS>(x, w, scales, biases, indices, out);"
+_GEMV_SOURCE = (
+    "moefuse::gemv<T, BITS, GROUP, K, N, SWIGLU, X_DIV, OUTS>(x, w, scales, biases, indices, out);"
+)
 
 
 @cache

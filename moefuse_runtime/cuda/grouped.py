@@ -260,13 +260,13 @@ class GroupedKernels:
             x.reshape(-1, x.shape[-1]), gate_up, order, tiles,
             swiglu=True, top_k=indices.shape[-1], tiling=gate_up_tiling,
         )  # fmt: skip
-        if down is None:  # the layer's own down_proj on the sorted rows, then unsorted
-            y = down_proj(mx.expand_dims(h, -2), sorted_experts, sorted_indices=True)
-            y = y.squeeze(-2)[mx.argsort(order)]
-        else:
-            if down_tiling.bm != gate_up_tiling.bm:
-                tiles = schedule(sorted_experts, experts, down_tiling.bm)
-            y = grouped_gemm(h, down, order, tiles, swiglu=False, top_k=1, tiling=down_tiling)
+        if down is None:  # the layer's own down_proj, on h back in pair order (MLX
+            # 0.32.4's sorted float gather_mm gave wrong results at width 90 on an H100)
+            h = h[mx.argsort(order)].reshape(*indices.shape, 1, h.shape[-1])
+            return down_proj(h, indices).squeeze(-2)
+        if down_tiling.bm != gate_up_tiling.bm:
+            tiles = schedule(sorted_experts, experts, down_tiling.bm)
+        y = grouped_gemm(h, down, order, tiles, swiglu=False, top_k=1, tiling=down_tiling)
         return y.reshape(*indices.shape, y.shape[-1])
 
     @property
