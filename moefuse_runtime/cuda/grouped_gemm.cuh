@@ -25,6 +25,7 @@
 namespace moefuse {
 
 constexpr int GEMM_BK = 64;  // k per pipeline stage: one 128-byte row of bf16 in shared memory
+constexpr int SCALE_RING = 4;  // k-tiles of scales and biases in registers
 
 // Upper bound on the tiles of `pairs` sorted rows over E experts: each
 // non-empty expert adds at most one partial tile. The Python launcher sizes
@@ -198,20 +199,25 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
     cp_async_commit();  // empty groups too: the wait counts stay uniform
   };
 
-  T scale[B_ITERS], bias[B_ITERS];
-  auto fetch_scales = [&](int kt) {
+  // Scales and biases ride in registers, SCALE_RING k-tiles deep: tile kt+1's
+  // are loaded SCALE_RING - 1 iterations before its dequantization. With few
+  // rows per expert an iteration is short, and one iteration of lead left
+  // every iteration waiting on a DRAM load (measured on an H100: 2.6 us per
+  // k-tile at 2-4 rows per expert, flat in the rows).
+  T scale[SCALE_RING][B_ITERS], bias[SCALE_RING][B_ITERS];
+  auto fetch_scales = [&](int kt, int slot) {
 #pragma unroll
     for (int j = 0; j < B_ITERS; ++j) {
       const int k = kt * BK + ((tid + j * THREADS) % B_CHUNKS) * B_VALS;
       const bool ok = q_ok[j] && kt < KT && k < K;
-      scale[j] = ok ? scales[s_idx[j] + k / GROUP] : static_cast<T>(0.f);
-      bias[j] = ok ? biases[s_idx[j] + k / GROUP] : static_cast<T>(0.f);
+      scale[slot][j] = ok ? scales[s_idx[j] + k / GROUP] : static_cast<T>(0.f);
+      bias[slot][j] = ok ? biases[s_idx[j] + k / GROUP] : static_cast<T>(0.f);
     }
   };
 
   // The packed chunks this thread fetched for k-tile kt, dequantized into
   // b_smem[buffer]: 8 (4-bit) or 4 (8-bit) values per word.
-  auto dequant = [&](int kt, int buffer) {
+  auto dequant = [&](int kt, int buffer, int slot) {
     const uint4* q_stage = q_smem + (kt % STAGES) * BN * B_CHUNKS;
     uint4* b_tile = b_smem + buffer * BN * 8;
 #pragma unroll
@@ -225,15 +231,15 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
 #pragma unroll
           for (int v = 0; v < 4; ++v) {
             unsigned pairs[4];
-            dequant_word<T, 4>(words[v], scale[j], bias[j], pairs);
+            dequant_word<T, 4>(words[v], scale[slot][j], bias[slot][j], pairs);
             b_tile[swizzle(r, c * 4 + v)] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
           }
         } else {
 #pragma unroll
           for (int v = 0; v < 4; v += 2) {
             unsigned lo[2], hi[2];
-            dequant_word<T, 8>(words[v], scale[j], bias[j], lo);
-            dequant_word<T, 8>(words[v + 1], scale[j], bias[j], hi);
+            dequant_word<T, 8>(words[v], scale[slot][j], bias[slot][j], lo);
+            dequant_word<T, 8>(words[v + 1], scale[slot][j], bias[slot][j], hi);
             b_tile[swizzle(r, c * 2 + v / 2)] = make_uint4(lo[0], lo[1], hi[0], hi[1]);
           }
         }
@@ -295,23 +301,32 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
   };
 
   // Software pipeline: k-tile kt+1 is dequantized while kt is multiplied.
+  // The loop is unrolled by SCALE_RING so that scale slots are constants.
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     fetch_gmem(s);
   }
-  fetch_scales(0);
+#pragma unroll
+  for (int s = 0; s < SCALE_RING; ++s) {
+    fetch_scales(s, s);
+  }
   cp_async_wait<STAGES - 2>();
-  dequant(0, 0);  // this thread's own chunks: its wait is enough
-  fetch_scales(1);
-  for (int kt = 0; kt < KT; ++kt) {
-    cp_async_wait<STAGES - 3>();  // k-tile kt+1 has landed
-    __syncthreads();              // kt's A and dequantized B are visible; kt-1 is done
-    fetch_gmem(kt + STAGES - 1);  // into the stage kt-1 used
-    if (kt + 1 < KT) {
-      dequant(kt + 1, (kt + 1) & 1);
-      fetch_scales(kt + 2);
+  dequant(0, 0, 0);  // this thread's own chunks: its wait is enough
+  for (int kt0 = 0; kt0 < KT; kt0 += SCALE_RING) {
+#pragma unroll
+    for (int u = 0; u < SCALE_RING; ++u) {
+      const int kt = kt0 + u;
+      if (kt < KT) {
+        cp_async_wait<STAGES - 3>();  // k-tile kt+1 has landed
+        __syncthreads();              // kt's A and dequantized B are visible; kt-1 is done
+        fetch_gmem(kt + STAGES - 1);  // into the stage kt-1 used
+        if (kt + 1 < KT) {
+          dequant(kt + 1, (kt + 1) & 1, (u + 1) % SCALE_RING);
+        }
+        fetch_scales(kt + SCALE_RING, u);  // the slot tile kt's dequantization freed
+        mma_ktile(kt);
+      }
     }
-    mma_ktile(kt);
   }
 
   // Epilogue: accumulator c[e] of (mt, j) is row g (+8 for e >= 2), column 2t + e % 2.
