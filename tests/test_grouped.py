@@ -15,19 +15,18 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import switch_glu
+from kernel_checks import (
+    TOLERANCE,
+    compare,
+    needs_cuda,
+    quantized_layer,
+    reference,
+    relative_error,
+)
 
 import moefuse_runtime
 from moefuse_runtime import cuda
 from moefuse_runtime.cuda import grouped, source
-from moefuse_runtime.memory import backend
-
-needs_cuda = pytest.mark.skipif(
-    backend() != "cuda", reason="the tensor-core kernels run on MLX's CUDA backend only (lent GPU)"
-)
-
-TOLERANCE = {mx.bfloat16: 1.5e-2, mx.float16: 2e-3}
-GATHER_SLACK = 1.5
 
 
 @pytest.fixture(autouse=True)
@@ -35,40 +34,12 @@ def kernels_on(monkeypatch):
     monkeypatch.setenv("MOEFUSE_KERNEL", "1")
 
 
-def quantized_layer(dims, width, experts, *, bits=4, group_size=64, dtype=mx.bfloat16,
-                    quantize_down=True, seed=0):  # fmt: skip
-    layer = switch_glu(dims, width, experts, seed=seed)
-    layer.set_dtype(dtype)
-    for name in ("gate_proj", "up_proj", "down_proj")[: 3 if quantize_down else 2]:
-        layer[name] = layer[name].to_quantized(group_size=group_size, bits=bits)
-    mx.eval(layer.parameters())
-    return layer
 
 
-def dense_weight(proj) -> np.ndarray:
-    if "scales" not in proj:
-        return np.array(proj.weight.astype(mx.float32))
-    w = mx.dequantize(proj.weight, proj.scales, proj.biases, proj.group_size, proj.bits)
-    return np.array(w.astype(mx.float32))
 
 
-def reference(layer, x, indices) -> np.ndarray:
-    """float32 SwitchGLU on the dequantized weights, one expert at a time."""
-    gate, up, down = (dense_weight(layer[k]) for k in ("gate_proj", "up_proj", "down_proj"))
-    idx = np.array(indices).reshape(-1)
-    top_k = indices.shape[-1]
-    xs = np.array(x.astype(mx.float32)).reshape(-1, x.shape[-1])[np.arange(idx.size) // top_k]
-    y = np.zeros((idx.size, down.shape[1]), np.float32)
-    for e in np.unique(idx):
-        rows = idx == e
-        g, u = xs[rows] @ gate[e].T, xs[rows] @ up[e].T
-        y[rows] = (g / (1 + np.exp(-g)) * u) @ down[e].T
-    return y.reshape(*indices.shape, -1)
 
 
-def relative_error(y, ref: np.ndarray) -> float:
-    diff = np.array(y.astype(mx.float32)) - ref
-    return float(np.linalg.norm(diff) / np.linalg.norm(ref))
 
 
 # -- everywhere: which path, which tiles --------------------------------------
@@ -171,21 +142,6 @@ def test_float_down_runs_the_layers_own_down_proj(as_cuda):
 # -- on the GPU: numerics -------------------------------------------------------
 
 
-def compare(layer, x, indices, dtype, *, expect_grouped=True):
-    """Grouped-kernel and gather_qmm outputs of ``layer`` against float32."""
-    ref = reference(layer, x, indices)
-    moefuse_runtime.install(layer, reserve_bytes=0)
-    kernels = layer.kernels
-    assert (kernels.pick(layer, x, indices) is kernels.grouped) == expect_grouped
-    out = layer(x, indices)
-    layer.kernels = None  # the same fused layer on gather_qmm
-    expected = layer(x, indices)
-    layer.kernels = kernels
-    assert out.shape == expected.shape and out.dtype == expected.dtype == dtype
-    kernel_error, gather_error = relative_error(out, ref), relative_error(expected, ref)
-    assert kernel_error < TOLERANCE[dtype], (kernel_error, gather_error)
-    assert kernel_error <= GATHER_SLACK * gather_error + 1e-4, (kernel_error, gather_error)
-    return kernel_error, gather_error
 
 
 FORMATS = [(bits, gs) for bits in (4, 8) for gs in (32, 64, 128)]
@@ -200,7 +156,7 @@ def test_qwen3_dims(bits, group_size, dtype, tokens):
     layer = quantized_layer(2048, 768, 128, bits=bits, group_size=group_size, dtype=dtype)
     x = mx.random.normal((1, tokens, 2048)).astype(dtype)
     indices = mx.random.randint(0, 128, (1, tokens, 8)).astype(mx.uint32)
-    compare(layer, x, indices, dtype)
+    compare(layer, x, indices, dtype, "grouped")
 
 
 @needs_cuda
@@ -215,7 +171,7 @@ def test_odd_shapes(bits, group_size, width):
     )
     x = mx.random.normal((250, 2880)).astype(mx.bfloat16)
     indices = mx.random.randint(0, 7, (250, 4)).astype(mx.uint32)
-    compare(layer, x, indices, mx.bfloat16)
+    compare(layer, x, indices, mx.bfloat16, "grouped")
 
 
 @needs_cuda
@@ -225,7 +181,7 @@ def test_experts_with_zero_one_and_many_rows():
     one = [[15, 0, 3, 9]]  # experts 15 and 0 get one row each
     indices = mx.array(many + one, dtype=mx.uint32)  # experts 1-2, 4-8, 10-14: none
     x = mx.random.normal((151, 1024)).astype(mx.bfloat16)
-    compare(layer, x, indices, mx.bfloat16)
+    compare(layer, x, indices, mx.bfloat16, "grouped")
 
 
 @needs_cuda

@@ -16,18 +16,18 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from helpers import switch_glu
+from kernel_checks import (
+    TOLERANCE,
+    compare,
+    needs_cuda,
+    quantized_layer,
+    relative_error,
+)
 
 import moefuse_runtime
 from moefuse_runtime import cuda
 from moefuse_runtime.cuda import decode as kernels
 from moefuse_runtime.memory import backend
-
-needs_cuda = pytest.mark.skipif(
-    backend() != "cuda", reason="the decode kernels run on MLX's CUDA backend only (lent GPU)"
-)
-
-TOLERANCE = {mx.bfloat16: 1.5e-2, mx.float16: 2e-3}
-GATHER_SLACK = 1.5
 
 
 @pytest.fixture(autouse=True)
@@ -35,39 +35,12 @@ def kernels_on(monkeypatch):
     monkeypatch.setenv("MOEFUSE_KERNEL", "1")
 
 
-def quantized_layer(
-    dims, hidden, experts, *, bits=4, group_size=64, dtype=mx.bfloat16, quantize_down=True, seed=0
-):
-    layer = switch_glu(dims, hidden, experts, seed=seed)
-    layer.set_dtype(dtype)
-    for name in ("gate_proj", "up_proj", "down_proj")[: 3 if quantize_down else 2]:
-        layer[name] = layer[name].to_quantized(group_size=group_size, bits=bits)
-    mx.eval(layer.parameters())
-    return layer
 
 
-def dense_weight(proj):
-    if "scales" not in proj:
-        return proj.weight.astype(mx.float32)
-    w = mx.dequantize(proj.weight, proj.scales, proj.biases, proj.group_size, proj.bits)
-    return w.astype(mx.float32)
 
 
-def reference(layer, x, indices):
-    """float32 SwitchGLU on the dequantized weights."""
-    gate, up, down = (dense_weight(layer[k]) for k in ("gate_proj", "up_proj", "down_proj"))
-    xf = x.astype(mx.float32)[..., None, :, None]  # (..., 1, D, 1)
-    g = (gate[indices] @ xf)[..., 0]
-    u = (up[indices] @ xf)[..., 0]
-    h = nn.silu(g) * u
-    y = (down[indices] @ h[..., None])[..., 0]
-    mx.eval(y)
-    return y
 
 
-def relative_error(y, ref):
-    diff = (y.astype(mx.float32) - ref.astype(mx.float32)).flatten()
-    return (mx.linalg.norm(diff) / mx.linalg.norm(ref.astype(mx.float32).flatten())).item()
 
 
 # -- everywhere: which path a layer takes, and why --------------------------
@@ -191,21 +164,6 @@ def test_uninstall_drops_the_kernels(as_cuda):
 FORMATS = [(bits, gs) for bits in kernels.KERNEL_BITS for gs in kernels.KERNEL_GROUP_SIZES]
 
 
-def compare(layer, x, indices, dtype):
-    """Kernel and gather_qmm outputs of ``layer`` against the float32 reference."""
-    ref = reference(layer, x, indices)
-    moefuse_runtime.install(layer, reserve_bytes=0)
-    assert layer.kernels.pick(layer, x, indices) is layer.kernels.decode
-    out = layer(x, indices)
-    chosen = layer.kernels
-    layer.kernels = None  # the same fused layer on gather_qmm
-    expected = layer(x, indices)
-    layer.kernels = chosen
-    assert out.shape == expected.shape and out.dtype == expected.dtype == dtype
-    kernel_error, gather_error = relative_error(out, ref), relative_error(expected, ref)
-    assert kernel_error < TOLERANCE[dtype], (kernel_error, gather_error)
-    assert kernel_error <= GATHER_SLACK * gather_error + 1e-4, (kernel_error, gather_error)
-    return kernel_error, gather_error
 
 
 CASES = [(*f, mx.bfloat16) for f in FORMATS] + [(4, 64, mx.float16), (8, 128, mx.float16)]
@@ -218,7 +176,7 @@ def test_qwen3_dims_one_token(bits, group_size, dtype):
     mx.random.seed(3)
     x = mx.random.normal((1, 1, 2048)).astype(dtype)
     indices = mx.random.randint(0, 128, (1, 1, 8)).astype(mx.uint32)
-    compare(layer, x, indices, dtype)
+    compare(layer, x, indices, dtype, "decode")
 
 
 @needs_cuda
@@ -235,7 +193,7 @@ def test_odd_shapes(bits, group_size, width):
     mx.random.seed(4)
     x = mx.random.normal((3, 2880)).astype(mx.bfloat16)
     indices = mx.random.randint(0, 7, (3, 4)).astype(mx.uint32)
-    compare(layer, x, indices, mx.bfloat16)
+    compare(layer, x, indices, mx.bfloat16, "decode")
 
 
 @needs_cuda
@@ -243,7 +201,7 @@ def test_duplicate_experts_within_a_token():
     layer = quantized_layer(1024, 256, 16)
     x = mx.random.normal((2, 1, 1024)).astype(mx.bfloat16)
     indices = mx.array([[[5, 5, 5, 2]], [[0, 15, 0, 15]]], dtype=mx.uint32)
-    compare(layer, x, indices, mx.bfloat16)
+    compare(layer, x, indices, mx.bfloat16, "decode")
 
 
 @needs_cuda

@@ -110,6 +110,11 @@ class QuantizedArrays(NamedTuple):
     def of(cls, proj: QuantizedSwitchLinear) -> QuantizedArrays:
         return cls(proj["weight"], proj["scales"], proj["biases"], proj.bits, proj.group_size)
 
+    def template(self, x: mx.array, n: int, swiglu: bool) -> list[tuple[str, object]]:
+        """The template constants both kernels take for this format and shape."""
+        return [("T", x.dtype), ("BITS", self.bits), ("GROUP", self.group_size),
+                ("K", x.shape[-1]), ("N", n), ("SWIGLU", swiglu)]  # fmt: skip
+
 
 def gather_qmv(
     x: mx.array,
@@ -136,16 +141,7 @@ def gather_qmv(
     blocks = math.ceil(n / (warps * outs))
     (out,) = _kernel(swiglu, shared_bytes(k, proj.bits))(
         inputs=[x, proj.weight, proj.scales, proj.biases, indices],
-        template=[
-            ("T", x.dtype),
-            ("BITS", proj.bits),
-            ("GROUP", proj.group_size),
-            ("K", k),
-            ("N", n),
-            ("SWIGLU", swiglu),
-            ("X_DIV", x_div),
-            ("OUTS", outs),
-        ],
+        template=[*proj.template(x, n, swiglu), ("X_DIV", x_div), ("OUTS", outs)],
         grid=(32 * warps * blocks, indices.size, 1),
         threadgroup=(32 * warps, 1, 1),
         output_shapes=[(indices.size, n)],

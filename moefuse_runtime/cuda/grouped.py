@@ -179,17 +179,11 @@ def grouped_gemm(
     and row s lands at ``order[s]``. ``init_value`` pre-fills the output
     (tests poison it with NaN to prove every element is written).
     """
-    k = x.shape[-1]
     n = proj.weight.shape[-2] // (2 if swiglu else 1)
     cols = tiling.bn // 2 if swiglu else tiling.bn
     blocks = tiles.shape[0] * math.ceil(n / cols)
     template = (
-        ("T", x.dtype),
-        ("BITS", proj.bits),
-        ("GROUP", proj.group_size),
-        ("K", k),
-        ("N", n),
-        ("SWIGLU", swiglu),
+        *proj.template(x, n, swiglu),
         ("TOP_K", top_k),
         ("BM", tiling.bm),
         ("BN", tiling.bn),

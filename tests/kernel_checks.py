@@ -1,0 +1,80 @@
+"""What the CUDA kernel tests share: layers, a float32 reference, tolerances.
+
+The kernels sum in fp32 in another order than gather_qmm, so they are held
+to a stated tolerance, not bitwise equality: relative error against a float32
+evaluation of the same dequantized weights within ``TOLERANCE`` of the dtype,
+and never more than ``GATHER_SLACK`` times the error of MLX's own gather_qmm
+path on the same inputs.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import switch_glu
+
+import moefuse_runtime
+from moefuse_runtime.memory import backend
+
+TOLERANCE = {mx.bfloat16: 1.5e-2, mx.float16: 2e-3}
+GATHER_SLACK = 1.5
+
+needs_cuda = pytest.mark.skipif(
+    backend() != "cuda", reason="the CUDA kernels run on MLX's CUDA backend only (lent GPU)"
+)
+
+
+def quantized_layer(dims, width, experts, *, bits=4, group_size=64, dtype=mx.bfloat16,
+                    quantize_down=True, seed=0):  # fmt: skip
+    layer = switch_glu(dims, width, experts, seed=seed)
+    layer.set_dtype(dtype)
+    for name in ("gate_proj", "up_proj", "down_proj")[: 3 if quantize_down else 2]:
+        layer[name] = layer[name].to_quantized(group_size=group_size, bits=bits)
+    mx.eval(layer.parameters())
+    return layer
+
+
+def dense_weight(proj) -> np.ndarray:
+    if "scales" not in proj:
+        return np.array(proj.weight.astype(mx.float32))
+    w = mx.dequantize(proj.weight, proj.scales, proj.biases, proj.group_size, proj.bits)
+    return np.array(w.astype(mx.float32))
+
+
+def reference(layer, x, indices) -> np.ndarray:
+    """float32 SwitchGLU on the dequantized weights, one expert at a time."""
+    gate, up, down = (dense_weight(layer[k]) for k in ("gate_proj", "up_proj", "down_proj"))
+    idx = np.array(indices).reshape(-1)
+    top_k = indices.shape[-1]
+    xs = np.array(x.astype(mx.float32)).reshape(-1, x.shape[-1])[np.arange(idx.size) // top_k]
+    y = np.zeros((idx.size, down.shape[1]), np.float32)
+    for e in np.unique(idx):
+        rows = idx == e
+        g, u = xs[rows] @ gate[e].T, xs[rows] @ up[e].T
+        y[rows] = (g / (1 + np.exp(-g)) * u) @ down[e].T
+    return y.reshape(*indices.shape, -1)
+
+
+def relative_error(y, ref) -> float:
+    """‖y - ref‖ / ‖ref‖; either may be an mx.array or a numpy array."""
+    y, ref = (np.array(a.astype(mx.float32)) if isinstance(a, mx.array) else a for a in (y, ref))
+    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+
+def compare(layer, x, indices, dtype, path: str):
+    """Kernel (``path``: 'decode' or 'grouped') and gather_qmm outputs of
+    ``layer`` against float32; returns both errors."""
+    ref = reference(layer, x, indices)
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    kernels = layer.kernels
+    assert kernels.pick(layer, x, indices) is getattr(kernels, path)
+    out = layer(x, indices)
+    layer.kernels = None  # the same fused layer on gather_qmm
+    expected = layer(x, indices)
+    layer.kernels = kernels
+    assert out.shape == expected.shape and out.dtype == expected.dtype == dtype
+    kernel_error, gather_error = relative_error(out, ref), relative_error(expected, ref)
+    assert kernel_error < TOLERANCE[dtype], (kernel_error, gather_error)
+    assert kernel_error <= GATHER_SLACK * gather_error + 1e-4, (kernel_error, gather_error)
+    return kernel_error, gather_error
