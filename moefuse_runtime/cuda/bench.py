@@ -132,8 +132,7 @@ def bench_model(layers: int, rounds: int, log: Callable[[str], None],
         log(f"prefill {n}: " + _format(row["tok_s"], "tok/s") + _format_ratios(row["speedup"]))
     with_kernels(kernels)
     for batch in decode_batches:
-        caches = None  # the last batch's caches go before this batch's are built
-        caches = {}
+        caches = {}  # the last batch's caches go before this batch's are built
         for name, (model, chosen) in variants.items():
             if chosen is not None:
                 with_kernels(chosen)

@@ -223,7 +223,8 @@ class GroupedKernels:
         return indices.size > self.min_pairs and x.dtype == layer.gate_up_proj["scales"].dtype
 
     def tilings(self, pairs: int, experts: int) -> tuple[Tiling, Tiling]:
-        rows_per_expert = pairs / min(experts, pairs)
+        """gate_up's and down's tilings for this many pairs (tiles.json)."""
+        rows_per_expert = pairs / min(experts, pairs)  # at least one row per expert hit
         return (
             tiling_for(self.arch, rows_per_expert, swiglu=True),
             tiling_for(self.arch, rows_per_expert, swiglu=False),
