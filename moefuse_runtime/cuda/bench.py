@@ -17,7 +17,9 @@ One run measures, variants interleaved round by round, medians:
   selection follows.
 * ``fidelity``: teacher-forced top-1 agreement of unfused and fused with a
   float32 evaluation of the same model, over a 512-token prompt (the
-  tensor-core path).
+  tensor-core path). Three 48-layer copies: on an 80 GB GPU run it in a
+  process of its own (after ``model`` in the same process it ran out of
+  memory on the H100).
 """
 
 from __future__ import annotations
@@ -344,9 +346,9 @@ def run(out_dir: str, *, layers: int = 48, rounds: int = 7, parts=("layers", "mo
             result["pairs"] = bench_pairs(rounds, log)
         elif part == "fidelity":
             result["fidelity"] = bench_fidelity(layers, FIDELITY_TOKENS, log)
-        with open(os.path.join(out_dir, "cuda.json"), "w") as f:
+        with open(os.path.join(out_dir, "cuda.json"), "w") as f:  # a later crash keeps it
             json.dump(result, f, indent=1)
-    plot(result, os.path.join(out_dir, "cuda.png"))
+        plot(result, os.path.join(out_dir, "cuda.png"))
     return result
 
 
