@@ -263,3 +263,89 @@ def test_bf16_model_prefill_close_to_unfused():
     tokens = mx.random.randint(0, 512, (2, 96))  # a batch-2 prompt: the grouped path
     error = relative_error(model(tokens), np.array(plain(tokens).astype(mx.float32)))
     assert error < TOLERANCE[mx.bfloat16], error
+
+
+# -- everywhere: the data flow around the kernels, with their contract emulated --
+
+
+def emulated_schedule(sorted_experts, experts, bm):
+    """What tile_schedule computes, in numpy (its contract, not its code)."""
+    idx = np.array(sorted_experts)
+    tiles = [[e, s, min(s + bm, end), 0]
+             for e in range(experts)
+             for start, end in [(np.searchsorted(idx, e), np.searchsorted(idx, e, "right"))]
+             for s in range(start, end, bm)]  # fmt: skip
+    tiles += [[-1, 0, 0, 0]] * (grouped.max_tiles(idx.size, experts, bm) - len(tiles))
+    return mx.array(np.array(tiles, np.int32))
+
+
+def emulated_gemm(x, proj, order, tiles, *, swiglu, top_k, tiling, init_value=None):
+    """What grouped_gemm computes, in numpy float32, row by row of every tile."""
+    w = np.array(mx.dequantize(proj.weight, proj.scales, proj.biases, proj.group_size,
+                               proj.bits).astype(mx.float32))  # fmt: skip
+    xs, order = np.array(x.astype(mx.float32)), np.array(order)
+    n = w.shape[1] // (2 if swiglu else 1)
+    out = np.full((order.size, n), np.nan, np.float32)
+    for expert, start, end, _ in np.array(tiles).tolist():
+        if expert < 0:
+            continue
+        rows = np.arange(start, end)
+        a = xs[order[rows] // top_k] if swiglu else xs[rows]
+        y = a @ w[expert].T
+        if swiglu:
+            gate, up = y[:, :n], y[:, n:]
+            out[rows] = gate / (1 + np.exp(-gate)) * up
+        else:
+            out[order[rows]] = y
+    return mx.array(out).astype(x.dtype)
+
+
+@pytest.mark.parametrize("quantize_down", [True, False])
+@pytest.mark.parametrize(("tokens", "experts", "top_k"), [(3, 8, 2), (40, 16, 4), (100, 5, 3)])
+def test_grouped_data_flow_matches_switch_glu(monkeypatch, tokens, experts, top_k, quantize_down):
+    # Sorting, the x gather for gate_up, the scatter back to pair order and
+    # the float-down fallback, with the kernels replaced by their contract:
+    # the fused FFN must equal the unfused SwitchGLU (float32, on any backend).
+    monkeypatch.setattr(grouped, "schedule", emulated_schedule)
+    monkeypatch.setattr(grouped, "grouped_gemm", emulated_gemm)
+    layer = quantized_layer(128, 64, experts, dtype=mx.float32, quantize_down=quantize_down)
+    x = mx.random.normal((2, tokens, 128))
+    indices = mx.random.randint(0, experts, (2, tokens, top_k)).astype(mx.uint32)
+    expected = layer(x, indices)
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    path = grouped.GroupedKernels(quantize_down, 0, compiled=False)
+    out = path(layer, x, indices)
+    assert out.shape == expected.shape
+    assert relative_error(out, expected) < 1e-5
+
+
+def test_schedule_emulation_matches_the_known_routing():
+    # The same routing as test_schedule_matches_the_routing (GPU), emulated.
+    tiles = np.array(emulated_schedule(mx.sort(mx.array([5, 0, 5, 5, 2, 0] * 40)), 7, 64))
+    assert tiles[tiles[:, 0] >= 0].tolist() == [
+        [0, 0, 64, 0], [0, 64, 80, 0], [2, 80, 120, 0], [5, 120, 184, 0], [5, 184, 240, 0]
+    ]  # fmt: skip
+
+
+def test_header_inlines_common_once():
+    text = source.header("grouped_gemm.cuh")
+    assert '#include "' not in text and "#pragma once" not in text
+    assert text.count("struct same_type {") == 1  # common.cuh, once
+    assert "__device__ void grouped_gemm(" in text and "__device__ void tile_schedule(" in text
+
+
+def test_launch_bounds_declare_the_kernel_mlx_generates():
+    # MLX names a custom kernel custom_kernel_<name><template hash> (seen in an
+    # NVRTC error on the H100: ..._bfloat16_t_4_32_2048_768_t_8_16_128_1_4_4)
+    # and passes the inputs as const pointers in order, then the output.
+    template = [("T", mx.bfloat16), ("BITS", 4), ("GROUP", 32), ("K", 2048), ("N", 768),
+                ("SWIGLU", True), ("TOP_K", 8), ("BM", 16), ("BN", 128), ("WARPS_M", 1),
+                ("WARPS_N", 4), ("STAGES", 4)]  # fmt: skip
+    tiling = grouped.Tiling(16, 128, 1, 4, 4, min_blocks=3)
+    text = grouped._launch_bounds("moefuse_grouped_gemm", template, tiling, mx.bfloat16)
+    assert (
+        "__global__ void __launch_bounds__(128, 3) custom_kernel_moefuse_grouped_gemm_"
+        "bfloat16_t_4_32_2048_768_t_8_16_128_1_4_4(const __nv_bfloat16*, const uint32_t*, "
+        "const __nv_bfloat16*, const __nv_bfloat16*, const uint32_t*, const int32_t*, "
+        "__nv_bfloat16*);"
+    ) in text
