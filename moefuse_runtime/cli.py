@@ -112,6 +112,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.cuda:
         from .cuda import bench as cuda_bench
+        from .memory import backend
+
+        if backend() != "cuda":
+            print(f"moefuse bench --cuda: needs MLX's CUDA backend (this machine: {backend()})",
+                  file=sys.stderr)  # fmt: skip
+            return 2
 
         cuda_bench.run(args.out, layers=args.model_layers, rounds=args.model_rounds,
                        parts=args.cuda, prefill_tokens=args.prefill_tokens,

@@ -127,3 +127,14 @@ def test_bench_quick_writes_json_and_png(tmp_path):
     assert result["model"]["greedy_tokens_match"] is True
     assert result["model"]["install"]["fused_layers"] == 2
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_cuda_says_it_needs_cuda(tmp_path):
+    from moefuse_runtime.memory import backend
+
+    if backend() == "cuda":
+        pytest.skip("this machine has CUDA: the CUDA bench runs (docs/kernels.md)")
+    done = run(["moefuse", "bench", "--cuda", "layers", "--out", str(tmp_path)])
+    assert done.returncode == 2
+    assert f"needs MLX's CUDA backend (this machine: {backend()})" in done.stderr
+    assert not (tmp_path / "cuda.json").exists()
