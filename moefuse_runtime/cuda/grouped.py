@@ -12,7 +12,10 @@ weights dequantized in shared memory, fp32 accumulation:
     y     = grouped_gemm(h, down)     each row back to its pair's place
 
 Tile shapes come from tiles.json (measured; scripts/tune_grouped.py), looked
-up by device and by rows per expert.
+up by device and by rows per expert. Measured on an H100 (docs/kernels.md):
+a Qwen3-30B-A3B layer at 2,048 tokens runs at 161 TFLOP/s of GPU time
+(gather_qmm: 4.8), prefill of a 48-layer model x14.85, and a 64-sequence
+decode step x1.57.
 """
 
 from __future__ import annotations
