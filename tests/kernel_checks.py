@@ -25,6 +25,12 @@ needs_cuda = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def kernels_on(monkeypatch):
+    """The kernel tests run with the kernels on (conftest turns them off)."""
+    monkeypatch.setenv("MOEFUSE_KERNEL", "1")
+
+
 def quantized_layer(dims, width, experts, *, bits=4, group_size=64, dtype=mx.bfloat16,
                     quantize_down=True, seed=0):  # fmt: skip
     layer = switch_glu(dims, width, experts, seed=seed)

@@ -15,9 +15,10 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from kernel_checks import (
+from kernel_checks import (  # kernels_on: autouse, MOEFUSE_KERNEL=1
     TOLERANCE,
     compare,
+    kernels_on,  # noqa: F401
     needs_cuda,
     quantized_layer,
     reference,
@@ -27,20 +28,6 @@ from kernel_checks import (
 import moefuse_runtime
 from moefuse_runtime import cuda
 from moefuse_runtime.cuda import grouped, source
-
-
-@pytest.fixture(autouse=True)
-def kernels_on(monkeypatch):
-    monkeypatch.setenv("MOEFUSE_KERNEL", "1")
-
-
-
-
-
-
-
-
-
 
 # -- everywhere: which path, which tiles --------------------------------------
 
@@ -140,8 +127,6 @@ def test_float_down_runs_the_layers_own_down_proj(as_cuda):
 
 
 # -- on the GPU: numerics -------------------------------------------------------
-
-
 
 
 FORMATS = [(bits, gs) for bits in (4, 8) for gs in (32, 64, 128)]

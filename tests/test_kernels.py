@@ -16,9 +16,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from helpers import switch_glu
-from kernel_checks import (
+from kernel_checks import (  # kernels_on: autouse, MOEFUSE_KERNEL=1
     TOLERANCE,
     compare,
+    kernels_on,  # noqa: F401
     needs_cuda,
     quantized_layer,
     relative_error,
@@ -28,20 +29,6 @@ import moefuse_runtime
 from moefuse_runtime import cuda
 from moefuse_runtime.cuda import decode as kernels
 from moefuse_runtime.memory import backend
-
-
-@pytest.fixture(autouse=True)
-def kernels_on(monkeypatch):
-    monkeypatch.setenv("MOEFUSE_KERNEL", "1")
-
-
-
-
-
-
-
-
-
 
 # -- everywhere: which path a layer takes, and why --------------------------
 
@@ -162,8 +149,6 @@ def test_uninstall_drops_the_kernels(as_cuda):
 # -- on the GPU: numerics ---------------------------------------------------
 
 FORMATS = [(bits, gs) for bits in kernels.KERNEL_BITS for gs in kernels.KERNEL_GROUP_SIZES]
-
-
 
 
 CASES = [(*f, mx.bfloat16) for f in FORMATS] + [(4, 64, mx.float16), (8, 128, mx.float16)]
