@@ -83,8 +83,7 @@ def grouped_units():
         header = source.header("grouped_gemm.cuh")
         if tiling.min_blocks > 1:
             header += grouped._launch_bounds(kernel, template, tiling, dtype)
-        suffix = grouped._launch_bounds(kernel, template, tiling, dtype).split("custom_kernel_")
-        name = "custom_kernel_" + suffix[1].split("(")[0]
+        name = grouped.kernel_name(kernel, template)
         params = f"const {t}* x, const uint32_t* w, const {t}* scales, const {t}* biases, "
         params += f"const uint32_t* order, const int32_t* tiles, {t}* out"
         label = f"grouped {t} {bits}-bit g{group} swiglu={swiglu} {tiling}"

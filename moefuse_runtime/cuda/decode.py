@@ -193,7 +193,7 @@ class DecodeKernels:
     def __call__(self, layer: nn.Module, x: mx.array, indices: mx.array) -> mx.array:
         gate_up = QuantizedArrays.of(layer.gate_up_proj)
         if not self.down:
-            h = self.gate_up(x, _flat_uint32(indices), indices.shape[-1], gate_up)
+            h = self.gate_up(x, flat_uint32(indices), indices.shape[-1], gate_up)
             h = h.reshape(*indices.shape, 1, h.shape[-1])
             return layer.down_proj(h, indices).squeeze(-2)
         down = QuantizedArrays.of(layer.down_proj)
@@ -214,14 +214,15 @@ class DecodeKernels:
         self, x: mx.array, indices: mx.array, gate_up: QuantizedArrays, down: QuantizedArrays
     ) -> mx.array:
         """The whole FFN on the two kernels: (..., top_k, hidden), as SwitchGLU."""
-        flat = _flat_uint32(indices)
+        flat = flat_uint32(indices)
         h = self.gate_up(x, flat, indices.shape[-1], gate_up)
         outs, warps = self.down_tiling
         y = gather_qmv(h, down, flat, swiglu=False, x_div=1, outs=outs, warps=warps)
         return y.reshape(*indices.shape, y.shape[-1])
 
 
-def _flat_uint32(indices: mx.array) -> mx.array:
+def flat_uint32(indices: mx.array) -> mx.array:
+    """The routing indices as the kernels read them: flat, uint32."""
     flat = indices.reshape(-1)
     return flat if flat.dtype == mx.uint32 else flat.astype(mx.uint32)
 

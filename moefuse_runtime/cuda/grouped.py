@@ -28,7 +28,7 @@ from functools import cache
 import mlx.core as mx
 
 from . import source
-from .decode import QuantizedArrays
+from .decode import QuantizedArrays, flat_uint32
 
 GEMM_BK = 64
 """k values per pipeline stage (grouped_gemm.cuh: GEMM_BK)."""
@@ -125,25 +125,31 @@ _GEMM_SOURCE = (
 )
 
 
+def kernel_name(name: str, template: list[tuple[str, object]]) -> str:
+    """The ``__global__`` function MLX generates for ``name`` with these
+    template constants (mlx/backend/cuda/custom_kernel.cpp)."""
+    suffix = "".join(
+        f"_{_HASH_TYPES[v]}" if k == "T" else ("_t" if v else "_f") if isinstance(v, bool)
+        else f"_{v}" for k, v in template
+    )  # fmt: skip
+    return f"custom_kernel_{name}{suffix}"
+
+
 def _launch_bounds(name: str, template: list[tuple[str, object]], tiling: Tiling, dtype) -> str:
     """A declaration of the kernel MLX will generate, with __launch_bounds__.
 
     MLX writes the ``__global__`` function itself and takes no attributes; a
     prior declaration of the same function with launch bounds caps its
-    registers (checked with nvcc by scripts/check_kernel_source.py). The name
-    and parameters follow mlx/backend/cuda/custom_kernel.cpp.
+    registers (checked with nvcc by scripts/check_kernel_source.py). The
+    parameters follow mlx/backend/cuda/custom_kernel.cpp.
     """
-    suffix = "".join(
-        f"_{_HASH_TYPES[v]}" if k == "T" else ("_t" if v else "_f") if isinstance(v, bool)
-        else f"_{v}" for k, v in template
-    )  # fmt: skip
     t = _CUDA_TYPES[dtype]
     params = f"const {t}*, const uint32_t*, const {t}*, const {t}*, const uint32_t*, "
     params += f"const int32_t*, {t}*"
     return (
         "namespace mlx::core::cu {\n"
         f"__global__ void __launch_bounds__({tiling.threads}, {tiling.min_blocks}) "
-        f"custom_kernel_{name}{suffix}({params});\n"
+        f"{kernel_name(name, template)}({params});\n"
         "}\n"
     )
 
@@ -249,8 +255,7 @@ class GroupedKernels:
         """The FFN on the grouped GEMMs: (..., top_k, hidden), as SwitchGLU."""
         gate_up_tiling, down_tiling = tilings
         experts = gate_up.weight.shape[0]
-        flat = indices.reshape(-1)
-        flat = flat if flat.dtype == mx.uint32 else flat.astype(mx.uint32)
+        flat = flat_uint32(indices)
         order = mx.argsort(flat)
         sorted_experts = flat[order]
         tiles = schedule(sorted_experts, experts, gate_up_tiling.bm)
