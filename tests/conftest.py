@@ -19,6 +19,18 @@ def gather_path(monkeypatch):
     monkeypatch.setenv("MOEFUSE_KERNEL", "0")
 
 
+@pytest.fixture
+def cpu_device():
+    """Run a test on MLX's CPU device, whatever the machine has: for tests of
+    data flow that compare float32 results, which CUDA's TF32 matmuls blur."""
+    import mlx.core as mx
+
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(previous)
+
+
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory) -> Path:
     """A tiny demo model directory, written once per test session."""

@@ -367,7 +367,8 @@ def plot(result: dict, path: str) -> None:
             left.plot(*zip(*points, strict=True), marker="o", label=path_name)
     left.set(xscale="log", yscale="log", xlabel="(token, expert) pairs", ylabel="ms per layer",
              title="Qwen3-30B-A3B MoE layer, 4-bit, per path")  # fmt: skip
-    left.legend(fontsize=7)
+    if rows:
+        left.legend(fontsize=7)
     model = result.get("model", {})
     labels, fused, bound = [], [], []
     for r in model.get("prefill", []):
