@@ -209,10 +209,20 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    "peer, prefill and batched decode with the FFN-free bound, pair sweep, "
                    "top-1 agreement with float32; "
                    "uses --model-layers and --model-rounds")  # fmt: skip
-    p.add_argument("--prefill-tokens", nargs="*", type=int, default=[512, 2048],
-                   help="--cuda model: prompt lengths")
-    p.add_argument("--decode-batches", nargs="*", type=int, default=[4, 16, 32, 64],
-                   help="--cuda model: sequences per batched decode step")
+    p.add_argument(
+        "--prefill-tokens",
+        nargs="*",
+        type=int,
+        default=[512, 2048],
+        help="--cuda model: prompt lengths",
+    )
+    p.add_argument(
+        "--decode-batches",
+        nargs="*",
+        type=int,
+        default=[4, 16, 32, 64],
+        help="--cuda model: sequences per batched decode step",
+    )
     p.set_defaults(handler=cmd_bench)
     return parser
 

@@ -1,4 +1,4 @@
-"""Zero-code activation: fuse every model that mlx-lm's or exo's loaders return.
+"""Zero-code activation: fuse every model that the MLX loaders return.
 
 ``autopatch()`` registers wrapt post-import hooks: they fire at once if the
 target module is already imported, otherwise when it is. Each hook wraps one
@@ -6,16 +6,21 @@ loader and then replaces the aliases other modules already took of it
 (``mlx_lm/server.py`` does ``from .utils import load, sharded_load``; a module
 imported later gets the wrapper from the patched module itself).
 
-The loaders wrapped are the ones that return a model *after* its sharding:
+Loaders that return a model *after* its sharding fuse it at once:
 
-- ``mlx_lm.utils.load`` (what ``mlx_lm.load``, ``mlx_lm.generate`` and
-  ``mlx_lm.server`` call) and ``mlx_lm.utils.sharded_load`` (tensor and
-  pipeline parallel; ``pipeline_load`` goes through it).
+- ``mlx_lm.utils.load`` (``mlx_lm.load``, ``mlx_lm.generate``,
+  ``mlx_lm.server``) and ``mlx_lm.utils.sharded_load`` (tensor and pipeline
+  parallel; ``pipeline_load`` goes through it);
+- ``mlx_vlm.utils.load`` (``mlx_vlm.load``, ``mlx_vlm.generate``,
+  ``mlx_vlm.server``, vllm-mlx's multimodal path) and
+  ``mlx_vlm.utils.sharded_load``;
 - exo's ``load_mlx_items``, a generator that loads, shards with exo's own
   strategies, and returns ``(model, tokenizer, vision)``.
 
-``mlx_lm.utils.load_model`` is deliberately left alone: sharding code (exo's,
-mlx-lm's ``sharded_load``) calls it and then reaches for ``gate_proj``.
+``mlx_lm.utils.load_model`` (vllm-mlx's text path) and
+``mlx_vlm.utils.load_model`` return before their callers shard, with their
+own code that reaches for ``gate_proj``: they only arm the model, which then
+fuses on its first forward pass (see `first_forward`).
 
 A hook never raises into the host: a failure is logged and the model stays
 unfused. wrapt does not make patches idempotent, so each wrapper is marked.
@@ -40,7 +45,8 @@ class Target:
     wrapper: Callable
 
 
-def _install_quietly(model: object, group: object = None) -> None:
+def install_quietly(model: object, group: object = None) -> None:
+    """`install`, logging instead of raising: the host must keep serving."""
     from .install import install
 
     try:
@@ -53,7 +59,7 @@ def _after_load(wrapped, instance, args, kwargs):
     """mlx_lm.utils.load -> (model, tokenizer[, config])."""
     result = wrapped(*args, **kwargs)
     if _active:
-        _install_quietly(result[0])
+        install_quietly(result[0])
     return result
 
 
@@ -67,7 +73,31 @@ def _after_sharded_load(wrapped, instance, args, kwargs):
             import mlx.core as mx
 
             tensor_group = mx.distributed.init()  # what sharded_load itself uses
-        _install_quietly(result[0], group=tensor_group)
+        install_quietly(result[0], group=tensor_group)
+    return result
+
+
+def _after_vlm_sharded_load(wrapped, instance, args, kwargs):
+    """mlx_vlm.utils.sharded_load(repo, tensor_group, pipeline_group): tensor first."""
+    result = wrapped(*args, **kwargs)
+    if _active:
+        tensor_group = kwargs.get("tensor_group", args[1] if len(args) > 1 else None)
+        pipeline_group = kwargs.get("pipeline_group", args[2] if len(args) > 2 else None)
+        if tensor_group is None and pipeline_group is None and hasattr(result[0], "shard"):
+            import mlx.core as mx
+
+            tensor_group = mx.distributed.init()  # what sharded_load itself uses
+        install_quietly(result[0], group=tensor_group)
+    return result
+
+
+def _after_load_model(wrapped, instance, args, kwargs):
+    """load_model(path, ...) -> model, or (model, config) for mlx-lm's."""
+    result = wrapped(*args, **kwargs)
+    if _active:
+        from .first_forward import arm
+
+        arm(result[0] if isinstance(result, tuple) else result)
     return result
 
 
@@ -76,13 +106,17 @@ def _after_exo_load(wrapped, instance, args, kwargs):
     (model, tokenizer, vision_processor) once loaded and sharded."""
     result = yield from wrapped(*args, **kwargs)
     if _active:
-        _install_quietly(result[0], group=kwargs.get("group", args[1] if len(args) > 1 else None))
+        install_quietly(result[0], group=kwargs.get("group", args[1] if len(args) > 1 else None))
     return result
 
 
 TARGETS = (
     Target("mlx_lm.utils", "load", _after_load),
     Target("mlx_lm.utils", "sharded_load", _after_sharded_load),
+    Target("mlx_lm.utils", "load_model", _after_load_model),
+    Target("mlx_vlm.utils", "load", _after_load),
+    Target("mlx_vlm.utils", "sharded_load", _after_vlm_sharded_load),
+    Target("mlx_vlm.utils", "load_model", _after_load_model),
     Target("exo.worker.engines.mlx.utils_mlx", "load_mlx_items", _after_exo_load),
 )
 

@@ -15,13 +15,13 @@ from collections.abc import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import SwitchGLU
 
 from . import projections
 from .config import ENABLE_ENV, env_flag
 from .dense import DENSE_MLP
 from .dense import is_candidate as is_dense_candidate
-from .layer import FUSED_NAME, SWITCH_GLU, Kind
+from .first_forward import disarm
+from .layer import FUSED_NAME, SWITCH_GLU, Kind, switch_glu_classes
 from .memory import default_reserve_bytes, format_bytes, headroom
 from .report import RELAID, FuseReport, LayerResult, Outcome
 from .sharding import guard_shard
@@ -29,19 +29,22 @@ from .sharding import guard_shard
 logger = logging.getLogger(__name__)
 
 
-def find_switch_glus(model: nn.Module) -> Iterator[tuple[str, SwitchGLU]]:
-    """Every SwitchGLU in ``model`` with its dotted path, found lazily."""
-    for path, module, _ in _walk(model, "", dense=False):
+def find_switch_glus(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every SwitchGLU (mlx-lm's, mlx-vlm's, subclasses) in ``model`` with its
+    dotted path, found lazily."""
+    for path, module, _ in _walk(model, "", dense=False, switch=switch_glu_classes()):
         yield path, module
 
 
 def find_targets(model: nn.Module, dense: bool) -> Iterator[tuple[str, nn.Module, Kind]]:
     """SwitchGLUs and (with ``dense``) dense gate/up MLPs, found lazily."""
-    yield from _walk(model, "", dense)
+    yield from _walk(model, "", dense, switch_glu_classes())
 
 
-def _walk(value: object, path: str, dense: bool) -> Iterator[tuple[str, nn.Module, Kind]]:
-    if isinstance(value, SwitchGLU):
+def _walk(
+    value: object, path: str, dense: bool, switch: tuple[type, ...]
+) -> Iterator[tuple[str, nn.Module, Kind]]:
+    if isinstance(value, switch):
         yield path, value, SWITCH_GLU
         return
     if dense and isinstance(value, nn.Module) and is_dense_candidate(value):
@@ -55,7 +58,7 @@ def _walk(value: object, path: str, dense: bool) -> Iterator[tuple[str, nn.Modul
         return
     for key, child in children:
         if isinstance(child, (dict, list, tuple)):
-            yield from _walk(child, f"{path}.{key}" if path else str(key), dense)
+            yield from _walk(child, f"{path}.{key}" if path else str(key), dense, switch)
 
 
 def install(
@@ -86,6 +89,7 @@ def install(
         A `FuseReport`; layers that could not be fused say why. Never raises
         for a layer: any failure leaves that layer unfused and working.
     """
+    disarm(model)  # fusing now supersedes fusing on the first forward
     if enabled is False:
         return _disabled_report(model, dense, "disabled by enabled=False")
     if enabled is None and not env_flag(ENABLE_ENV, default=True):
@@ -114,6 +118,7 @@ def uninstall(model: nn.Module) -> FuseReport:
     The arrays come back bitwise identical and the layer regains its
     original class, so the model saves and loads as an ordinary mlx-lm model.
     """
+    disarm(model)
     return _run("uninstall", model, True, _Unfuser())
 
 

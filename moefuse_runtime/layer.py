@@ -1,72 +1,119 @@
-"""The fused layer: a SwitchGLU whose gate and up run as one expert matmul."""
+"""The fused layer: a SwitchGLU whose gate and up run as one expert matmul.
+
+Every SwitchGLU flavour (mlx-lm's, mlx-vlm's, and any subclass of them) is
+fused the same way, driven by the `FLAVOURS` table:
+
+* ``gate_up_proj`` = [gate_proj; up_proj] stacked on the output axis, and
+  ``gate_proj`` / ``up_proj`` its two `Half` s (see `halves`), so the
+  layer's own forward runs unchanged and computes both with one matmul.
+* The layer's ``__class__`` is rebound to a fused twin of its class
+  (`fused_class_for`), generated once per class: it marks the layer fused,
+  remembers the class to restore, and on CUDA hands calls to the kernels
+  when the layer's forward is its flavour's own (the kernels implement that
+  forward; a subclass's forward may do more).
+"""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import SwitchGLU, _gather_sort, _scatter_unsort
 
 from . import projections
 from .cuda import kernels_for
+from .first_forward import unarmed_class
+from .halves import FUSED_NAME, join_halves, split_into_halves, why_forward_not_alike
 from .memory import backend
 
-FUSED_NAME = "gate_up_proj"
+__all__ = ["FUSED_NAME", "FLAVOURS", "FusedSwitchGLU", "Kind", "SWITCH_GLU", "is_fused"]
 
 
-class FusedSwitchGLU(SwitchGLU):
-    """SwitchGLU with ``gate_up_proj`` = [gate_proj; up_proj] stacked on outputs.
+def _routed(layer: nn.Module, routed: mx.array) -> mx.array:
+    return routed
+
+
+def _combined(layer, routed, weights=None, shared=None, residual=None) -> mx.array:
+    return layer._combine(routed, weights, shared, residual)
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """One package's SwitchGLU: where it lives, the activation class whose
+    math the CUDA kernels' epilogue implements (silu(gate) * up), and how the
+    kernels' per-(token, expert) output becomes the forward's result given
+    the forward's extra arguments."""
+
+    module: str
+    name: str
+    swiglu: str
+    finish: Callable[..., mx.array]
+
+    def base(self) -> type | None:
+        """The class, if its package is imported (it is not imported here)."""
+        return getattr(sys.modules.get(self.module), self.name, None)
+
+    def activation(self) -> type | None:
+        return getattr(sys.modules.get(self.module), self.swiglu, None)
+
+
+FLAVOURS = (
+    Flavour("mlx_lm.models.switch_layers", "SwitchGLU", "SwiGLU", _routed),
+    # __call__(x, indices, weights=None, shared=None, residual=None): the
+    # routed output goes through SwitchGLU._combine (weighted sum, shared
+    # experts, DeepSeek-V4's hyper-connection residual).
+    Flavour("mlx_vlm.models.switch_layers", "SwitchGLU", "SwiGLU", _combined),
+)
+
+
+def switch_glu_classes() -> tuple[type, ...]:
+    """The SwitchGLU base classes of the packages imported now."""
+    return tuple(b for b in (f.base() for f in FLAVOURS) if b is not None)
+
+
+def flavour_of(cls: type) -> Flavour | None:
+    for flavour in FLAVOURS:
+        base = flavour.base()
+        if base is not None and issubclass(cls, base):
+            return flavour
+    return None
+
+
+class FusedSwitchGLU:
+    """What every fused SwitchGLU twin adds to its class (a mixin).
 
     Instances are never constructed: `fuse_layer` rebinds the ``__class__`` of
-    a live SwitchGLU, which keeps ``activation``, ``down_proj`` and any other
-    attribute the model set. ``__call__`` is SwitchGLU's, line for line, with
-    the two expert matmuls replaced by one and a split.
+    a live layer, which keeps ``activation``, ``down_proj`` and any other
+    attribute the model set. ``isinstance(layer, FusedSwitchGLU)`` holds for
+    every fused layer, whatever its package.
     """
 
-    unfused_class: type[SwitchGLU] = SwitchGLU
+    unfused_class: type
+    flavour: Flavour
     kernels = None
     """`cuda.LayerKernels` on CUDA when the layer qualifies, else None."""
 
-    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        kernel_path = self.kernels.pick(self, x, indices) if self.kernels is not None else None
-        if kernel_path is not None:
-            return kernel_path(self, x, indices)
-        x = mx.expand_dims(x, (-2, -3))
-
-        # Same threshold and helpers as SwitchGLU: many tokens are sorted by
-        # expert so that each expert's weights are read in one run.
-        indices = mx.stop_gradient(indices)
-        do_sort = indices.size >= 64
-        idx = indices
-        inv_order = None
-        if do_sort:
-            x, idx, inv_order = _gather_sort(x, indices)
-        gate_up = self.gate_up_proj(x, idx, sorted_indices=do_sort)
-        x_gate, x_up = mx.split(gate_up, 2, axis=-1)
-        x = self.down_proj(
-            self.activation(x_up, x_gate),
-            idx,
-            sorted_indices=do_sort,
-        )
-
-        if do_sort:
-            x = _scatter_unsort(x, inv_order, indices.shape)
-
-        return x.squeeze(-2)
+    def __call__(self, x: mx.array, indices: mx.array, *args, **kwargs) -> mx.array:
+        if self.kernels is not None:
+            kernel_path = self.kernels.pick(self, x, indices)
+            if kernel_path is not None:
+                routed = kernel_path(self, x, indices)
+                return self.flavour.finish(self, routed, *args, **kwargs)
+        return self.unfused_class.__call__(self, x, indices, *args, **kwargs)
 
 
-_FUSED_CLASSES: dict[type[SwitchGLU], type[FusedSwitchGLU]] = {SwitchGLU: FusedSwitchGLU}
+_FUSED_CLASSES: dict[type, type] = {}
 
 
-def fused_class_for(cls: type[SwitchGLU]) -> type[FusedSwitchGLU]:
-    """The fused counterpart of a SwitchGLU class (subclasses get their own)."""
+def fused_class_for(cls: type) -> type:
+    """The fused twin of a SwitchGLU class (one per class, made once)."""
     if cls not in _FUSED_CLASSES:
         _FUSED_CLASSES[cls] = type(
             f"Fused{cls.__name__}",
             (FusedSwitchGLU, cls),
-            {"unfused_class": cls, "__module__": __name__},
+            {"unfused_class": cls, "flavour": flavour_of(cls), "__module__": __name__},
         )
     return _FUSED_CLASSES[cls]
 
@@ -75,33 +122,37 @@ def is_fused(layer: nn.Module) -> bool:
     return isinstance(layer, FusedSwitchGLU)
 
 
-def why_not_fusable(layer: SwitchGLU) -> str | None:
+def why_not_fusable(layer: nn.Module) -> str | None:
     """Why this SwitchGLU cannot be fused, or None when it can."""
-    cls = type(layer)
-    if cls.__call__ is not SwitchGLU.__call__:
-        return f"{cls.__name__} overrides SwitchGLU.__call__"
     missing = [k for k in ("gate_proj", "up_proj", "down_proj") if k not in layer]
     if missing:
         return f"no {', '.join(missing)}"
-    return projections.mismatch(layer["gate_proj"], layer["up_proj"]) or (
-        projections.backend_limit(layer["gate_proj"], backend())
+    return (
+        projections.mismatch(layer["gate_proj"], layer["up_proj"])
+        or projections.backend_limit(layer["gate_proj"], backend())
+        or why_forward_not_alike(unarmed_class(type(layer)))
     )
 
 
-def fuse_layer(layer: SwitchGLU, fused_projection: nn.Module) -> None:
-    """Swap in the fused projection; gate and up are dropped from the layer.
+def fuse_layer(layer: nn.Module, fused_projection: nn.Module) -> None:
+    """Swap in the fused projection and its halves, then the twin class.
 
-    Only dictionary assignments happen here, after the fused arrays exist, so
-    the layer is either fully unfused or fully fused, never in between.
+    Only assignments happen here, after the fused arrays exist, so the layer
+    is either fully unfused or fully fused, never in between.
     """
-    layer[FUSED_NAME] = fused_projection
-    del layer["gate_proj"], layer["up_proj"]
+    split_into_halves(layer, fused_projection)
     layer.__class__ = fused_class_for(type(layer))
+
+
+def kernel_paths(layer: FusedSwitchGLU):
+    """The CUDA kernels this fused layer would take here (or None), and the
+    name of its compute path (`cuda.kernels_for`)."""
+    return kernels_for(layer, _why_not_kernel_forward(layer))
 
 
 def select_path(layer: FusedSwitchGLU) -> str:
     """Pick the fused layer's compute path for this machine; say which."""
-    kernels, path = kernels_for(layer)
+    kernels, path = kernel_paths(layer)
     if kernels is None:
         layer.__dict__.pop("kernels", None)
     else:
@@ -109,11 +160,20 @@ def select_path(layer: FusedSwitchGLU) -> str:
     return path
 
 
+def _why_not_kernel_forward(layer: FusedSwitchGLU) -> str | None:
+    """The kernels implement a flavour's own forward with its plain SwiGLU."""
+    cls, flavour = type(layer).unfused_class, type(layer).flavour
+    if flavour is None or cls.__call__ is not flavour.base().__call__:
+        return f"{cls.__name__} has its own forward"
+    if type(layer.activation) is not flavour.activation():
+        return f"{type(layer.activation).__name__} activation"
+    return None
+
+
 def unfuse_layer(layer: FusedSwitchGLU, gate: nn.Module, up: nn.Module) -> None:
     """The inverse of `fuse_layer`."""
     layer.__dict__.pop("kernels", None)
-    layer["gate_proj"], layer["up_proj"] = gate, up
-    del layer[FUSED_NAME]
+    join_halves(layer, gate, up)
     layer.__class__ = type(layer).unfused_class
 
 

@@ -16,10 +16,10 @@ same for gate and up.
 from __future__ import annotations
 
 import copy
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 SHARED_KEYS = frozenset({"global_scale"})
 """Arrays that gate and up must share instead of being concatenated."""
@@ -32,7 +32,22 @@ DENSE = (
     nn.AllToShardedLinear,
     nn.QuantizedAllToShardedLinear,
 )
-SUPPORTED = (SwitchLinear, QuantizedSwitchLinear, *DENSE)
+EXPERT_CLASSES = (
+    ("mlx_lm.models.switch_layers", ("SwitchLinear", "QuantizedSwitchLinear")),
+    # mlx-vlm's own copies: the same arrays, the same call signature.
+    ("mlx_vlm.models.switch_layers", ("SwitchLinear", "QuantizedSwitchLinear")),
+)
+
+
+def supported() -> tuple[type, ...]:
+    """Projection classes that stack, from the packages imported now."""
+    experts = (
+        getattr(sys.modules.get(module), name, None)
+        for module, names in EXPERT_CLASSES
+        for name in names
+    )
+    return (*(c for c in experts if c is not None), *DENSE)
+
 
 CUDA_FLOAT_OFFSET_LIMIT = 1 << 31
 """MLX 0.32.4's CUDA ``gather_mm`` on its sorted path (SwitchGLU at >= 64
@@ -74,7 +89,7 @@ def mismatch(gate: nn.Module, up: nn.Module) -> str | None:
     """Why gate and up cannot become one projection, or None when they can."""
     if type(gate) is not type(up):
         return f"gate is {type(gate).__name__} but up is {type(up).__name__}"
-    if type(gate) not in SUPPORTED:
+    if type(gate) not in supported():
         return f"unknown projection class {type(gate).__name__}"
     gate_settings, up_settings = settings(gate), settings(up)
     absent = object()
@@ -99,8 +114,8 @@ def mismatch(gate: nn.Module, up: nn.Module) -> str | None:
 
 def backend_limit(gate: nn.Module, backend: str) -> str | None:
     """Why the fused projection would fail on this backend, or None."""
-    if backend != "cuda" or type(gate) is not SwitchLinear:
-        return None
+    if backend != "cuda" or hasattr(gate, "bits") or gate["weight"].ndim != 3:
+        return None  # only float expert weights take gather_mm
     weight = gate["weight"]
     experts = weight.shape[0]
     last_offset = (experts - 1) * 2 * (weight.nbytes // experts)

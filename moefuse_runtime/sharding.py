@@ -25,6 +25,7 @@ import mlx.nn as nn
 import wrapt
 
 from .dense import DENSE_MLP
+from .first_forward import GROUP
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +50,12 @@ def _refuse_around_shard(wrapped, instance, args, kwargs):
 
     if instance is None:
         return wrapped(*args, **kwargs)
+    group = kwargs.get("group", args[0] if args else None) or mx.distributed.init()
+    instance.__dict__[GROUP] = group  # for a model that fuses on its first forward
     fused = {kind.name for _, m, kind in find_targets(instance, dense=True) if kind.is_fused(m)}
     if not fused:
         return wrapped(*args, **kwargs)
     uninstall(instance)
     result = wrapped(*args, **kwargs)
-    group = kwargs.get("group", args[0] if args else None) or mx.distributed.init()
     install(instance, enabled=True, group=group, dense=DENSE_MLP.name in fused)
     return result

@@ -58,8 +58,11 @@ def gemv_units():
                     ("SWIGLU", swiglu), ("X_DIV", 8), ("OUTS", 2)]  # fmt: skip
         label = f"gemv {t} {bits}-bit g{group} swiglu={swiglu}"
         name = "custom_kernel_gemv"
-        yield label, translation_unit(
-            name, source.header("gemv.cuh"), params, template, decode._GEMV_SOURCE
+        yield (
+            label,
+            translation_unit(
+                name, source.header("gemv.cuh"), params, template, decode._GEMV_SOURCE
+            ),
         )
 
 

@@ -28,6 +28,7 @@ from kernel_checks import (  # kernels_on: autouse, MOEFUSE_KERNEL=1
 import moefuse_runtime
 from moefuse_runtime import cuda
 from moefuse_runtime.cuda import grouped, source
+from moefuse_runtime.layer import kernel_paths
 
 # -- everywhere: which path, which tiles --------------------------------------
 
@@ -96,8 +97,7 @@ def test_both_paths_are_selected_with_their_pair_ranges(as_cuda):
     assert kernels.decode.max_pairs == 32
     assert kernels.grouped == grouped.GroupedKernels(True, 32, "sm_90")
     assert report.layers[0].compute_path == (
-        "cuda kernels <= 32 pairs (gate_up+swiglu, down: kernel); "
-        "tensor cores above (down: kernel)"
+        "cuda kernels <= 32 pairs (gate_up+swiglu, down: kernel); tensor cores above (down: kernel)"
     )
 
 
@@ -116,14 +116,14 @@ def test_pre_ampere_gpus_keep_gather_qmm_above_decode(as_cuda):
     layer = quantized_layer(128, 64, 16)
     moefuse_runtime.install(layer, reserve_bytes=0)
     assert layer.kernels.grouped is None
-    assert "gather_qmm above" in cuda.kernels_for(layer)[1]
+    assert "gather_qmm above" in kernel_paths(layer)[1]
 
 
 def test_float_down_runs_the_layers_own_down_proj(as_cuda):
     layer = quantized_layer(128, 64, 16, quantize_down=False)
     moefuse_runtime.install(layer, reserve_bytes=0)
     assert layer.kernels.grouped.down is False
-    assert "tensor cores above (down: down_proj)" in cuda.kernels_for(layer)[1]
+    assert "tensor cores above (down: down_proj)" in kernel_paths(layer)[1]
 
 
 # -- on the GPU: numerics -------------------------------------------------------
@@ -199,7 +199,7 @@ def test_schedule_matches_the_routing():
         [0, 0, 64, 0], [0, 64, 80, 0], [2, 80, 120, 0], [5, 120, 184, 0], [5, 184, 240, 0]
     ]  # fmt: skip
     assert len(tiles) == grouped.max_tiles(240, 7, 64)
-    assert (tiles[len(live):, 0] == -1).all()
+    assert (tiles[len(live) :, 0] == -1).all()
 
 
 @needs_cuda

@@ -226,3 +226,26 @@ def test_sharded_load_on_two_ranks_under_moefuse_run(tmp_path, demo_model):
     assert [fused for fused, _ in results["1"]] == ["4/4", "4/4"]
     # Same logits on each rank, fused or not.
     assert [digest for _, digest in results["1"]] == [digest for _, digest in results["0"]]
+
+
+def test_mlx_vlm_generate_prints_the_same_text(demo_model):
+    import pytest
+
+    pytest.importorskip("mlx_vlm", reason="mlx-vlm is pinned in requirements-test.txt")
+    args = ["--model", str(demo_model), "--prompt", "Hello, how are you?", "--max-tokens", "24"]
+    plain = run(["mlx_vlm.generate", *args], env={"EXO_FUSED_MOE": ""})
+    fused = run(["moefuse", "run", "--", "mlx_vlm.generate", *args])
+    assert plain.returncode == 0 and fused.returncode == 0, fused.stderr
+    assert len(plain.stdout.strip()) > 0
+    assert fused.stdout == plain.stdout
+    assert "fused 4/4 SwitchGLU layers" in fused.stderr
+    assert "fused" not in plain.stderr.lower()
+
+
+def test_sitecustomize_watches_every_hooked_module():
+    from moefuse_runtime import hooks
+
+    source = hooks.__file__.removesuffix("hooks.py") + "_sitecustomize/sitecustomize.py"
+    with open(source) as file:
+        text = file.read()
+    assert all(f'"{module}"' in text for module in {t.module for t in hooks.TARGETS})

@@ -28,6 +28,7 @@ from kernel_checks import (  # kernels_on: autouse, MOEFUSE_KERNEL=1
 import moefuse_runtime
 from moefuse_runtime import cuda
 from moefuse_runtime.cuda import decode as kernels
+from moefuse_runtime.layer import kernel_paths
 from moefuse_runtime.memory import backend
 
 # -- everywhere: which path a layer takes, and why --------------------------
@@ -86,7 +87,7 @@ def as_cuda(monkeypatch):
 def test_selection_on_cuda(as_cuda):
     layer = quantized_layer(128, 64, 4)
     moefuse_runtime.install(layer, reserve_bytes=0)
-    chosen, path = cuda.kernels_for(layer)
+    chosen, path = kernel_paths(layer)
     assert chosen.decode == kernels.DecodeKernels(down=True, down_tiling=kernels.SHORT_ROW_TILING)
     assert path.startswith("cuda kernels")
 
@@ -106,10 +107,10 @@ def test_env_turns_kernels_off(as_cuda, monkeypatch):
     layer = quantized_layer(128, 64, 4)
     moefuse_runtime.install(layer, reserve_bytes=0)
     monkeypatch.setenv("MOEFUSE_KERNEL", "0")
-    assert cuda.kernels_for(layer) == (None, "gather_qmm (MOEFUSE_KERNEL=0)")
+    assert kernel_paths(layer) == (None, "gather_qmm (MOEFUSE_KERNEL=0)")
     monkeypatch.setenv("MOEFUSE_KERNEL", "maybe")
     with pytest.raises(ValueError, match="MOEFUSE_KERNEL"):
-        cuda.kernels_for(layer)
+        kernel_paths(layer)
 
 
 def test_other_activations_keep_gather_qmm(as_cuda):
@@ -118,14 +119,14 @@ def test_other_activations_keep_gather_qmm(as_cuda):
     layer = quantized_layer(128, 64, 4)
     layer.activation = SwigluOAI()  # GPT-OSS's clamped variant
     moefuse_runtime.install(layer, reserve_bytes=0)
-    assert cuda.kernels_for(layer) == (None, "gather_qmm (SwigluOAI activation)")
+    assert kernel_paths(layer) == (None, "gather_qmm (SwigluOAI activation)")
 
 
 def test_float_down_keeps_gather_qmm_for_down(as_cuda):
     layer = quantized_layer(128, 64, 4)
     layer.down_proj = switch_glu(64, 128, 4).down_proj  # float down (wrong width is fine)
     moefuse_runtime.install(layer, reserve_bytes=0)
-    chosen, path = cuda.kernels_for(layer)
+    chosen, path = kernel_paths(layer)
     assert chosen.decode == kernels.DecodeKernels(down=False)
     assert "down: gather_qmm" in path
 
@@ -134,7 +135,7 @@ def test_down_in_another_dtype_keeps_gather_qmm_for_down(as_cuda):
     layer = quantized_layer(128, 64, 4)
     layer.down_proj.set_dtype(mx.float16)  # bf16 gate/up, fp16 down scales
     moefuse_runtime.install(layer, reserve_bytes=0)
-    chosen, _ = cuda.kernels_for(layer)
+    chosen, _ = kernel_paths(layer)
     assert chosen.decode == kernels.DecodeKernels(down=False)
 
 

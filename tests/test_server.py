@@ -1,6 +1,6 @@
-"""A real mlx_lm.server started through ``moefuse run``, queried over HTTP.
+"""Real servers (mlx_lm.server, mlx_vlm.server) started through ``moefuse run``.
 
-Two servers on 127.0.0.1 serve the same demo model, one plain and one fused;
+For each, two servers on 127.0.0.1 serve the same demo model, one plain and one fused;
 the same chat requests (temperature 0) are sent to both concurrently, and the
 answers must be identical. Requests and waits are bounded.
 """
@@ -33,10 +33,11 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, log: Path, fused: bool):
+    def __init__(self, program: str, model: Path, log: Path, fused: bool):
         self.port = free_port()
         self.log_path = log
-        command = ["mlx_lm.server", "--model", str(model), "--port", str(self.port)]
+        self.model = str(model)
+        command = [program, "--model", self.model, "--host", "127.0.0.1", "--port", str(self.port)]
         if fused:
             command = ["moefuse", "run", "--", *command]
         env = {
@@ -64,6 +65,7 @@ class Server:
 
     def chat(self, prompt: str) -> str:
         body = {
+            "model": self.model,
             "messages": [{"role": "user", "content": prompt}],
             "max_tokens": 24,
             "temperature": 0.0,
@@ -86,9 +88,12 @@ class Server:
         self.log.close()
 
 
-def test_fused_server_answers_exactly_like_a_plain_one(demo_model, tmp_path):
-    plain = Server(demo_model, tmp_path / "plain.log", fused=False)
-    fused = Server(demo_model, tmp_path / "fused.log", fused=True)
+@pytest.mark.parametrize("program", ["mlx_lm.server", "mlx_vlm.server"])
+def test_fused_server_answers_exactly_like_a_plain_one(program, demo_model, tmp_path):
+    if program == "mlx_vlm.server":
+        pytest.importorskip("mlx_vlm", reason="mlx-vlm is pinned in requirements-test.txt")
+    plain = Server(program, demo_model, tmp_path / "plain.log", fused=False)
+    fused = Server(program, demo_model, tmp_path / "fused.log", fused=True)
     try:
         plain.wait_ready()
         fused.wait_ready()

@@ -85,10 +85,52 @@ class CustomGLU(SwitchGLU):
         return super().__call__(x, indices) * 2
 
 
-def test_subclass_with_its_own_forward():
+def test_subclass_whose_forward_hides_gate_and_up():
+    # Its forward reaches gate_proj and up_proj only through super(): the
+    # source shows no calls, so nothing proves they get the same arguments.
     layer = switch_glu(128, 128)
     layer.__class__ = CustomGLU
-    assert skipped_reason(layer) == "CustomGLU overrides SwitchGLU.__call__"
+    assert skipped_reason(layer) == (
+        "forward of CustomGLU does not call gate_proj and up_proj with the same arguments"
+    )
+
+
+class ScaledGLU(SwitchGLU):
+    """Its own forward (as mlx-vlm's DeepSeek-V4.1 and Inkling layers have),
+    calling up before gate with the same arguments."""
+
+    def __call__(self, x, indices):
+        x = mx.expand_dims(x, (-2, -3))
+        x_up = self.up_proj(x, indices)
+        x_gate = self.gate_proj(x, indices)
+        return self.down_proj(self.activation(x_up, x_gate) * 0.5, indices).squeeze(-2)
+
+
+class MixedGLU(SwitchGLU):
+    def __call__(self, x, indices):
+        x = mx.expand_dims(x, (-2, -3))
+        x_up = self.up_proj(x * 2, indices)
+        return self.down_proj(self.activation(x_up, self.gate_proj(x, indices)), indices)
+
+
+def test_subclass_with_its_own_forward_is_fused_bitwise():
+    layer = switch_glu(128, 128)
+    layer.__class__ = ScaledGLU
+    x, indices = mx.random.normal((1, 5, 128)), route(5, 8, 2)
+    before = layer(x, indices)
+    assert moefuse_runtime.install(layer, reserve_bytes=0).fused == ("",)
+    assert type(layer).__name__ == "FusedScaledGLU" and "gate_up_proj" in layer
+    assert mx.array_equal(layer(x, indices), before).item()
+    moefuse_runtime.uninstall(layer)
+    assert type(layer) is ScaledGLU and mx.array_equal(layer(x, indices), before).item()
+
+
+def test_subclass_calling_gate_and_up_on_different_inputs():
+    layer = switch_glu(128, 128)
+    layer.__class__ = MixedGLU
+    assert skipped_reason(layer) == (
+        "forward of MixedGLU does not call gate_proj and up_proj with the same arguments"
+    )
 
 
 class PlainSubclass(SwitchGLU):

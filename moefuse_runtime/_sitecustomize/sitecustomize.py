@@ -2,14 +2,15 @@
 
 Imports nothing heavy: wrapt registers hooks by name, so moefuse_runtime (and
 with it mlx) is imported only when a process imports mlx-lm's or exo's
-loaders. The install line goes to stderr even if the host sets up no logging.
+(or mlx-vlm's) loaders. The install line goes to stderr even if the host sets up no logging.
 """
 
 import logging
 
 import wrapt
 
-for _target in ("mlx_lm.utils", "exo.worker.engines.mlx.utils_mlx"):
+# The modules of hooks.TARGETS (tests/test_first_forward.py keeps them in step).
+for _target in ("mlx_lm.utils", "mlx_vlm.utils", "exo.worker.engines.mlx.utils_mlx"):
     wrapt.register_post_import_hook("moefuse_runtime.hooks:autopatch_on_import", _target)
 
 _logger = logging.getLogger("moefuse_runtime")

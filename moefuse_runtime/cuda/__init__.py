@@ -9,8 +9,9 @@ Two paths, picked per call by the number of (token, expert) pairs:
   batched decode.
 
 Both take affine 4- and 8-bit weights, group sizes 32/64/128, bf16 or fp16
-scales, no bias, and mlx-lm's plain `SwiGLU`; everything else keeps
-``gather_qmm``. `kernels_for` decides per layer, at install, and says why.
+scales, no bias, and the plain SwiGLU forward of mlx-lm's or mlx-vlm's
+SwitchGLU; everything else keeps ``gather_qmm``. `kernels_for` decides per
+layer, at install, and says why.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import SwiGLU
 
 from ..config import KERNEL_ENV, env_flag
 from ..memory import backend
@@ -66,14 +66,18 @@ def arch_number(arch: str) -> int:
     return int(digits) if digits.isdigit() else 0
 
 
-def kernels_for(layer: nn.Module) -> tuple[LayerKernels | None, str]:
-    """The kernels a fused layer should use here, or None and why not."""
+def kernels_for(layer: nn.Module, why_not_forward: str | None) -> tuple[LayerKernels | None, str]:
+    """The kernels a fused layer should use here, or None and why not.
+
+    ``why_not_forward`` says why the layer's forward is not the one the
+    kernels implement (gate_up, SwiGLU, down per routed pair), if it is not.
+    """
     if backend() != "cuda":
         return None, f"gather_qmm ({backend()})"
     if not env_flag(KERNEL_ENV, default=True):
         return None, f"gather_qmm ({KERNEL_ENV}=0)"
-    if type(layer.activation) is not SwiGLU:
-        return None, f"gather_qmm ({type(layer.activation).__name__} activation)"
+    if why_not_forward:
+        return None, f"gather_qmm ({why_not_forward})"
     reason = why_not_kernel(layer.gate_up_proj)
     if reason:
         return None, f"gather_qmm ({reason})"

@@ -153,7 +153,8 @@ def gather_qmv(
 
 def why_not_kernel(proj: nn.Module) -> str | None:
     """Why this expert projection cannot run on the decode kernels, or None."""
-    if not isinstance(proj, QuantizedSwitchLinear):
+    # mlx-lm's and mlx-vlm's QuantizedSwitchLinear: quantized expert arrays.
+    if getattr(proj, "bits", None) is None or proj["weight"].ndim != 3:
         return f"{type(proj).__name__} is not quantized"
     if proj.mode != "affine" or proj.bits not in KERNEL_BITS:
         return f"{proj.mode} {proj.bits}-bit (kernels: affine {KERNEL_BITS}-bit)"

@@ -1,0 +1,102 @@
+"""Fusing on a model's first forward pass, for loaders that return too early.
+
+``mlx_lm.utils.load_model`` (vllm-mlx's loader) and ``mlx_vlm.utils.load_model``
+return a model that its caller may still shard with its own code, which
+reaches for ``gate_proj`` (mlx-lm's and mlx-vlm's ``sharded_load``, exo's
+strategies), or evaluate lazily. Fusing there would break the one and force
+the other. So these loaders only *arm* the model: each SwitchGLU's class is
+rebound to an armed twin whose first call (by then every loader and sharder
+has run) restores every layer of the model and runs `install` on the whole
+model, with the group the model was sharded over, and then carries on with
+that call, now fused. A loader that fuses by itself later (``load``,
+``sharded_load``, exo) simply finds the model armed and disarms it.
+
+The armed twin adds no cost after the first call: once disarmed, the layers
+are of their own (or their fused) class again. mlx-vlm's generate calls
+``model.language_model`` directly, which is why the layers are armed and
+not the model's own ``__call__``.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+import mlx.nn as nn
+
+logger = logging.getLogger(__name__)
+
+ROOT = "_moefuse_armed_root"
+GROUP = "_moefuse_shard_group"
+"""Set on a model by its guarded ``shard`` (see `sharding`): the tensor group."""
+
+_ARMED_CLASSES: dict[type, type] = {}
+
+
+def _fuse_on_first_call(self, *args, **kwargs):
+    root = self.__dict__.get(ROOT)
+    model = root() if root is not None else None
+    disarm(model if model is not None else self)
+    if model is not None:
+        from .hooks import install_quietly
+
+        install_quietly(model, group=model.__dict__.get(GROUP))
+    return self(*args, **kwargs)  # as the class is now: fused, or not
+
+
+def armed_class_for(cls: type) -> type:
+    if cls not in _ARMED_CLASSES:
+        _ARMED_CLASSES[cls] = type(
+            f"Armed{cls.__name__}",
+            (cls,),
+            {"__call__": _fuse_on_first_call, "armed_from": cls, "__module__": __name__},
+        )
+    return _ARMED_CLASSES[cls]
+
+
+def unarmed_class(cls: type) -> type:
+    """The layer's own class, whether armed or not."""
+    return getattr(cls, "armed_from", cls)
+
+
+def arm(model: nn.Module) -> int:
+    """Make the first forward of any SwitchGLU in ``model`` fuse the model.
+
+    Returns how many layers were armed. Never raises into the loader.
+    """
+    from .install import find_switch_glus
+    from .layer import is_fused
+    from .sharding import guard_shard
+
+    try:
+        root = weakref.ref(model)
+        armed = 0
+        for _, layer in find_switch_glus(model):
+            if is_fused(layer):
+                continue
+            layer.__dict__[ROOT] = root
+            layer.__class__ = armed_class_for(unarmed_class(type(layer)))
+            armed += 1
+        if armed:
+            guard_shard(model)  # records the group of a later model.shard(group)
+            logger.debug("moefuse_runtime: %d layers fuse on the first forward", armed)
+        return armed
+    except Exception:  # noqa: BLE001 - a loader must still return its model
+        logger.exception("moefuse_runtime: could not arm the model; it stays unfused")
+        disarm(model)
+        return 0
+
+
+def disarm(model: nn.Module) -> None:
+    """Give every armed layer in ``model`` its own class back."""
+    from .install import find_switch_glus
+
+    for _, layer in find_switch_glus(model):
+        layer.__dict__.pop(ROOT, None)
+        layer.__class__ = unarmed_class(type(layer))
+
+
+def is_armed(model: nn.Module) -> bool:
+    from .install import find_switch_glus
+
+    return any(ROOT in layer.__dict__ for _, layer in find_switch_glus(model))

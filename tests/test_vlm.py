@@ -1,0 +1,175 @@
+"""mlx-vlm's SwitchGLU (its own class, 61 model packages) fused like mlx-lm's.
+
+Model-level parity for every mlx-vlm family that builds (vlm_families.py):
+float32 and 4-bit, a batch-2 prompt on the sorted path, then KV-cache decode
+steps, every logit bitwise equal. Then the layer itself: the extra forward
+arguments (weights, shared, residual), the short-block path, the subclasses
+with their own forward, uninstall, headroom and the CUDA path selection.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+pytest.importorskip("mlx_vlm", reason="mlx-vlm is pinned in requirements-test.txt")
+
+import vlm_families  # noqa: E402
+from helpers import quantize_model  # noqa: E402
+from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
+from mlx_vlm.models import switch_layers as vlm  # noqa: E402
+
+import moefuse_runtime  # noqa: E402
+from moefuse_runtime import cuda  # noqa: E402
+from moefuse_runtime.layer import kernel_paths  # noqa: E402
+
+FAMILIES = vlm_families.buildable()
+PROMPT_TOKENS, DECODE_STEPS = 40, 3  # 2 x 40 x top-2 = 160 pairs: sorted
+
+
+def logits_sequence(model) -> list[mx.array]:
+    mx.random.seed(1)
+    prompt = mx.random.randint(0, 128, (2, PROMPT_TOKENS))
+    cache = make_prompt_cache(model)
+    outputs = [_logits(model(prompt, cache=cache))]
+    for _ in range(DECODE_STEPS):
+        outputs.append(_logits(model(mx.argmax(outputs[-1][:, -1:, :], axis=-1), cache=cache)))
+    return outputs
+
+
+def _logits(output) -> mx.array:
+    logits = getattr(output, "logits", output)
+    mx.eval(logits)
+    return logits
+
+
+def test_every_discovered_family_is_built_or_says_why():
+    found = set(vlm_families.discover())
+    assert {"qwen3_vl_moe", "qwen3_5_moe", "llama4", "gpt_oss", "mixtral", "kimi_vl"} <= found
+    assert set(vlm_families.NOT_BUILT) <= found, "a listed family is gone: update the list"
+    assert len(FAMILIES) >= 40
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float32", "4bit"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_parity(family, quantized):
+    mx.random.seed(0)
+    model = vlm_families.build(family)
+    if quantized:
+        quantize_model(model)
+    mx.eval(model.parameters())
+    reference = logits_sequence(model)
+    report = moefuse_runtime.install(model, reserve_bytes=0)
+    assert report.total >= 1 and len(report.fused) == report.total, str(report)
+    for step, (a, b) in enumerate(zip(reference, logits_sequence(model), strict=True)):
+        assert mx.array_equal(a, b).item(), f"{family} step {step} differs"
+    assert moefuse_runtime.uninstall(model).unfused
+    assert same(reference, logits_sequence(model))
+
+
+def vlm_layer(cls=vlm.SwitchGLU, *, quantized=True, dims=128, width=64, dtype=mx.float32):
+    mx.random.seed(2)
+    layer = cls(dims, width, 8)
+    layer.set_dtype(dtype)
+    if quantized:
+        quantize_model(layer, bits=4, group_size=32)
+    mx.eval(layer.parameters())
+    return layer
+
+
+def call_args(tokens, top_k=2, batch=2, experts=8, dims=128):
+    mx.random.seed(3)
+    x = mx.random.normal((batch, tokens, dims))
+    indices = mx.random.randint(0, experts, (batch, tokens, top_k)).astype(mx.uint32)
+    weights = mx.softmax(mx.random.normal((batch, tokens, top_k)), axis=-1)
+    shared = mx.random.normal((batch, tokens, dims))
+    return x, indices, weights, shared
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("tokens", [1, 4, 40], ids=["decode", "short-block", "sorted"])
+def test_layer_with_weights_and_shared_experts(tokens, quantized):
+    # 4 tokens take mlx-vlm's short-block path (1 < L <= 8): on Metal its
+    # exact kernels, elsewhere one call per token.
+    layer = vlm_layer(quantized=quantized)
+    x, indices, weights, shared = call_args(tokens)
+    expected = [layer(x, indices), layer(x, indices, weights, shared)]
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    assert moefuse_runtime.is_fused(layer) and "gate_up_proj" in layer
+    got = [layer(x, indices), layer(x, indices, weights, shared)]
+    assert all(mx.array_equal(a, b).item() for a, b in zip(expected, got, strict=True))
+
+
+def test_subclass_forwards_are_fused_bitwise():
+    from mlx_vlm.models.deepseek_v41.language import DeepseekV41SwitchGLU
+    from mlx_vlm.models.inkling.language import InklingSwitchGLU
+
+    x, indices, weights, _ = call_args(40)
+    inkling = vlm_layer(InklingSwitchGLU)
+    inkling.gate_scale = mx.linspace(0.5, 1.5, 8)  # its non-trivial-scale forward
+    deepseek = vlm_layer(DeepseekV41SwitchGLU, quantized=False)
+    deepseek.activation = lambda up, gate, w: vlm.swiglu(gate, up) * w  # its call shape
+    expected = [inkling(x, indices), deepseek(x, indices, weights)]
+    moefuse_runtime.install(inkling, reserve_bytes=0)
+    moefuse_runtime.install(deepseek, reserve_bytes=0)
+    assert type(inkling).__name__ == "FusedInklingSwitchGLU"
+    got = [inkling(x, indices), deepseek(x, indices, weights)]
+    assert all(mx.array_equal(a, b).item() for a, b in zip(expected, got, strict=True))
+
+
+def test_uninstall_restores_the_class_and_arrays():
+    layer = vlm_layer()
+    before = {k: v for k, v in layer.parameters()["gate_proj"].items()}
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    moefuse_runtime.uninstall(layer)
+    assert type(layer) is vlm.SwitchGLU
+    assert isinstance(layer.gate_proj, vlm.QuantizedSwitchLinear)
+    assert all(mx.array_equal(v, layer.gate_proj[k]).item() for k, v in before.items())
+
+
+def test_headroom_keeps_the_layer_unfused():
+    layer = vlm_layer()
+    x, indices, weights, shared = call_args(40)
+    expected = layer(x, indices, weights, shared)
+    report = moefuse_runtime.install(layer, reserve_bytes=1 << 60)
+    assert not report.fused and "headroom" in report.layers[0].reason
+    assert mx.array_equal(layer(x, indices, weights, shared), expected).item()
+
+
+@pytest.fixture
+def as_cuda(monkeypatch):
+    monkeypatch.setattr(cuda, "backend", lambda: "cuda")
+    monkeypatch.setattr(cuda, "device_arch", lambda: "sm_90")
+    monkeypatch.setenv("MOEFUSE_KERNEL", "1")
+
+
+def test_cuda_kernels_take_the_plain_forward_only(as_cuda):
+    from mlx_vlm.models.inkling.language import InklingSwitchGLU
+
+    plain = vlm_layer(dtype=mx.bfloat16)
+    inkling = vlm_layer(InklingSwitchGLU, dtype=mx.bfloat16)
+    moefuse_runtime.install(plain, reserve_bytes=0)
+    moefuse_runtime.install(inkling, reserve_bytes=0)
+    assert kernel_paths(plain)[1].startswith("cuda kernels")
+    assert kernel_paths(inkling) == (None, "gather_qmm (InklingSwitchGLU has its own forward)")
+
+
+def test_cuda_kernel_output_goes_through_combine(as_cuda, monkeypatch):
+    # The kernels compute the routed (token, expert) rows; mlx-vlm's forward
+    # then weights, sums and adds the shared experts (SwitchGLU._combine).
+    layer = vlm_layer()
+    x, indices, weights, shared = call_args(4)
+    routed = layer(x, indices)
+    expected = layer(x, indices, weights, shared)
+    moefuse_runtime.install(layer, reserve_bytes=0)
+
+    class Emulated:
+        def pick(self, _layer, _x, _indices):
+            return lambda *_: routed
+
+    layer.kernels = Emulated()
+    assert mx.array_equal(layer(x, indices, weights, shared), expected).item()
+
+
+def same(outputs: list[mx.array], others: list[mx.array]) -> bool:
+    return all(mx.array_equal(a, b).item() for a, b in zip(outputs, others, strict=True))
