@@ -63,32 +63,36 @@ def _after_load(wrapped, instance, args, kwargs):
     return result
 
 
-def _after_sharded_load(wrapped, instance, args, kwargs):
-    """mlx_lm.utils.sharded_load(repo, pipeline_group, tensor_group, ...)."""
-    result = wrapped(*args, **kwargs)
-    if _active:
-        pipeline_group = kwargs.get("pipeline_group", args[1] if len(args) > 1 else None)
-        tensor_group = kwargs.get("tensor_group", args[2] if len(args) > 2 else None)
-        if tensor_group is None and pipeline_group is None:
-            import mlx.core as mx
+def _after_sharded_load_of(tensor_at: int, pipeline_at: int, default_needs_shard: bool):
+    """A hook for a ``sharded_load(repo, ...)`` taking its tensor and pipeline
+    groups at these positions (or by name). With neither group given, the
+    loader shards over ``mx.distributed.init()`` (mlx-vlm's only for a model
+    with ``shard``), so its ranks agree verdicts over that group too."""
 
-            tensor_group = mx.distributed.init()  # what sharded_load itself uses
-        install_quietly(result[0], group=tensor_group)
-    return result
+    def after(wrapped, instance, args, kwargs):
+        result = wrapped(*args, **kwargs)
+        if _active:
+            tensor_group = kwargs.get("tensor_group", _positional(args, tensor_at))
+            pipeline_group = kwargs.get("pipeline_group", _positional(args, pipeline_at))
+            sharded = not default_needs_shard or hasattr(result[0], "shard")
+            if tensor_group is None and pipeline_group is None and sharded:
+                import mlx.core as mx
+
+                tensor_group = mx.distributed.init()  # what sharded_load itself uses
+            install_quietly(result[0], group=tensor_group)
+        return result
+
+    return after
 
 
-def _after_vlm_sharded_load(wrapped, instance, args, kwargs):
-    """mlx_vlm.utils.sharded_load(repo, tensor_group, pipeline_group): tensor first."""
-    result = wrapped(*args, **kwargs)
-    if _active:
-        tensor_group = kwargs.get("tensor_group", args[1] if len(args) > 1 else None)
-        pipeline_group = kwargs.get("pipeline_group", args[2] if len(args) > 2 else None)
-        if tensor_group is None and pipeline_group is None and hasattr(result[0], "shard"):
-            import mlx.core as mx
+def _positional(args: tuple, position: int) -> object:
+    return args[position] if len(args) > position else None
 
-            tensor_group = mx.distributed.init()  # what sharded_load itself uses
-        install_quietly(result[0], group=tensor_group)
-    return result
+
+# mlx_lm.utils.sharded_load(repo, pipeline_group, tensor_group, ...)
+_after_sharded_load = _after_sharded_load_of(2, 1, default_needs_shard=False)
+# mlx_vlm.utils.sharded_load(repo, tensor_group, pipeline_group): tensor first
+_after_vlm_sharded_load = _after_sharded_load_of(1, 2, default_needs_shard=True)
 
 
 def _after_load_model(wrapped, instance, args, kwargs):

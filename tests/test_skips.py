@@ -113,18 +113,6 @@ class MixedGLU(SwitchGLU):
         return self.down_proj(self.activation(x_up, self.gate_proj(x, indices)), indices)
 
 
-def test_subclass_with_its_own_forward_is_fused_bitwise():
-    layer = switch_glu(128, 128)
-    layer.__class__ = ScaledGLU
-    x, indices = mx.random.normal((1, 5, 128)), route(5, 8, 2)
-    before = layer(x, indices)
-    assert moefuse_runtime.install(layer, reserve_bytes=0).fused == ("",)
-    assert type(layer).__name__ == "FusedScaledGLU" and "gate_up_proj" in layer
-    assert mx.array_equal(layer(x, indices), before).item()
-    moefuse_runtime.uninstall(layer)
-    assert type(layer) is ScaledGLU and mx.array_equal(layer(x, indices), before).item()
-
-
 def test_subclass_calling_gate_and_up_on_different_inputs():
     layer = switch_glu(128, 128)
     layer.__class__ = MixedGLU
@@ -137,16 +125,19 @@ class PlainSubclass(SwitchGLU):
     """A subclass that keeps SwitchGLU's forward can be fused."""
 
 
-def test_subclass_keeping_the_forward_is_fused_and_restored():
+@pytest.mark.parametrize(("cls", "tokens", "top_k"), [(PlainSubclass, 70, 1), (ScaledGLU, 5, 2)])
+def test_subclass_is_fused_bitwise_and_restored(cls, tokens, top_k):
+    # PlainSubclass keeps SwitchGLU's forward; ScaledGLU has its own.
     layer = switch_glu(128, 128)
-    layer.__class__ = PlainSubclass
-    x, indices = mx.random.normal((1, 70, 128)), route(70, 8, 1)
+    layer.__class__ = cls
+    x, indices = mx.random.normal((1, tokens, 128)), route(tokens, 8, top_k)
     before = layer(x, indices)
     assert moefuse_runtime.install(layer, reserve_bytes=0).fused == ("",)
-    assert isinstance(layer, PlainSubclass) and type(layer).__name__ == "FusedPlainSubclass"
+    assert isinstance(layer, cls) and type(layer).__name__ == f"Fused{cls.__name__}"
+    assert "gate_up_proj" in layer
     assert mx.array_equal(layer(x, indices), before).item()
     moefuse_runtime.uninstall(layer)
-    assert type(layer) is PlainSubclass
+    assert type(layer) is cls and mx.array_equal(layer(x, indices), before).item()
 
 
 def test_model_without_switch_glu():
