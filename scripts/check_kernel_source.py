@@ -66,22 +66,36 @@ def gemv_units():
         )
 
 
-def grouped_units():
+def table_tilings() -> set[tuple[bool, grouped.Tiling]]:
+    """(gate_up?, tiling) of every tiles.json entry."""
     table = json.loads(source.read("tiles.json"))
-    tilings = {
-        (kind == "gate_up", json.dumps(e["tiling"], sort_keys=True))
+    return {
+        (kind == "gate_up", grouped.Tiling(**e["tiling"]))
         for arch, kinds in table.items() if arch != "comment"
         for kind, entries in kinds.items() for e in entries
     }  # fmt: skip
-    for (swiglu, tiling_json), dtype, bits, group in itertools.product(
-        sorted(tilings), DTYPES, decode.KERNEL_BITS, decode.KERNEL_GROUP_SIZES
+
+
+def candidate_tilings() -> set[tuple[bool, grouped.Tiling]]:
+    """(gate_up?, tiling) of every candidate of scripts/tune_grouped.py."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tune_grouped import CANDIDATES
+
+    return {(swiglu, grouped.Tiling(*c)) for swiglu, cs in CANDIDATES.items() for c in cs}
+
+
+def grouped_units(tilings: set[tuple[bool, grouped.Tiling]]):
+    for (swiglu, tiling), dtype, bits, group in itertools.product(
+        sorted(tilings, key=str), DTYPES, decode.KERNEL_BITS, decode.KERNEL_GROUP_SIZES
     ):
-        tiling = grouped.Tiling(**json.loads(tiling_json))
+        if tiling.why_not(swiglu, bits):
+            continue
         t = DTYPES[dtype]
         template = [("T", dtype), ("BITS", bits), ("GROUP", group), ("K", 2880),
                     ("N", 90 if swiglu else 2880), ("SWIGLU", swiglu), ("TOP_K", 4),
                     ("BM", tiling.bm), ("BN", tiling.bn), ("WARPS_M", tiling.warps_m),
-                    ("WARPS_N", tiling.warps_n), ("STAGES", tiling.stages)]  # fmt: skip
+                    ("WARPS_N", tiling.warps_n), ("STAGES", tiling.stages),
+                    ("B_REGS", tiling.b_regs)]  # fmt: skip
         kernel = "moefuse_grouped_gemm"
         header = source.header("grouped_gemm.cuh")
         if tiling.min_blocks > 1:
@@ -111,10 +125,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mlx_root")
     parser.add_argument("--grouped-only", action="store_true")
+    parser.add_argument(
+        "--candidates",
+        action="store_true",
+        help="the tilings scripts/tune_grouped.py sweeps, not tiles.json's",
+    )
+    parser.add_argument(
+        "--filter", nargs="*", default=[], help="only configurations whose label has all of these"
+    )
     args = parser.parse_args()
-    units = list(grouped_units())
+    units = list(grouped_units(candidate_tilings() if args.candidates else table_tilings()))
     if not args.grouped_only:
         units = list(gemv_units()) + units
+    units = [(label, text) for label, text in units if all(f in label for f in args.filter)]
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         for label, text in units:

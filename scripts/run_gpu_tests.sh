@@ -10,11 +10,12 @@ set -u
 shards=$1; logdir=$2; shift 2
 mkdir -p "$logdir"
 python3 -m pytest --collect-only -q "$@" | grep '::' > "$logdir/ids.txt"
+[ -s "$logdir/ids.txt" ] || { echo "run_gpu_tests: no tests collected from: $*"; exit 4; }
 pids=()
 for ((k = 0; k < shards; k++)); do
   awk -v n="$shards" -v k="$k" '(NR - 1) % n == k' "$logdir/ids.txt" > "$logdir/ids-$k.txt"
   # Node ids hold spaces ("affine 3-bit"): pass them one per line.
-  xargs -d '\n' -a "$logdir/ids-$k.txt" python3 -m pytest -q -rs -p no:cacheprovider \
+  xargs -r -d '\n' -a "$logdir/ids-$k.txt" python3 -m pytest -q -rs -p no:cacheprovider \
     > "$logdir/shard-$k.log" 2>&1 &
   pids+=($!)
 done

@@ -28,17 +28,27 @@ TOKENS = {"qwen3-30b-a3b": (32, 128, 512, 2048), "mixtral-8x7b": (64, 512, 2048)
 CANDIDATES = {
     True: [(16, 64, 1, 2, 6, 1), (16, 128, 1, 4, 4, 1), (16, 128, 1, 4, 6, 1),
            (16, 256, 1, 8, 4, 1),
+           (16, 128, 1, 4, 4, 1, True), (16, 128, 1, 4, 4, 3, True), (16, 128, 1, 4, 4, 4, True),
+           (16, 128, 1, 4, 6, 4, True), (16, 128, 1, 4, 8, 2, True), (16, 64, 1, 2, 6, 4, True),
+           (16, 256, 1, 8, 4, 1, True),
            (32, 128, 1, 4, 4, 1), (32, 128, 1, 4, 4, 2), (32, 256, 1, 8, 4, 1),
+           (32, 128, 1, 4, 4, 2, True), (32, 128, 1, 4, 6, 2, True),
            (64, 128, 2, 4, 4, 1), (64, 128, 2, 4, 4, 2), (64, 128, 1, 4, 4, 1),
+           (64, 128, 1, 4, 4, 1, True), (64, 128, 2, 4, 4, 1, True),
            (128, 128, 2, 4, 4, 1), (128, 128, 2, 4, 3, 2), (128, 128, 4, 2, 4, 1)],
     False: [(16, 64, 1, 2, 6, 1), (16, 64, 1, 4, 4, 1), (16, 128, 1, 4, 4, 2),
             (16, 128, 1, 4, 6, 1),
-            (16, 256, 1, 8, 4, 1), (32, 128, 1, 4, 4, 2), (32, 256, 1, 8, 4, 1),
+            (16, 256, 1, 8, 4, 1),
+            (16, 128, 1, 4, 4, 2, True), (16, 128, 1, 4, 4, 4, True), (16, 128, 1, 4, 6, 2, True),
+            (16, 64, 1, 2, 6, 4, True), (16, 64, 1, 4, 4, 2, True), (16, 256, 1, 8, 4, 1, True),
+            (32, 128, 1, 4, 4, 2), (32, 256, 1, 8, 4, 1),
+            (32, 128, 1, 4, 4, 2, True), (32, 128, 1, 4, 6, 2, True),
             (64, 128, 2, 4, 4, 1), (64, 128, 2, 4, 4, 2), (64, 256, 2, 4, 3, 2),
+            (64, 128, 1, 4, 4, 1, True), (64, 128, 2, 4, 4, 1, True),
             (128, 128, 2, 4, 4, 1), (128, 128, 4, 2, 4, 1)],
 }  # fmt: skip
-"""(bm, bn, warps_m, warps_n, stages, min_blocks) per kind (True: gate_up); a
-count tries those whose bm suits its rows per expert (`suits`)."""
+"""(bm, bn, warps_m, warps_n, stages, min_blocks[, b_regs]) per kind (True:
+gate_up); a count tries those whose bm suits its rows per expert (`suits`)."""
 
 
 def suits(bm: int, rows_per_expert: float) -> bool:
@@ -76,15 +86,31 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
     parser.add_argument("--only", nargs="+", metavar="SHAPE:TOKENS")
+    parser.add_argument("--quant", default="4bit", help="weight format (bench.make_layer)")
+    parser.add_argument(
+        "--regs-only",
+        action="store_true",
+        help="only the candidates that dequantize in registers, and the "
+        "tiles.json tilings they compete with",
+    )
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     wanted = [tuple(o.split(":")) for o in args.only] if args.only else None
-    results = {"device": mx.device_info().get("device_name"), "rows": []}
+    results = {"device": mx.device_info().get("device_name"), "quant": args.quant, "rows": []}
+    if args.regs_only:
+        for swiglu in CANDIDATES:
+            bits = int(args.quant.removesuffix("bit"))
+            table = {grouped.tiling_for("default", r, swiglu, bits) for r in (1, 1e9)}
+            CANDIDATES[swiglu] = [
+                c
+                for c in CANDIDATES[swiglu]
+                if grouped.Tiling(*c).b_regs or grouped.Tiling(*c) in table
+            ]
     for shape, (hidden, experts, top_k, width) in LAYER_SHAPES.items():
         counts = [int(t) for s, t in wanted if s == shape] if wanted else TOKENS[shape]
         if not counts:
             continue
-        layer = bench.make_layer(hidden, experts, width, "4bit", seed=0)
+        layer = bench.make_layer(hidden, experts, width, args.quant, seed=0)
         install(layer, reserve_bytes=0)
         gate_up, down = (QuantizedArrays.of(layer[k]) for k in ("gate_up_proj", "down_proj"))
         for tokens in counts:

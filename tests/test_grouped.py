@@ -39,26 +39,41 @@ def test_tile_table_has_a_catch_all_and_valid_tilings():
         if arch == "comment":
             continue
         for kind, entries in kinds.items():
-            assert entries[-1]["max_rows_per_expert"] is None, (arch, kind)
-            limits = [e["max_rows_per_expert"] for e in entries[:-1]]
-            assert limits == sorted(limits), (arch, kind)
-            for entry in entries:
-                tiling = grouped.Tiling(**entry["tiling"])
-                for bits in (4, 8):
+            for bits in (4, 8):
+                mine = _reachable([e for e in entries if bits in e.get("bits", [bits])])
+                assert mine[-1]["max_rows_per_expert"] is None, (arch, kind, bits)
+                limits = [e["max_rows_per_expert"] for e in mine[:-1]]
+                assert limits == sorted(limits), (arch, kind, bits)
+                for entry in mine:
+                    tiling = grouped.Tiling(**entry["tiling"])
                     assert tiling.why_not(kind == "gate_up", bits) is None, (arch, kind, tiling)
 
 
-@pytest.mark.parametrize(("rows", "index"), [(1, 0), (12, 0), (12.5, 1), (100, 1), (500, 1)])
-def test_tiling_lookup_by_rows_per_expert(rows, index):
+def _reachable(entries: list[dict]) -> list[dict]:
+    """The entries up to the first catch-all (the lookup stops there)."""
+    ends = [i for i, e in enumerate(entries) if e["max_rows_per_expert"] is None]
+    return entries[: ends[0] + 1] if ends else entries
+
+
+def _entries(bits: int) -> list[dict]:
     table = json.loads(source.read("tiles.json"))["default"]["gate_up"]
-    assert grouped.tiling_for("sm_00", rows, swiglu=True) == grouped.Tiling(
-        **table[index]["tiling"]
-    )
+    return _reachable([e for e in table if bits in e.get("bits", [bits])])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tiling_lookup_by_bits_and_rows_per_expert(bits):
+    entries = _entries(bits)
+    for i, entry in enumerate(entries):
+        limit = entry["max_rows_per_expert"]
+        lower = entries[i - 1]["max_rows_per_expert"] if i else 0
+        for rows in [lower + 0.5, limit] if limit else [lower + 0.5, 1e6]:
+            got = grouped.tiling_for("sm_00", rows, swiglu=True, bits=bits)
+            assert got == grouped.Tiling(**entry["tiling"]), (bits, rows)
 
 
 def test_unknown_device_takes_the_default_table():
-    assert grouped.tiling_for("sm_1000", 4, swiglu=False) == grouped.tiling_for(
-        "default", 4, swiglu=False
+    assert grouped.tiling_for("sm_1000", 4, swiglu=False, bits=4) == grouped.tiling_for(
+        "default", 4, swiglu=False, bits=4
     )
 
 
@@ -77,6 +92,10 @@ def test_tiling_sizes():
     assert t.threads == 256
     # A: 4 x 128 x 128 B, packed 4-bit B: 4 x 128 x 32 B, two bf16 B tiles: 2 x 128 x 128 B
     assert t.shared_bytes(4) == 4 * 128 * 128 + 4 * 128 * 32 + 2 * 128 * 128
+    # dequantized in mma fragments: no dequantized tiles
+    assert grouped.Tiling(128, 128, 2, 4, 4, b_regs=True).shared_bytes(4) == (
+        4 * 128 * 128 + 4 * 128 * 32
+    )
     assert "warp tiles" in grouped.Tiling(128, 64, 2, 4, 4).why_not(swiglu=True, bits=4)
     assert "shared memory" in grouped.Tiling(256, 256, 2, 4, 8).why_not(swiglu=False, bits=8)
 
@@ -181,12 +200,49 @@ def test_every_output_element_is_written(swiglu, rows_per_expert):
     x = mx.random.normal((pairs // (2 if swiglu else 1), k)).astype(mx.bfloat16)
     indices = mx.random.randint(0, 5, (pairs,)).astype(mx.uint32)
     order = mx.argsort(indices)
-    tiling = grouped.tiling_for(cuda.device_arch(), rows_per_expert, swiglu)
+    tiling = grouped.tiling_for(cuda.device_arch(), rows_per_expert, swiglu, proj.bits)
     tiles = grouped.schedule(indices[order], 5, tiling.bm)
     out = grouped.grouped_gemm(x, proj, order, tiles, swiglu=swiglu, top_k=2 if swiglu else 1,
                                tiling=tiling, init_value=float("nan"))  # fmt: skip
     assert out.shape == (pairs, proj.weight.shape[-2] // (2 if swiglu else 1))  # 96 or 2880
     assert not mx.isnan(out).any().item()
+
+
+SHARED_AND_REGISTERS = [
+    (grouped.Tiling(16, 128, 1, 4, 4), grouped.Tiling(16, 128, 1, 4, 4, 3, b_regs=True)),
+    (grouped.Tiling(64, 128, 2, 4, 4), grouped.Tiling(64, 128, 2, 4, 4, b_regs=True)),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize(("bits", "group_size", "dtype"), CASES)
+@pytest.mark.parametrize("swiglu", [True, False])
+@pytest.mark.parametrize("tilings", SHARED_AND_REGISTERS, ids=["bm16", "bm64"])
+def test_dequant_in_registers_equals_shared(bits, group_size, dtype, swiglu, tilings):
+    # The same dequantized values in the same mma order: bitwise equal.
+    # gate_up: hidden 2912 (group 32: a k tail) or 2944, width 90 (columns
+    # past N); down: k 96 (group 32: a tail) or 384, 2912/2944 outputs.
+    # 7 experts, 2 or 40 rows each.
+    hidden = 2912 if group_size == 32 else 2944
+    width = 90 if swiglu else 96 if group_size == 32 else 384
+    layer = quantized_layer(hidden, width, 7, bits=bits, group_size=group_size, dtype=dtype,
+                            quantize_down=not swiglu)  # fmt: skip
+    report = moefuse_runtime.install(layer, reserve_bytes=0)
+    assert report.fused, str(report)
+    proj = grouped.QuantizedArrays.of(layer.gate_up_proj if swiglu else layer.down_proj)
+    k = proj.weight.shape[-1] * 32 // bits
+    pairs = 14 if tilings[0].bm == 16 else 280
+    x = mx.random.normal((pairs // (2 if swiglu else 1), k)).astype(dtype)
+    indices = mx.random.randint(0, 7, (pairs,)).astype(mx.uint32)
+    order = mx.argsort(indices)
+    tiles = grouped.schedule(indices[order], 7, tilings[0].bm)
+    shared, registers = (
+        grouped.grouped_gemm(x, proj, order, tiles, swiglu=swiglu, top_k=2 if swiglu else 1,
+                             tiling=tiling, init_value=float("nan"))
+        for tiling in tilings
+    )  # fmt: skip
+    assert not mx.isnan(registers).any().item()
+    assert mx.array_equal(shared, registers).item()
 
 
 @needs_cuda
@@ -329,12 +385,12 @@ def test_launch_bounds_declare_the_kernel_mlx_generates():
     # and passes the inputs as const pointers in order, then the output.
     template = [("T", mx.bfloat16), ("BITS", 4), ("GROUP", 32), ("K", 2048), ("N", 768),
                 ("SWIGLU", True), ("TOP_K", 8), ("BM", 16), ("BN", 128), ("WARPS_M", 1),
-                ("WARPS_N", 4), ("STAGES", 4)]  # fmt: skip
-    tiling = grouped.Tiling(16, 128, 1, 4, 4, min_blocks=3)
+                ("WARPS_N", 4), ("STAGES", 4), ("B_REGS", True)]  # fmt: skip
+    tiling = grouped.Tiling(16, 128, 1, 4, 4, min_blocks=3, b_regs=True)
     text = grouped._launch_bounds("moefuse_grouped_gemm", template, tiling, mx.bfloat16)
     assert (
         "__global__ void __launch_bounds__(128, 3) custom_kernel_moefuse_grouped_gemm_"
-        "bfloat16_t_4_32_2048_768_t_8_16_128_1_4_4(const __nv_bfloat16*, const uint32_t*, "
+        "bfloat16_t_4_32_2048_768_t_8_16_128_1_4_4_t(const __nv_bfloat16*, const uint32_t*, "
         "const __nv_bfloat16*, const __nv_bfloat16*, const uint32_t*, const int32_t*, "
         "__nv_bfloat16*);"
     ) in text

@@ -18,6 +18,7 @@ import vlm_families  # noqa: E402
 from helpers import quantize_model  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 from mlx_vlm.models import switch_layers as vlm  # noqa: E402
+from vlm_layers import call_args, vlm_layer  # noqa: E402
 
 import moefuse_runtime  # noqa: E402
 from moefuse_runtime import cuda  # noqa: E402
@@ -65,25 +66,6 @@ def test_family_parity(family, quantized):
         assert mx.array_equal(a, b).item(), f"{family} step {step} differs"
     assert moefuse_runtime.uninstall(model).unfused
     assert same(reference, logits_sequence(model))
-
-
-def vlm_layer(cls=vlm.SwitchGLU, *, quantized=True, dims=128, width=64, dtype=mx.float32):
-    mx.random.seed(2)
-    layer = cls(dims, width, 8)
-    layer.set_dtype(dtype)
-    if quantized:
-        quantize_model(layer, bits=4, group_size=32)
-    mx.eval(layer.parameters())
-    return layer
-
-
-def call_args(tokens, top_k=2, batch=2, experts=8, dims=128):
-    mx.random.seed(3)
-    x = mx.random.normal((batch, tokens, dims))
-    indices = mx.random.randint(0, experts, (batch, tokens, top_k)).astype(mx.uint32)
-    weights = mx.softmax(mx.random.normal((batch, tokens, top_k)), axis=-1)
-    shared = mx.random.normal((batch, tokens, dims))
-    return x, indices, weights, shared
 
 
 @pytest.mark.parametrize("quantized", [False, True])

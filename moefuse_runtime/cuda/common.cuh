@@ -108,35 +108,42 @@ struct Pair<__nv_bfloat16> {
   using type = __nv_bfloat162;
 };
 
+// Values 2p and 2p + 1 of a packed word (p: the pair within the word) as a
+// T pair `scale * q + bias`, one rounding: what one thread holds of an mma B
+// fragment. `scale_bias` packs the scale (low half) and the bias (high half).
 template <typename T, int BITS>
-__device__ __forceinline__ void dequant_word(unsigned q, T scale, T bias,
-                                             unsigned (&out)[BITS == 4 ? 4 : 2]) {
+__device__ __forceinline__ unsigned dequant_pair(unsigned q, int p,
+                                                 typename Pair<T>::type scale_bias) {
   using T2 = typename Pair<T>::type;
   if constexpr (BITS == 4) {
     constexpr bool FP16 = same_type<T, __half>::value;
     constexpr unsigned MAGIC = FP16 ? 0x64006400u : 0x43004300u;
-    const unsigned hi = q >> 4;
+    // byte p of q in the low half, byte p of q >> 4 in the high half
+    const unsigned spread = __byte_perm(q, q >> 4, 0x0400u + 0x0101u * p);
+    unsigned v;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(v) : "r"(spread), "r"(0x000f000fu), "r"(MAGIC));
     unsigned magic_bits = MAGIC;
     const T2 magic = *reinterpret_cast<T2*>(&magic_bits);
-    const T2 s = {scale, scale}, b = {bias, bias};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      // byte i of q in the low half, byte i of q >> 4 in the high half
-      const unsigned spread = __byte_perm(q, hi, 0x0400u + 0x0101u * i);
-      unsigned v;
-      asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(v) : "r"(spread), "r"(0x000f000fu), "r"(MAGIC));
-      // (magic + q) - magic is exact; then one rounding, as MLX's dequantize
-      const T2 w = __hfma2(__hsub2(*reinterpret_cast<T2*>(&v), magic), s, b);
-      out[i] = *reinterpret_cast<const unsigned*>(&w);
-    }
+    const T2 s = {scale_bias.x, scale_bias.x}, b = {scale_bias.y, scale_bias.y};
+    // (magic + q) - magic is exact; then one rounding, as MLX's dequantize
+    const T2 w = __hfma2(__hsub2(*reinterpret_cast<T2*>(&v), magic), s, b);
+    return *reinterpret_cast<const unsigned*>(&w);
   } else {
-    const float s = static_cast<float>(scale), b = static_cast<float>(bias);
+    const float s = static_cast<float>(scale_bias.x), b = static_cast<float>(scale_bias.y);
+    const float lo = __uint_as_float(__byte_perm(q, 0x4B000000u, 0x7540u + 2 * p)) - 8388608.f;
+    const float hi = __uint_as_float(__byte_perm(q, 0x4B000000u, 0x7541u + 2 * p)) - 8388608.f;
+    return pack2<T>(fmaf(lo, s, b), fmaf(hi, s, b));
+  }
+}
+
+// A whole packed word: 4 pairs (4-bit) or 2 (8-bit), in order.
+template <typename T, int BITS>
+__device__ __forceinline__ void dequant_word(unsigned q, T scale, T bias,
+                                             unsigned (&out)[BITS == 4 ? 4 : 2]) {
+  const typename Pair<T>::type scale_bias = {scale, bias};
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const float lo = __uint_as_float(__byte_perm(q, 0x4B000000u, 0x7540u + 2 * i)) - 8388608.f;
-      const float hi = __uint_as_float(__byte_perm(q, 0x4B000000u, 0x7541u + 2 * i)) - 8388608.f;
-      out[i] = pack2<T>(fmaf(lo, s, b), fmaf(hi, s, b));
-    }
+  for (int p = 0; p < (BITS == 4 ? 4 : 2); ++p) {
+    out[p] = dequant_pair<T, BITS>(q, p, scale_bias);
   }
 }
 

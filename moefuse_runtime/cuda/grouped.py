@@ -4,7 +4,7 @@ Above the decode kernels' pair count (prefill, batched decode), MLX's sorted
 ``gather_qmm`` computes each (token, expert) pair as its own one-row matrix
 product: 5 TFLOP/s on an H100. Here the pairs are sorted by expert and each
 expert's rows run as one GEMM on the tensor cores (grouped_gemm.cuh), packed
-weights dequantized in shared memory, fp32 accumulation:
+weights dequantized into the mma fragments, fp32 accumulation:
 
     order = argsort(indices)          sorted pairs, MLX's sort
     tiles = tile_schedule(...)        (expert, rows) per tile of BM rows
@@ -12,10 +12,10 @@ weights dequantized in shared memory, fp32 accumulation:
     y     = grouped_gemm(h, down)     each row back to its pair's place
 
 Tile shapes come from tiles.json (measured; scripts/tune_grouped.py), looked
-up by device and by rows per expert. Measured on an H100 (docs/kernels.md):
-a Qwen3-30B-A3B layer at 2,048 tokens runs at 161 TFLOP/s of GPU time
-(gather_qmm: 4.8), prefill of a 48-layer model x14.85, and a 64-sequence
-decode step x1.57.
+up by device, weight bits and rows per expert. Measured on an H100
+(docs/kernels.md): a Qwen3-30B-A3B layer at 2,048 tokens runs its kernels at
+about 150 TFLOP/s (gather_qmm: 4.8), prefill of a 48-layer model x15-16, and
+a 64-sequence decode step x1.61-1.66.
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ SCHEDULE_THREADS = 1024
 @dataclass(frozen=True)
 class Tiling:
     """One block's work: BM x BN outputs, warps as WARPS_M x WARPS_N, a
-    STAGES-deep copy pipeline, and at least MIN_BLOCKS blocks per SM (a
-    register cap the compiler honours through __launch_bounds__)."""
+    STAGES-deep copy pipeline, at least MIN_BLOCKS blocks per SM (a register
+    cap the compiler honours through __launch_bounds__), and where packed
+    weights are dequantized: a shared tile per block, or with B_REGS each
+    warp's mma fragments (grouped_gemm.cuh)."""
 
     bm: int
     bn: int
@@ -48,15 +50,17 @@ class Tiling:
     warps_n: int
     stages: int
     min_blocks: int = 1
+    b_regs: bool = False
 
     @property
     def threads(self) -> int:
         return 32 * self.warps_m * self.warps_n
 
     def shared_bytes(self, bits: int) -> int:
-        """A stages, packed B stages and two dequantized B tiles, in 16-byte chunks."""
-        chunks = self.stages * (self.bm * 8 + self.bn * GEMM_BK * bits // 128) + 2 * self.bn * 8
-        return 16 * chunks
+        """A stages, packed B stages and (without B_REGS) two dequantized B
+        tiles, in 16-byte chunks."""
+        chunks = self.stages * (self.bm * 8 + self.bn * GEMM_BK * bits // 128)
+        return 16 * (chunks + (0 if self.b_regs else 2 * self.bn * 8))
 
     def why_not(self, swiglu: bool, bits: int) -> str | None:
         """Why the kernel's static checks would reject this tiling, or None."""
@@ -77,11 +81,15 @@ def _table() -> dict:
     return json.loads(source.read("tiles.json"))
 
 
-def tiling_for(arch: str, rows_per_expert: float, swiglu: bool) -> Tiling:
-    """The measured tiling for this device and density (tiles.json)."""
+def tiling_for(arch: str, rows_per_expert: float, swiglu: bool, bits: int) -> Tiling:
+    """The measured tiling for this device, weight format and density
+    (tiles.json: the first entry whose ``bits``, if given, and
+    ``max_rows_per_expert``, if not null, hold)."""
     table = _table()
     by_kind = table.get(arch, table["default"])["gate_up" if swiglu else "down"]
     for entry in by_kind:
+        if bits not in entry.get("bits", [bits]):
+            continue
         if entry["max_rows_per_expert"] is None or rows_per_expert <= entry["max_rows_per_expert"]:
             return Tiling(**entry["tiling"])
     raise ValueError(f"tiles.json: no catch-all entry for {arch}")
@@ -121,7 +129,7 @@ _HASH_TYPES = {mx.bfloat16: "bfloat16_t", mx.float16: "float16_t"}
 _GEMM_INPUTS = ["x", "w", "scales", "biases", "order", "tiles"]
 _GEMM_SOURCE = (
     "moefuse::grouped_gemm<T, BITS, GROUP, K, N, SWIGLU, TOP_K, BM, BN, WARPS_M, WARPS_N, "
-    "STAGES>(x, w, scales, biases, order, tiles, out);"
+    "STAGES, B_REGS>(x, w, scales, biases, order, tiles, out);"
 )
 
 
@@ -199,6 +207,7 @@ def grouped_gemm(
         ("WARPS_M", tiling.warps_m),
         ("WARPS_N", tiling.warps_n),
         ("STAGES", tiling.stages),
+        ("B_REGS", tiling.b_regs),
     )
     kernel = _gemm_kernel(template, tiling, tiling.shared_bytes(proj.bits), x.dtype)
     (out,) = kernel(
@@ -231,20 +240,26 @@ class GroupedKernels:
     def takes(self, layer, x: mx.array, indices: mx.array) -> bool:
         return indices.size > self.min_pairs and x.dtype == layer.gate_up_proj["scales"].dtype
 
-    def tilings(self, pairs: int, experts: int) -> tuple[Tiling, Tiling]:
-        """gate_up's and down's tilings for this many pairs (tiles.json)."""
+    def tilings(
+        self, pairs: int, experts: int, bits: tuple[int, int | None]
+    ) -> tuple[Tiling, Tiling | None]:
+        """gate_up's and down's tilings for this many pairs and the two
+        projections' bits (None: down is not on the kernel), from tiles.json."""
         rows_per_expert = pairs / min(experts, pairs)  # at least one row per expert hit
         return (
-            tiling_for(self.arch, rows_per_expert, swiglu=True),
-            tiling_for(self.arch, rows_per_expert, swiglu=False),
+            tiling_for(self.arch, rows_per_expert, swiglu=True, bits=bits[0]),
+            None
+            if bits[1] is None
+            else tiling_for(self.arch, rows_per_expert, swiglu=False, bits=bits[1]),
         )
 
     def __call__(self, layer, x: mx.array, indices: mx.array) -> mx.array:
         gate_up = QuantizedArrays.of(layer.gate_up_proj)
-        tilings = self.tilings(indices.size, gate_up.weight.shape[0])
         if not self.down:
+            tilings = self.tilings(indices.size, gate_up.weight.shape[0], (gate_up.bits, None))
             return self.ffn(x, indices, gate_up, None, tilings, layer.down_proj)
         down = QuantizedArrays.of(layer.down_proj)
+        tilings = self.tilings(indices.size, gate_up.weight.shape[0], (gate_up.bits, down.bits))
         if not self.compiled:
             return self.ffn(x, indices, gate_up, down, tilings)
         formats = (gate_up.bits, gate_up.group_size, down.bits, down.group_size)

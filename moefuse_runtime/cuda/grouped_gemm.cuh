@@ -9,7 +9,10 @@
 //   fetch   A rows (gathered x rows for gate_up, sorted h rows for down) and
 //           the packed weight rows of the tile, 16-byte cp.async, STAGES deep;
 //   dequant the packed k-tile once per block into bf16/fp16 in shared memory
-//           (each thread dequantizes the chunks it fetched itself);
+//           (each thread dequantizes the chunks it fetched itself), or, with
+//           B_REGS, each warp straight into its mma B fragments (no
+//           dequantized tile: 5x less shared-memory traffic, which bounds
+//           the kernel at few rows per expert);
 //   mma     ldmatrix + mma.sync m16n8k16, fp32 accumulators;
 //   store   gate_up: silu(gate) * up of matching columns (a block holds BN/2
 //           gate rows and the same BN/2 up rows), in sorted row order;
@@ -106,13 +109,21 @@ __device__ __forceinline__ int swizzle(int row, int chunk) {
   return row * 8 + (chunk ^ (row & 7));
 }
 
+// The same for packed weight rows of CHUNKS (2 or 4) chunks per stage: the
+// 8 consecutive rows one B fragment reads sit in 8 different bank groups.
+template <int CHUNKS>
+__device__ __forceinline__ int q_swizzle(int row, int chunk) {
+  return row * CHUNKS + (chunk ^ ((row / (8 / CHUNKS)) % CHUNKS));
+}
+
 // out = act(x @ W[e]^T) for the tiles of `tiles`; see the top of this file.
 // T: activation and scale dtype. N: outputs per pair (gate_up: the width,
 // weights hold 2N rows). TOP_K: pairs per x row (gate_up's gather).
+// B_REGS: dequantize into mma fragments rather than a shared tile (above).
 // Block: 32 * WARPS_M * WARPS_N threads; grid: tiles x column tiles.
 // Dynamic shared memory: grouped.py's shared_bytes().
 template <typename T, int BITS, int GROUP, int K, int N, bool SWIGLU, int TOP_K, int BM, int BN,
-          int WARPS_M, int WARPS_N, int STAGES>
+          int WARPS_M, int WARPS_N, int STAGES, bool B_REGS>
 __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, const T* biases,
                              const unsigned* order, const int* tiles, T* out) {
   constexpr int BK = GEMM_BK;
@@ -126,10 +137,13 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
   constexpr int GROUPS = K / GROUP;
   constexpr int B_CHUNKS = BK * BITS / 128;          // packed 16-byte chunks per row and stage
   constexpr int B_VALS = 128 / BITS;                 // values per packed chunk
+  constexpr int KS_PER_CHUNK = (BK / 16) / B_CHUNKS;  // mma k-steps per packed chunk
+  constexpr int G_T = BK / GROUP > 0 ? BK / GROUP : 1;  // scale groups per row and k-tile
   constexpr int KT = (K + BK - 1) / BK;
   constexpr int A_ITERS = (BM * 8 + THREADS - 1) / THREADS;
   constexpr int B_ITERS = (BN * B_CHUNKS + THREADS - 1) / THREADS;
   static_assert(STAGES >= 3, "the loop waits for the stage after the one it computes");
+  static_assert(B_CHUNKS == 2 || B_CHUNKS == 4, "q_swizzle: 2 or 4 chunks per row");
   static_assert(MT >= 1 && WM % 16 == 0 && NT % 2 == 0, "warp tile: m16 x (2 n8) multiples");
   static_assert(!SWIGLU || NT % 4 == 0, "gate_up: each warp holds gate and up n8 pairs");
   static_assert(K % 32 == 0 && GROUP % 32 == 0, "k tails are whole 32-value chunks");
@@ -137,6 +151,7 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+  const int g = lane >> 2, t = lane & 3;  // mma fragment coordinates
   const int tile_id = blockIdx.x / N_TILES, n_tile = blockIdx.x % N_TILES;
   const int4 tile = reinterpret_cast<const int4*>(tiles)[tile_id];
   if (tile.x < 0) {
@@ -147,7 +162,7 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
   extern __shared__ uint4 smem[];
   uint4* a_smem = smem;                                 // STAGES x BM x 8 chunks
   uint4* q_smem = a_smem + STAGES * BM * 8;             // STAGES x BN x B_CHUNKS
-  uint4* b_smem = q_smem + STAGES * BN * B_CHUNKS;      // 2 x BN x 8 chunks, dequantized
+  uint4* b_smem = q_smem + STAGES * BN * B_CHUNKS;      // 2 x BN x 8 chunks, dequantized (!B_REGS)
 
   // Where this thread's copies come from (fixed for the block).
   const T* a_src[A_ITERS];
@@ -192,11 +207,22 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
         const int i = tid + j * THREADS;
         if (i < BN * B_CHUNKS) {
           const bool ok = q_ok[j] && kt * BK + (i % B_CHUNKS) * B_VALS < K;
-          cp_async_16(q_stage + i, ok ? q_src[j] + kt * (BK * BITS / 32) : w, ok);
+          cp_async_16(q_stage + q_swizzle<B_CHUNKS>(i / B_CHUNKS, i % B_CHUNKS),
+                      ok ? q_src[j] + kt * (BK * BITS / 32) : w, ok);
         }
       }
     }
     cp_async_commit();  // empty groups too: the wait counts stay uniform
+  };
+
+  // The shared-memory row of this warp's n8 tile j: gate_up warps hold
+  // NT/2 gate tiles and the NT/2 up tiles of the same columns.
+  auto b_row = [&](int j) {
+    if constexpr (SWIGLU) {
+      return (j < NT / 2 ? 0 : BN / 2) + wn * (WN / 2) + (j % (NT / 2)) * 8;
+    } else {
+      return wn * WN + j * 8;
+    }
   };
 
   // Scales and biases ride in registers, SCALE_RING k-tiles deep: tile kt+1's
@@ -225,7 +251,7 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
       const int i = tid + j * THREADS;
       if (i < BN * B_CHUNKS) {
         const int r = i / B_CHUNKS, c = i % B_CHUNKS;
-        const uint4 q = q_stage[i];
+        const uint4 q = q_stage[q_swizzle<B_CHUNKS>(r, c)];
         const unsigned words[4] = {q.x, q.y, q.z, q.w};
         if constexpr (BITS == 4) {
 #pragma unroll
@@ -247,13 +273,33 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
     }
   };
 
-  // The shared-memory row of this warp's n8 tile j: gate_up warps hold
-  // NT/2 gate tiles and the NT/2 up tiles of the same columns.
-  auto b_row = [&](int j) {
-    if constexpr (SWIGLU) {
-      return (j < NT / 2 ? 0 : BN / 2) + wn * (WN / 2) + (j % (NT / 2)) * 8;
-    } else {
-      return wn * WN + j * 8;
+  // B_REGS: the scales and biases of the rows this thread's B fragments
+  // read (row g of each n8 tile), as {scale, bias} pairs, same ring.
+  using T2 = typename Pair<T>::type;
+  T2 frag_sb[SCALE_RING][NT][G_T];
+  size_t frag_s_idx[NT];
+  bool frag_ok[NT];
+  if constexpr (B_REGS) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int r = b_row(j) + g;
+      const int upper = SWIGLU && r >= BN / 2;
+      const int n = n_tile * COLS + r - (upper ? BN / 2 : 0);
+      frag_ok[j] = n < N;
+      frag_s_idx[j] = ((size_t)expert * ROWS + (frag_ok[j] ? n + (upper ? N : 0) : 0)) * GROUPS;
+    }
+  }
+  auto fetch_frag_scales = [&](int kt, int slot) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int gi = 0; gi < G_T; ++gi) {
+        const int k = kt * BK + gi * (BK / G_T);
+        const bool ok = frag_ok[j] && kt < KT && k < K;
+        const T zero = static_cast<T>(0.f);
+        frag_sb[slot][j][gi] = {ok ? scales[frag_s_idx[j] + k / GROUP] : zero,
+                                ok ? biases[frag_s_idx[j] + k / GROUP] : zero};
+      }
     }
   };
 
@@ -269,17 +315,22 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
     }
   }
 
+  // This warp's A fragments of k-step ks.
+  auto load_a = [&](const uint4* a_stage, int ks, unsigned (&a)[MT][4]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const int r = wm * WM + mt * 16 + (lane & 15);
+      ldmatrix_x4(a[mt], a_stage + swizzle(r, 2 * ks + (lane >> 4)));
+    }
+  };
+
   auto mma_ktile = [&](int kt) {
     const uint4* a_stage = a_smem + (kt % STAGES) * BM * 8;
     const uint4* b_tile = b_smem + (kt & 1) * BN * 8;
 #pragma unroll
     for (int ks = 0; ks < BK / 16; ++ks) {
       unsigned a[MT][4], b[NT][2];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const int r = wm * WM + mt * 16 + (lane & 15);
-        ldmatrix_x4(a[mt], a_stage + swizzle(r, 2 * ks + (lane >> 4)));
-      }
+      load_a(a_stage, ks, a);
 #pragma unroll
       for (int jp = 0; jp < NT; jp += 2) {
         const int m = lane >> 3;  // which 8x8 matrix this lane addresses
@@ -300,37 +351,100 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
     }
   };
 
-  // Software pipeline: k-tile kt+1 is dequantized while kt is multiplied.
-  // The loop is unrolled by SCALE_RING so that scale slots are constants.
+  // B_REGS: each packed chunk of this thread's B rows becomes the fragments
+  // of its k-steps. A fragment holds values 2t, 2t + 1 (and 8 further) of
+  // row g: 4-bit, pair t of words 2 ks and 2 ks + 1; 8-bit, pair t % 2 of
+  // words 4 ks + t / 2 and 4 ks + 2 + t / 2.
+  auto mma_ktile_regs = [&](int kt, int slot) {
+    const uint4* a_stage = a_smem + (kt % STAGES) * BM * 8;
+    const uint4* q_stage = q_smem + (kt % STAGES) * BN * B_CHUNKS;
+#pragma unroll
+    for (int c = 0; c < B_CHUNKS; ++c) {
+      constexpr int CHUNK_VALS = BK / B_CHUNKS;
+      const int gi = c * CHUNK_VALS / (BK / G_T);
+      unsigned b[KS_PER_CHUNK][NT][2];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const uint4 q = q_stage[q_swizzle<B_CHUNKS>(b_row(j) + g, c)];
+        const T2 sb = frag_sb[slot][j][gi];
+        if constexpr (BITS == 4) {
+          const unsigned words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+          for (int kk = 0; kk < KS_PER_CHUNK; ++kk) {
+            b[kk][j][0] = dequant_pair<T, BITS>(words[2 * kk], t, sb);
+            b[kk][j][1] = dequant_pair<T, BITS>(words[2 * kk + 1], t, sb);
+          }
+        } else {
+          b[0][j][0] = dequant_pair<T, BITS>((t & 2) ? q.y : q.x, t & 1, sb);
+          b[0][j][1] = dequant_pair<T, BITS>((t & 2) ? q.w : q.z, t & 1, sb);
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < KS_PER_CHUNK; ++kk) {
+        unsigned a[MT][4];
+        load_a(a_stage, c * KS_PER_CHUNK + kk, a);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            mma_16816<T>(acc[mt][j], a[mt], b[kk][j][0], b[kk][j][1]);
+          }
+        }
+      }
+    }
+  };
+
+  // Software pipeline. Shared dequantization: k-tile kt+1 is dequantized
+  // while kt is multiplied. B_REGS: kt is dequantized as it is multiplied.
+  // The loops are unrolled by SCALE_RING so that scale slots are constants.
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     fetch_gmem(s);
   }
+  if constexpr (B_REGS) {
 #pragma unroll
-  for (int s = 0; s < SCALE_RING; ++s) {
-    fetch_scales(s, s);
-  }
-  cp_async_wait<STAGES - 2>();
-  dequant(0, 0, 0);  // this thread's own chunks: its wait is enough
-  for (int kt0 = 0; kt0 < KT; kt0 += SCALE_RING) {
+    for (int s = 0; s < SCALE_RING; ++s) {
+      fetch_frag_scales(s, s);
+    }
+    for (int kt0 = 0; kt0 < KT; kt0 += SCALE_RING) {
 #pragma unroll
-    for (int u = 0; u < SCALE_RING; ++u) {
-      const int kt = kt0 + u;
-      if (kt < KT) {
-        cp_async_wait<STAGES - 3>();  // k-tile kt+1 has landed
-        __syncthreads();              // kt's A and dequantized B are visible; kt-1 is done
-        fetch_gmem(kt + STAGES - 1);  // into the stage kt-1 used
-        if (kt + 1 < KT) {
-          dequant(kt + 1, (kt + 1) & 1, (u + 1) % SCALE_RING);
+      for (int u = 0; u < SCALE_RING; ++u) {
+        const int kt = kt0 + u;
+        if (kt < KT) {
+          cp_async_wait<STAGES - 2>();  // k-tile kt has landed
+          __syncthreads();              // every thread's copies of kt; kt-1 is done
+          fetch_gmem(kt + STAGES - 1);  // into the stage kt-1 used
+          mma_ktile_regs(kt, u);
+          fetch_frag_scales(kt + SCALE_RING, u);  // the slot tile kt used
         }
-        fetch_scales(kt + SCALE_RING, u);  // the slot tile kt's dequantization freed
-        mma_ktile(kt);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int s = 0; s < SCALE_RING; ++s) {
+      fetch_scales(s, s);
+    }
+    cp_async_wait<STAGES - 2>();
+    dequant(0, 0, 0);  // this thread's own chunks: its wait is enough
+    for (int kt0 = 0; kt0 < KT; kt0 += SCALE_RING) {
+#pragma unroll
+      for (int u = 0; u < SCALE_RING; ++u) {
+        const int kt = kt0 + u;
+        if (kt < KT) {
+          cp_async_wait<STAGES - 3>();  // k-tile kt+1 has landed
+          __syncthreads();              // kt's A and dequantized B are visible; kt-1 is done
+          fetch_gmem(kt + STAGES - 1);  // into the stage kt-1 used
+          if (kt + 1 < KT) {
+            dequant(kt + 1, (kt + 1) & 1, (u + 1) % SCALE_RING);
+          }
+          fetch_scales(kt + SCALE_RING, u);  // the slot tile kt's dequantization freed
+          mma_ktile(kt);
+        }
       }
     }
   }
 
   // Epilogue: accumulator c[e] of (mt, j) is row g (+8 for e >= 2), column 2t + e % 2.
-  const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
