@@ -35,6 +35,7 @@ def emit(group, check, family, ok, **extra):
 
 
 DENSE = False
+VLM = False  # the families are mlx-vlm's language models
 
 
 def fused_count(model):
@@ -51,11 +52,11 @@ def dense_fused(model):
 def both_orders(group, family, quantized, split, names):
     """Split (shard or pipeline) then install, and install then split: each
     must give the unfused split model's logits. Returns the pieces for more."""
-    reference_model = build_family(family, quantized)
+    reference_model = build_family(family, quantized, VLM)
     split(reference_model)
     reference = logits_sequence(reference_model)
 
-    after = build_family(family, quantized)
+    after = build_family(family, quantized, VLM)
     split(after)
     report = moefuse_runtime.install(after, group=group, reserve_bytes=0, dense=DENSE)
     ok = same(logits_sequence(after), reference)
@@ -63,7 +64,7 @@ def both_orders(group, family, quantized, split, names):
          notes=list(report.notes), dense_fused=dense_fused(after),
          dense_total=report.dense_total)  # fmt: skip
 
-    before = build_family(family, quantized)
+    before = build_family(family, quantized, VLM)
     moefuse_runtime.install(before, reserve_bytes=0, dense=DENSE)
     split(before)
     ok = same(logits_sequence(before), reference)
@@ -98,7 +99,7 @@ def agreement(group, family, quantized):
     """Rank 1 has no headroom: with the group, no rank fuses; without, ranks diverge."""
     starved = group.rank() == 1
     for with_group in (True, False):
-        model = build_family(family, quantized)
+        model = build_family(family, quantized, VLM)
         model.shard(group)
         reference = logits_sequence(model)
         report = moefuse_runtime.install(
@@ -121,11 +122,11 @@ def segments(group, family, quantized):
     from mlx.nn.layers.distributed import shard_inplace, shard_linear
 
     assert family == "qwen3_moe", "this control mirrors qwen3_moe's shard()"
-    reference_model = build_family(family, quantized)
+    reference_model = build_family(family, quantized, VLM)
     reference_model.shard(group)
     reference = logits_sequence(reference_model)
     for count in (1, 2):
-        model = build_family(family, quantized)
+        model = build_family(family, quantized, VLM)
         moefuse_runtime.install(model, reserve_bytes=0)
         for layer in model.model.layers:
             attn = layer.self_attn
@@ -166,10 +167,11 @@ def main():
     parser.add_argument("--families", nargs="+", required=True)
     parser.add_argument("--quantized", action="store_true")
     parser.add_argument("--dense", action="store_true", help="install(dense=True)")
+    parser.add_argument("--vlm", action="store_true", help="mlx-vlm's language models")
     parser.add_argument("--out", required=True, help="folder for rank<N>.jsonl")
     args = parser.parse_args()
-    global OUT, DENSE
-    OUT, DENSE = args.out, args.dense
+    global OUT, DENSE, VLM
+    OUT, DENSE, VLM = args.out, args.dense, args.vlm
     group = mx.distributed.init(strict=True)
     for family in args.families:
         CHECKS[args.check](group, family, args.quantized)

@@ -80,9 +80,13 @@ PROMPT_TOKENS = 40  # x batch 2 x top-k 2 = 160 token-expert pairs: the sorted p
 DECODE_STEPS = 3  # batch 2 x top-k 2 = 4 pairs: the unsorted path
 
 
-def build_family(family: str, quantized: bool) -> nn.Module:
-    """A family's tiny model (tests/families.py), float32 or 4-bit, evaluated."""
-    import families
+def build_family(family: str, quantized: bool, vlm: bool = False) -> nn.Module:
+    """A family's tiny model (tests/families.py; with ``vlm``, mlx-vlm's
+    language model, tests/vlm_families.py), float32 or 4-bit, evaluated."""
+    if vlm:
+        import vlm_families as families
+    else:
+        import families
 
     mx.random.seed(0)
     model = families.build(family)
@@ -102,12 +106,17 @@ def logits_sequence(model: nn.Module) -> list[mx.array]:
     mx.random.seed(1)
     prompt = mx.random.randint(0, 128, (2, PROMPT_TOKENS))
     cache = make_prompt_cache(model)
-    outputs = [model(prompt, cache=cache)]
-    mx.eval(outputs)
+    outputs = [_logits(model(prompt, cache=cache))]
     for _ in range(DECODE_STEPS):
-        outputs.append(model(mx.argmax(outputs[-1][:, -1:, :], axis=-1), cache=cache))
-        mx.eval(outputs[-1])
+        outputs.append(_logits(model(mx.argmax(outputs[-1][:, -1:, :], axis=-1), cache=cache)))
     return outputs
+
+
+def _logits(output) -> mx.array:
+    """The logits of a forward, evaluated (mlx-vlm's models return an object)."""
+    logits = getattr(output, "logits", output)
+    mx.eval(logits)
+    return logits
 
 
 METAL_ONLY = "No Metal back-end"

@@ -53,14 +53,15 @@ def free_port():
     raise RuntimeError("no two consecutive free ports")
 
 
-def launch(tmp_path, check, family_names, quantized=False, dense=False):
+def launch(tmp_path, check, family_names, quantized=False, dense=False, vlm=False):
     """Run one check on 2 ranks; return {rank: [records]}."""
     command = [
         sys.executable, "-c", LAUNCH,
         "--backend", "ring", "-n", str(RANKS), "-p", str(free_port()),
         "--", sys.executable, str(HERE / "dist_worker.py"), check,
         "--out", str(tmp_path), "--families", *family_names,
-    ] + (["--quantized"] if quantized else []) + (["--dense"] if dense else [])  # fmt: skip
+    ] + (["--quantized"] if quantized else []) + (["--dense"] if dense else []) + (
+        ["--vlm"] if vlm else [])  # fmt: skip
     process = subprocess.Popen(
         command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -81,6 +82,21 @@ def launch(tmp_path, check, family_names, quantized=False, dense=False):
     return records
 
 
+def _vlm_sharded() -> list[str]:
+    """mlx-vlm language models with their own shard(), that build here."""
+    try:
+        import vlm_families
+    except ImportError:  # mlx-vlm is pinned in requirements-test.txt
+        return []
+    return [
+        f for f in vlm_families.buildable()
+        if hasattr(importlib.import_module(f"mlx_vlm.models.{f}.language").LanguageModel, "shard")
+    ]  # fmt: skip
+
+
+VLM_SHARDED = _vlm_sharded()
+
+
 def test_discovery_finds_sharded_and_pipelined_families():
     assert {"qwen3_moe", "deepseek_v3", "gpt_oss", "glm4_moe", "minimax"} <= set(SHARDED)
     assert {"qwen3_moe", "deepseek_v3"} <= set(PIPELINED)
@@ -99,6 +115,22 @@ def test_tensor_parallel_both_orders(tmp_path, quantized):
             assert row["fused"] == expected, f"rank {rank}: {row}"
             if row["check"] == "shard-then-install":
                 assert row["notes"] == [f"verdicts agreed across {RANKS} ranks"]
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float32", "4bit"])
+def test_vlm_tensor_parallel_both_orders(tmp_path, quantized):
+    # mlx-vlm's language models with a shard() of their own, as mlx_vlm's
+    # sharded_load calls it: both orders bitwise, then uninstall.
+    pytest.importorskip("mlx_vlm", reason="mlx-vlm is pinned in requirements-test.txt")
+    names = [f for f in VLM_SHARDED if f not in METAL_ONLY]
+    assert {"qwen3_vl_moe", "deepseek_v3", "gpt_oss"} <= set(names), names
+    records = launch(tmp_path, "tensor", names, quantized, vlm=True)
+    for rank, rows in records.items():
+        assert len(rows) == 3 * len(names), rows
+        for row in rows:
+            assert row["ok"], f"rank {rank}: {row}"
+            expected = 0 if row["check"] == "uninstall-after-shard" else row["total"]
+            assert row["total"] >= 1 and row["fused"] == expected, f"rank {rank}: {row}"
 
 
 def test_pipeline_parallel_fuses_own_layers(tmp_path):
