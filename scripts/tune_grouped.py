@@ -58,11 +58,19 @@ def suits(bm: int, rows_per_expert: float) -> bool:
 ROUNDS = 7
 
 
-def sweep_kind(swiglu: bool, x, proj, order, sorted_experts, experts, top_k, flops) -> dict:
+def regs_only(swiglu: bool, bits: int) -> list[tuple]:
+    """The candidates that dequantize in registers, and the tiles.json tilings
+    they compete with."""
+    table = {grouped.tiling_for("default", r, swiglu, bits) for r in (1, 1e9)}
+    tilings = [(c, grouped.Tiling(*c)) for c in CANDIDATES[swiglu]]
+    return [c for c, tiling in tilings if tiling.b_regs or tiling in table]
+
+
+def sweep_kind(candidates, swiglu, x, proj, order, sorted_experts, experts, top_k, flops) -> dict:
     """TFLOP/s of every candidate tiling of one kernel (or why it failed)."""
     results = {}
     rows_per_expert = sorted_experts.size / experts
-    for candidate in CANDIDATES[swiglu]:
+    for candidate in candidates:
         tiling = grouped.Tiling(*candidate)
         if tiling.why_not(swiglu, proj.bits) or not suits(tiling.bm, rows_per_expert):
             continue
@@ -97,15 +105,8 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     wanted = [tuple(o.split(":")) for o in args.only] if args.only else None
     results = {"device": mx.device_info().get("device_name"), "quant": args.quant, "rows": []}
-    if args.regs_only:
-        for swiglu in CANDIDATES:
-            bits = int(args.quant.removesuffix("bit"))
-            table = {grouped.tiling_for("default", r, swiglu, bits) for r in (1, 1e9)}
-            CANDIDATES[swiglu] = [
-                c
-                for c in CANDIDATES[swiglu]
-                if grouped.Tiling(*c).b_regs or grouped.Tiling(*c) in table
-            ]
+    bits = int(args.quant.removesuffix("bit"))
+    candidates = {s: regs_only(s, bits) if args.regs_only else CANDIDATES[s] for s in CANDIDATES}
     for shape, (hidden, experts, top_k, width) in LAYER_SHAPES.items():
         counts = [int(t) for s, t in wanted if s == shape] if wanted else TOKENS[shape]
         if not counts:
@@ -126,7 +127,7 @@ def main() -> int:
                 flops = 2 * pairs * hidden * width * (2 if swiglu else 1)
                 args_ = (x, gate_up, order, sorted_experts, experts, top_k) if swiglu else (
                     h, down, order, sorted_experts, experts, 1)  # fmt: skip
-                row[kind] = sweep_kind(swiglu, *args_, flops)
+                row[kind] = sweep_kind(candidates[swiglu], swiglu, *args_, flops)
                 ok = [(v["tflops"], k) for k, v in row[kind].items() if isinstance(v, dict)]
                 print(f"{shape} {tokens} tokens {kind}: best {max(ok) if ok else row[kind]}",
                       flush=True)  # fmt: skip

@@ -85,3 +85,24 @@ def compare(layer, x, indices, dtype, path: str):
     assert kernel_error < TOLERANCE[dtype], (kernel_error, gather_error)
     assert kernel_error <= GATHER_SLACK * gather_error + 1e-4, (kernel_error, gather_error)
     return kernel_error, gather_error
+
+
+def compiled_call_follows_new_weights(path: str, tokens: int):
+    """The compiled FFN of kernel ``path`` ('decode' or 'grouped') takes the
+    layer's arrays as inputs: the same kernels bitwise as uncompiled, and new
+    weights are used, not the ones it was traced with. Returns the kernels."""
+    import dataclasses
+
+    layer = quantized_layer(1024, 256, 16)
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    compiled = getattr(layer.kernels, path)
+    uncompiled = dataclasses.replace(compiled, compiled=False)
+    x = mx.random.normal((1, tokens, 1024)).astype(mx.bfloat16)
+    indices = mx.random.randint(0, 16, (1, tokens, 4)).astype(mx.uint32)
+    before = compiled(layer, x, indices)
+    assert mx.array_equal(before, uncompiled(layer, x, indices)).item()
+    layer.down_proj.scales = layer.down_proj.scales * 2
+    after = compiled(layer, x, indices)
+    assert mx.array_equal(after, uncompiled(layer, x, indices)).item()
+    assert not mx.array_equal(after, before).item()
+    return compiled

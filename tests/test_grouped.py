@@ -18,6 +18,7 @@ import pytest
 from kernel_checks import (  # kernels_on: autouse, MOEFUSE_KERNEL=1
     TOLERANCE,
     compare,
+    compiled_call_follows_new_weights,
     kernels_on,  # noqa: F401
     needs_cuda,
     quantized_layer,
@@ -277,20 +278,7 @@ def test_16384_tokens_top8_in_one_call():
 
 @needs_cuda
 def test_compiled_call_equals_uncompiled_and_follows_new_weights():
-    import dataclasses
-
-    layer = quantized_layer(1024, 256, 16)
-    moefuse_runtime.install(layer, reserve_bytes=0)
-    compiled = layer.kernels.grouped
-    uncompiled = dataclasses.replace(compiled, compiled=False)
-    x = mx.random.normal((1, 64, 1024)).astype(mx.bfloat16)
-    indices = mx.random.randint(0, 16, (1, 64, 4)).astype(mx.uint32)
-    before = compiled(layer, x, indices)
-    assert mx.array_equal(before, uncompiled(layer, x, indices)).item()
-    layer.down_proj.scales = layer.down_proj.scales * 2
-    after = compiled(layer, x, indices)
-    assert mx.array_equal(after, uncompiled(layer, x, indices)).item()
-    assert not mx.array_equal(after, before).item()
+    compiled_call_follows_new_weights("grouped", tokens=64)
 
 
 @needs_cuda

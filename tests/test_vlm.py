@@ -15,8 +15,7 @@ import pytest
 pytest.importorskip("mlx_vlm", reason="mlx-vlm is pinned in requirements-test.txt")
 
 import vlm_families  # noqa: E402
-from helpers import quantize_model  # noqa: E402
-from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
+from helpers import logits_sequence, quantize_model  # noqa: E402
 from mlx_vlm.models import switch_layers as vlm  # noqa: E402
 from vlm_layers import call_args, vlm_layer  # noqa: E402
 
@@ -25,23 +24,6 @@ from moefuse_runtime import cuda  # noqa: E402
 from moefuse_runtime.layer import kernel_paths  # noqa: E402
 
 FAMILIES = vlm_families.buildable()
-PROMPT_TOKENS, DECODE_STEPS = 40, 3  # 2 x 40 x top-2 = 160 pairs: sorted
-
-
-def logits_sequence(model) -> list[mx.array]:
-    mx.random.seed(1)
-    prompt = mx.random.randint(0, 128, (2, PROMPT_TOKENS))
-    cache = make_prompt_cache(model)
-    outputs = [_logits(model(prompt, cache=cache))]
-    for _ in range(DECODE_STEPS):
-        outputs.append(_logits(model(mx.argmax(outputs[-1][:, -1:, :], axis=-1), cache=cache)))
-    return outputs
-
-
-def _logits(output) -> mx.array:
-    logits = getattr(output, "logits", output)
-    mx.eval(logits)
-    return logits
 
 
 def test_every_discovered_family_is_built_or_says_why():

@@ -175,16 +175,23 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
     const int src = !a_ok[j] ? 0 : SWIGLU ? order[row0 + r] / TOP_K : row0 + r;
     a_src[j] = x + (size_t)src * K + a_chunk * 8;
   }
+  // The expert's weight row behind row r of the block's B tile (gate_up: the
+  // first BN/2 are gate rows, the rest the up rows of the same columns), and
+  // whether it exists (columns past N read row 0, as zeros or unused).
+  auto weight_row = [&](int r, bool& exists) -> size_t {
+    const int upper = SWIGLU && r >= BN / 2;
+    const int n = n_tile * COLS + r - (upper ? BN / 2 : 0);
+    exists = n < N;
+    return (size_t)expert * ROWS + (exists ? n + (upper ? N : 0) : 0);
+  };
   const unsigned* q_src[B_ITERS];
   size_t s_idx[B_ITERS];
   bool q_ok[B_ITERS];
 #pragma unroll
   for (int j = 0; j < B_ITERS; ++j) {
-    const int i = tid + j * THREADS, r = i / B_CHUNKS;
-    const int upper = SWIGLU && r >= BN / 2;           // the up half of gate_up
-    const int n = n_tile * COLS + r - (upper ? BN / 2 : 0);
-    q_ok[j] = i < BN * B_CHUNKS && n < N;
-    const size_t row = (size_t)expert * ROWS + (q_ok[j] ? n + (upper ? N : 0) : 0);
+    const int i = tid + j * THREADS;
+    const size_t row = weight_row(i / B_CHUNKS, q_ok[j]);
+    q_ok[j] = q_ok[j] && i < BN * B_CHUNKS;
     q_src[j] = w + row * WORDS + (i % B_CHUNKS) * 4;
     s_idx[j] = row * GROUPS;
   }
@@ -282,11 +289,7 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
   if constexpr (B_REGS) {
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-      const int r = b_row(j) + g;
-      const int upper = SWIGLU && r >= BN / 2;
-      const int n = n_tile * COLS + r - (upper ? BN / 2 : 0);
-      frag_ok[j] = n < N;
-      frag_s_idx[j] = ((size_t)expert * ROWS + (frag_ok[j] ? n + (upper ? N : 0) : 0)) * GROUPS;
+      frag_s_idx[j] = weight_row(b_row(j) + g, frag_ok[j]) * GROUPS;
     }
   }
   auto fetch_frag_scales = [&](int kt, int slot) {
