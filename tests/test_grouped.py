@@ -136,7 +136,27 @@ def test_pre_ampere_gpus_keep_gather_qmm_above_decode(as_cuda):
     layer = quantized_layer(128, 64, 16)
     moefuse_runtime.install(layer, reserve_bytes=0)
     assert layer.kernels.grouped is None
-    assert "gather_qmm above" in kernel_paths(layer)[1]
+    assert "gather_qmm above (sm_75 is older than sm_80)" in kernel_paths(layer)[1]
+
+
+def test_arrays_past_32_bit_offsets_keep_gather_qmm(as_cuda, monkeypatch):
+    # the kernels index with 32-bit offsets; gate_up's 16 experts x 128 rows
+    # x 16 words are 32,768 words, which a limit of 2^15 rejects
+    monkeypatch.setattr(grouped, "OFFSET_LIMIT", 2**15)
+    layer = quantized_layer(128, 64, 16)
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    assert layer.kernels.grouped is None
+    assert "(gate_up_proj has 32768 packed words, past 32-bit offsets)" in kernel_paths(layer)[1]
+
+
+def test_calls_past_32_bit_offsets_keep_gather_qmm(as_cuda, monkeypatch):
+    layer = quantized_layer(128, 64, 16)
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    x = mx.zeros((1, 64, 128), dtype=mx.bfloat16)
+    indices = mx.zeros((1, 64, 4), mx.uint32)  # h: 256 pairs x 64 = 16,384 values
+    assert layer.kernels.pick(layer, x, indices) is layer.kernels.grouped
+    monkeypatch.setattr(grouped, "OFFSET_LIMIT", 16_384)
+    assert layer.kernels.pick(layer, x, indices) is None
 
 
 def test_float_down_runs_the_layers_own_down_proj(as_cuda):
@@ -144,6 +164,8 @@ def test_float_down_runs_the_layers_own_down_proj(as_cuda):
     moefuse_runtime.install(layer, reserve_bytes=0)
     assert layer.kernels.grouped.down is False
     assert "tensor cores above (down: down_proj)" in kernel_paths(layer)[1]
+    x = mx.zeros((1, 9, 128), dtype=mx.bfloat16)
+    assert layer.kernels.pick(layer, x, mx.zeros((1, 9, 4), mx.uint32)) is layer.kernels.grouped
 
 
 # -- on the GPU: numerics -------------------------------------------------------
@@ -210,20 +232,21 @@ def test_every_output_element_is_written(swiglu, rows_per_expert):
 
 
 SHARED_AND_REGISTERS = [
-    (grouped.Tiling(16, 128, 1, 4, 4), grouped.Tiling(16, 128, 1, 4, 4, 3, b_regs=True)),
-    (grouped.Tiling(64, 128, 2, 4, 4), grouped.Tiling(64, 128, 2, 4, 4, b_regs=True)),
+    (grouped.Tiling(16, 128, 1, 4, 4), grouped.Tiling(16, 128, 1, 4, 4, 4, b_regs=True)),
+    (grouped.Tiling(32, 128, 1, 4, 4), grouped.Tiling(32, 128, 1, 4, 4, 4, b_regs=True)),
+    (grouped.Tiling(64, 128, 2, 4, 4), grouped.Tiling(64, 128, 1, 4, 4, b_regs=True)),
 ]
 
 
 @needs_cuda
 @pytest.mark.parametrize(("bits", "group_size", "dtype"), CASES)
 @pytest.mark.parametrize("swiglu", [True, False])
-@pytest.mark.parametrize("tilings", SHARED_AND_REGISTERS, ids=["bm16", "bm64"])
+@pytest.mark.parametrize("tilings", SHARED_AND_REGISTERS, ids=["bm16", "bm32", "bm64"])
 def test_dequant_in_registers_equals_shared(bits, group_size, dtype, swiglu, tilings):
     # The same dequantized values in the same mma order: bitwise equal.
     # gate_up: hidden 2912 (group 32: a k tail) or 2944, width 90 (columns
     # past N); down: k 96 (group 32: a tail) or 384, 2912/2944 outputs.
-    # 7 experts, 2 or 40 rows each.
+    # 7 experts, 2, 14 or 40 rows each.
     hidden = 2912 if group_size == 32 else 2944
     width = 90 if swiglu else 96 if group_size == 32 else 384
     layer = quantized_layer(hidden, width, 7, bits=bits, group_size=group_size, dtype=dtype,
@@ -232,7 +255,7 @@ def test_dequant_in_registers_equals_shared(bits, group_size, dtype, swiglu, til
     assert report.fused, str(report)
     proj = grouped.QuantizedArrays.of(layer.gate_up_proj if swiglu else layer.down_proj)
     k = proj.weight.shape[-1] * 32 // bits
-    pairs = 14 if tilings[0].bm == 16 else 280
+    pairs = {16: 14, 32: 98, 64: 280}[tilings[0].bm]
     x = mx.random.normal((pairs // (2 if swiglu else 1), k)).astype(dtype)
     indices = mx.random.randint(0, 7, (pairs,)).astype(mx.uint32)
     order = mx.argsort(indices)

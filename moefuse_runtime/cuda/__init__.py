@@ -24,7 +24,7 @@ import mlx.nn as nn
 from ..config import KERNEL_ENV, env_flag
 from ..memory import backend
 from .decode import DOWN_TILING, DecodeKernels, down_tiling_for, max_pairs_for, why_not_kernel
-from .grouped import GroupedKernels
+from .grouped import GroupedKernels, why_not_grouped
 
 MIN_TENSOR_CORE_ARCH = 80
 """mma.sync m16n8k16 with bf16, ldmatrix and cp.async need sm_80 (Ampere) or newer."""
@@ -89,7 +89,15 @@ def kernels_for(layer: nn.Module, why_not_forward: str | None) -> tuple[LayerKer
     decode = DecodeKernels(down, max_pairs_for(experts), down_tiling=tiling)
     arch = device_arch()
     grouped = None
-    if arch_number(arch) >= MIN_TENSOR_CORE_ARCH:
+    why_not_tensor_cores = None
+    if arch_number(arch) < MIN_TENSOR_CORE_ARCH:
+        why_not_tensor_cores = f"{arch or 'this GPU'} is older than sm_{MIN_TENSOR_CORE_ARCH}"
+    else:
+        why_not_tensor_cores = why_not_grouped(layer)
+    if why_not_tensor_cores is None:
         grouped = GroupedKernels(down, decode.max_pairs, arch)
     kernels = LayerKernels(decode, grouped)
-    return kernels, kernels.path
+    path = kernels.path
+    if why_not_tensor_cores:
+        path += f" ({why_not_tensor_cores})"
+    return kernels, path

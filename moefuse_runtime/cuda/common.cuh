@@ -23,11 +23,24 @@ struct same_type<A, A> {
 
 // 16 bytes from global to shared memory, asynchronously; zeros when !valid
 // (the source is then not read, but must still be a mapped address).
+// L2_PREFETCH (128 or 256): the L2 also fetches the aligned 128 or 256 bytes
+// around the 16, for a row read a few 16-byte pieces at a time: DRAM then
+// serves whole lines instead of one 32-byte sector per request.
+template <int L2_PREFETCH = 0>
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  static_assert(L2_PREFETCH == 0 || L2_PREFETCH == 128 || L2_PREFETCH == 256, "L2 prefetch size");
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(bytes));
+  if constexpr (L2_PREFETCH == 128) {
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst),
+                 "l"(gmem), "r"(bytes));
+  } else if constexpr (L2_PREFETCH == 256) {
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst),
+                 "l"(gmem), "r"(bytes));
+  } else {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+                 "r"(bytes));
+  }
 }
 
 __device__ __forceinline__ void cp_async_commit() {

@@ -72,6 +72,21 @@ class Tiling:
         return None
 
 
+OFFSET_LIMIT = 2**32
+"""The kernels index x, h, packed weights and scales with 32-bit offsets
+(fewer registers, more blocks per SM): arrays at least this long are not
+taken (`why_not_grouped`, `GroupedKernels.takes`)."""
+
+
+def why_not_grouped(layer) -> str | None:
+    """Why this layer's projections are too large for 32-bit offsets, or None."""
+    for name in ("gate_up_proj", "down_proj"):
+        words = layer[name]["weight"].size
+        if words >= OFFSET_LIMIT:
+            return f"{name} has {words} packed words, past 32-bit offsets"
+    return None
+
+
 MAX_SHARED_BYTES = 227 * 1024
 """Shared memory one block may have on sm_80 (A100) and sm_90 (H100)."""
 
@@ -238,7 +253,12 @@ class GroupedKernels:
     compiled: bool = True
 
     def takes(self, layer, x: mx.array, indices: mx.array) -> bool:
-        return indices.size > self.min_pairs and x.dtype == layer.gate_up_proj["scales"].dtype
+        width = layer.gate_up_proj["weight"].shape[-2] // 2  # h's columns
+        return (
+            indices.size > self.min_pairs
+            and x.dtype == layer.gate_up_proj["scales"].dtype
+            and max(x.size, indices.size * width) < OFFSET_LIMIT
+        )
 
     def tilings(
         self, pairs: int, experts: int, bits: tuple[int, int | None]

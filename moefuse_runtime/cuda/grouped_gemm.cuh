@@ -7,7 +7,9 @@
 // block per (tile, BN output columns):
 //
 //   fetch   A rows (gathered x rows for gate_up, sorted h rows for down) and
-//           the packed weight rows of the tile, 16-byte cp.async, STAGES deep;
+//           the packed weight rows of the tile, 16-byte cp.async, STAGES deep
+//           (weights with a 256-byte L2 prefetch: a row is read 16 or 32
+//           bytes per k-tile, which DRAM serves poorly one sector at a time);
 //   dequant the packed k-tile once per block into bf16/fp16 in shared memory
 //           (each thread dequantizes the chunks it fetched itself), or, with
 //           B_REGS, each warp straight into its mma B fragments (no
@@ -165,7 +167,7 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
   uint4* b_smem = q_smem + STAGES * BN * B_CHUNKS;      // 2 x BN x 8 chunks, dequantized (!B_REGS)
 
   // Where this thread's copies come from (fixed for the block).
-  const T* a_src[A_ITERS];
+  unsigned a_src[A_ITERS];  // offsets into x (32 bits: fewer registers)
   bool a_ok[A_ITERS];
   const int a_chunk = tid % 8;
 #pragma unroll
@@ -173,7 +175,7 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
     const int r = (tid + j * THREADS) / 8;
     a_ok[j] = r < BM && r < rows;
     const int src = !a_ok[j] ? 0 : SWIGLU ? order[row0 + r] / TOP_K : row0 + r;
-    a_src[j] = x + (size_t)src * K + a_chunk * 8;
+    a_src[j] = static_cast<unsigned>(src) * K + a_chunk * 8;
   }
   // The expert's weight row behind row r of the block's B tile (gate_up: the
   // first BN/2 are gate rows, the rest the up rows of the same columns), and
@@ -184,7 +186,7 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
     exists = n < N;
     return (size_t)expert * ROWS + (exists ? n + (upper ? N : 0) : 0);
   };
-  const unsigned* q_src[B_ITERS];
+  unsigned q_src[B_ITERS];  // offsets into w, in words (grouped.py: below 2^32)
   size_t s_idx[B_ITERS];
   bool q_ok[B_ITERS];
 #pragma unroll
@@ -192,7 +194,7 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
     const int i = tid + j * THREADS;
     const size_t row = weight_row(i / B_CHUNKS, q_ok[j]);
     q_ok[j] = q_ok[j] && i < BN * B_CHUNKS;
-    q_src[j] = w + row * WORDS + (i % B_CHUNKS) * 4;
+    q_src[j] = static_cast<unsigned>(row * WORDS + (i % B_CHUNKS) * 4);
     s_idx[j] = row * GROUPS;
   }
 
@@ -205,7 +207,7 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
         const int r = (tid + j * THREADS) / 8;
         if (r < BM) {
           const bool ok = a_ok[j] && a_k;
-          cp_async_16(a_stage + swizzle(r, a_chunk), ok ? a_src[j] + kt * BK : x, ok);
+          cp_async_16(a_stage + swizzle(r, a_chunk), ok ? x + a_src[j] + kt * BK : x, ok);
         }
       }
       uint4* q_stage = q_smem + (kt % STAGES) * BN * B_CHUNKS;
@@ -214,8 +216,10 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
         const int i = tid + j * THREADS;
         if (i < BN * B_CHUNKS) {
           const bool ok = q_ok[j] && kt * BK + (i % B_CHUNKS) * B_VALS < K;
-          cp_async_16(q_stage + q_swizzle<B_CHUNKS>(i / B_CHUNKS, i % B_CHUNKS),
-                      ok ? q_src[j] + kt * (BK * BITS / 32) : w, ok);
+          // a row's 16 or 32 bytes per k-tile: the L2 fetches 256 (GPU time
+          // at 32 tokens: 4-bit gate_up 132 -> 117 us, 8-bit 266 -> 183)
+          cp_async_16<256>(q_stage + q_swizzle<B_CHUNKS>(i / B_CHUNKS, i % B_CHUNKS),
+                           ok ? w + q_src[j] + kt * (BK * BITS / 32) : w, ok);
         }
       }
     }
@@ -280,30 +284,42 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
     }
   };
 
-  // B_REGS: the scales and biases of the rows this thread's B fragments
-  // read (row g of each n8 tile), as {scale, bias} pairs, same ring.
+  // B_REGS: the scales and biases of the rows the B fragments read (row g
+  // of each n8 tile), as {scale, bias} pairs, same ring. The 4 threads of a
+  // quad read the same rows, so each holds a quarter of them: thread t the
+  // tiles j with j % 4 == t, handed to the others by a shuffle when used.
   using T2 = typename Pair<T>::type;
-  T2 frag_sb[SCALE_RING][NT][G_T];
-  size_t frag_s_idx[NT];
-  bool frag_ok[NT];
+  constexpr int FRAG_SB = (NT + 3) / 4;  // n8 tiles whose scales this thread holds
+  T2 frag_sb[SCALE_RING][FRAG_SB][G_T];
+  unsigned frag_s_idx[FRAG_SB];
+  bool frag_ok[FRAG_SB];
   if constexpr (B_REGS) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      frag_s_idx[j] = weight_row(b_row(j) + g, frag_ok[j]) * GROUPS;
+    for (int i = 0; i < FRAG_SB; ++i) {
+      const int j = 4 * i + t;
+      frag_s_idx[i] = static_cast<unsigned>(weight_row(b_row(j % NT) + g, frag_ok[i]) * GROUPS);
+      frag_ok[i] = frag_ok[i] && j < NT;
     }
   }
   auto fetch_frag_scales = [&](int kt, int slot) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
+    for (int i = 0; i < FRAG_SB; ++i) {
 #pragma unroll
       for (int gi = 0; gi < G_T; ++gi) {
         const int k = kt * BK + gi * (BK / G_T);
-        const bool ok = frag_ok[j] && kt < KT && k < K;
+        const bool ok = frag_ok[i] && kt < KT && k < K;
         const T zero = static_cast<T>(0.f);
-        frag_sb[slot][j][gi] = {ok ? scales[frag_s_idx[j] + k / GROUP] : zero,
-                                ok ? biases[frag_s_idx[j] + k / GROUP] : zero};
+        frag_sb[slot][i][gi] = {ok ? scales[frag_s_idx[i] + k / GROUP] : zero,
+                                ok ? biases[frag_s_idx[i] + k / GROUP] : zero};
       }
     }
+  };
+  // Tile j's {scale, bias} of scale group gi, from the quad thread holding it.
+  auto frag_scale_bias = [&](int slot, int j, int gi) {
+    T2 mine = frag_sb[slot][j / 4][gi];
+    const unsigned v = __shfl_sync(0xffffffffu, *reinterpret_cast<unsigned*>(&mine),
+                                   (lane & ~3) | (j % 4));
+    return *reinterpret_cast<const T2*>(&v);
   };
 
   float acc[MT][NT][4];
@@ -354,43 +370,47 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
     }
   };
 
-  // B_REGS: each packed chunk of this thread's B rows becomes the fragments
-  // of its k-steps. A fragment holds values 2t, 2t + 1 (and 8 further) of
-  // row g: 4-bit, pair t of words 2 ks and 2 ks + 1; 8-bit, pair t % 2 of
-  // words 4 ks + t / 2 and 4 ks + 2 + t / 2.
+  // B_REGS: the words of one k-step of this thread's B rows become that
+  // k-step's fragments just before its mma (fewer live registers than a
+  // whole chunk's: with the quad-shared scales, 95 instead of 133 at BM 16).
+  // A fragment holds values 2t, 2t + 1 (and 8 further) of row g: 4-bit, pair
+  // t of words 2 ks and 2 ks + 1; 8-bit, pair t % 2 of words 4 ks + t / 2
+  // and 4 ks + 2 + t / 2.
   auto mma_ktile_regs = [&](int kt, int slot) {
     const uint4* a_stage = a_smem + (kt % STAGES) * BM * 8;
-    const uint4* q_stage = q_smem + (kt % STAGES) * BN * B_CHUNKS;
+    const unsigned* q_stage =
+        reinterpret_cast<const unsigned*>(q_smem + (kt % STAGES) * BN * B_CHUNKS);
 #pragma unroll
     for (int c = 0; c < B_CHUNKS; ++c) {
       constexpr int CHUNK_VALS = BK / B_CHUNKS;
       const int gi = c * CHUNK_VALS / (BK / G_T);
-      unsigned b[KS_PER_CHUNK][NT][2];
+      T2 sb[NT];
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        const uint4 q = q_stage[q_swizzle<B_CHUNKS>(b_row(j) + g, c)];
-        const T2 sb = frag_sb[slot][j][gi];
-        if constexpr (BITS == 4) {
-          const unsigned words[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-          for (int kk = 0; kk < KS_PER_CHUNK; ++kk) {
-            b[kk][j][0] = dequant_pair<T, BITS>(words[2 * kk], t, sb);
-            b[kk][j][1] = dequant_pair<T, BITS>(words[2 * kk + 1], t, sb);
-          }
-        } else {
-          b[0][j][0] = dequant_pair<T, BITS>((t & 2) ? q.y : q.x, t & 1, sb);
-          b[0][j][1] = dequant_pair<T, BITS>((t & 2) ? q.w : q.z, t & 1, sb);
-        }
+        sb[j] = frag_scale_bias(slot, j, gi);
       }
 #pragma unroll
       for (int kk = 0; kk < KS_PER_CHUNK; ++kk) {
+        unsigned b[NT][2];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const unsigned* q = q_stage + 4 * q_swizzle<B_CHUNKS>(b_row(j) + g, c);
+          if constexpr (BITS == 4) {
+            const uint2 words = *reinterpret_cast<const uint2*>(q + 2 * kk);
+            b[j][0] = dequant_pair<T, BITS>(words.x, t, sb[j]);
+            b[j][1] = dequant_pair<T, BITS>(words.y, t, sb[j]);
+          } else {
+            b[j][0] = dequant_pair<T, BITS>(q[t >> 1], t & 1, sb[j]);
+            b[j][1] = dequant_pair<T, BITS>(q[2 + (t >> 1)], t & 1, sb[j]);
+          }
+        }
         unsigned a[MT][4];
         load_a(a_stage, c * KS_PER_CHUNK + kk, a);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
           for (int j = 0; j < NT; ++j) {
-            mma_16816<T>(acc[mt][j], a[mt], b[kk][j][0], b[kk][j][1]);
+            mma_16816<T>(acc[mt][j], a[mt], b[j][0], b[j][1]);
           }
         }
       }
