@@ -28,10 +28,23 @@ _SCALED = {
 VLM_OVERRIDES: dict[str, dict] = {
     "bailing_moe_linear": {"num_hidden_layers": 4, "layer_group_size": 2, "group_norm_size": 1},
     "glm4_moe": {"use_qk_norm": False, "partial_rotary_factor": 0.5},
+    "glm4v_moe": {  # rotary dim 8: sections of 4 pairs over (time, height, width)
+        "use_qk_norm": False,
+        "partial_rotary_factor": 0.5,
+        "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1]},
+    },
+    # NoPE sparse attention, as many key/value heads as query heads (its checks)
+    "glm5_next": {
+        "num_key_value_heads": TINY["num_attention_heads"],
+        "qk_rope_head_dim": 0,
+        "mla_use_nope": True,
+    },
     "granitemoe": _SCALED,
     "granitemoehybrid": _SCALED,
     "hunyuan": {"use_qk_norm": True},
     "kolibri1": {"layer_types": _layers(["full_attention"])},
+    # its sparse indexer on (keeps the top 4 keys), so prompts past 4 tokens use it
+    "longcat_flash_sparse": {"index_n_heads": 2, "index_head_dim": 16, "index_topk": 4},
     "mimo_v2_flash": {
         "add_swa_attention_sink_bias": False,
         "add_full_attention_sink_bias": False,
@@ -41,6 +54,13 @@ VLM_OVERRIDES: dict[str, dict] = {
     "minimax": {"rotary_dim": 16},
     "qwen3_5_moe_text": {"full_attention_interval": 2, **_LINEAR_ATTENTION},
 }
+
+VISION_CONFIGS = {
+    "glm4v_moe": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                  "patch_size": 14},
+}  # fmt: skip
+"""Vision configs of families whose language model reads one (glm4v_moe: the
+spatial merge size, for its rotary position ids); the vision tower is not built."""
 
 NOT_BUILT = {
     # Packed or already fused by mlx-vlm itself: no SwitchGLU at run time.
@@ -55,9 +75,6 @@ NOT_BUILT = {
     "deepseek_vl_v2": "needs a projector_config and a vision config",
     "deepseekocr": "needs a projector_config and a vision config",
     "gemma4": "needs a per-layer config of the unified vision-text model",
-    "glm4v_moe": "needs a vision config (spatial_merge_size)",
-    "glm5_next": "requires NoPE sparse attention settings",
-    "longcat_flash_sparse": "needs its sparse-attention settings",
     "ming_image": "an image model with no language.LanguageModel",
     "mistral4": "its language module has no LanguageModel",
     "muse_spark": "its forward is a Metal-only kernel",
@@ -96,6 +113,9 @@ def build(family: str) -> nn.Module:
             {"model_type": family, "text_config": config, "vision_config": {"model_type": family}}
         )
         model_config.text_config = text_config
+        if family in VISION_CONFIGS:
+            vision = {"model_type": family, **VISION_CONFIGS[family]}
+            model_config.vision_config = package.VisionConfig.from_dict(vision)
     takes_model_config = len(inspect.signature(language.LanguageModel.__init__).parameters) > 2
     if takes_model_config:
         return language.LanguageModel(text_config, model_config)
