@@ -88,16 +88,12 @@ def kernels_for(layer: nn.Module, why_not_forward: str | None) -> tuple[LayerKer
     tiling = down_tiling_for(layer.down_proj) if down else DOWN_TILING
     decode = DecodeKernels(down, max_pairs_for(experts), down_tiling=tiling)
     arch = device_arch()
-    grouped = None
-    why_not_tensor_cores = None
     if arch_number(arch) < MIN_TENSOR_CORE_ARCH:
         why_not_tensor_cores = f"{arch or 'this GPU'} is older than sm_{MIN_TENSOR_CORE_ARCH}"
     else:
         why_not_tensor_cores = why_not_grouped(layer)
     if why_not_tensor_cores is None:
-        grouped = GroupedKernels(down, decode.max_pairs, arch)
-    kernels = LayerKernels(decode, grouped)
-    path = kernels.path
-    if why_not_tensor_cores:
-        path += f" ({why_not_tensor_cores})"
-    return kernels, path
+        kernels = LayerKernels(decode, GroupedKernels(down, decode.max_pairs, arch))
+        return kernels, kernels.path
+    kernels = LayerKernels(decode, None)
+    return kernels, f"{kernels.path} ({why_not_tensor_cores})"
