@@ -105,11 +105,12 @@ def grouped_units(tilings: set[tuple[bool, grouped.Tiling]]):
         params += f"const uint32_t* order, const int32_t* tiles, {t}* out"
         label = f"grouped {t} {bits}-bit g{group} swiglu={swiglu} {tiling}"
         yield label, translation_unit(name, header, params, template, grouped._GEMM_SOURCE)
-    params = "const uint32_t* sorted, const __grid_constant__ Shape sorted_shape, int32_t* tiles"
-    body = "moefuse::tile_schedule<E, BM>(sorted, sorted_shape[0], tiles);"
-    yield "tile_schedule", translation_unit(
-        "custom_kernel_schedule", source.header("grouped_gemm.cuh"), params,
-        [("E", 128), ("BM", 64)], body,
+    params = "const uint32_t* experts, const __grid_constant__ Shape experts_shape, "
+    params += "uint32_t* order, int32_t* tiles_a, int32_t* tiles_b"
+    body = grouped.ROUTE_SOURCE
+    yield "route", translation_unit(
+        "custom_kernel_route", source.header("grouped_gemm.cuh"), params,
+        [("E", 128), ("BM_A", 16), ("BM_B", 64)], body,
     )  # fmt: skip
 
 

@@ -3,8 +3,8 @@
     python3 scripts/tune_grouped.py OUT_DIR [--only qwen3-30b-a3b:512 mixtral-8x7b:2048]
 
 On the lent GPU. For each layer shape and token count, every candidate tiling
-of the gate_up and of the down kernel is timed on its own (sorted pairs and
-schedule computed once, outside the timing), median of rounds, as TFLOP/s.
+of the gate_up and of the down kernel is timed on its own (pairs routed
+once, outside the timing), median of rounds, as TFLOP/s.
 The best per rows-per-expert class go into moefuse_runtime/cuda/tiles.json
 by hand, with the figures in docs/kernels.md. Whole-layer and model figures:
 ``moefuse bench --cuda``.
@@ -64,17 +64,17 @@ def regs_only(swiglu: bool, bits: int) -> list[tuple]:
     return [c for c, tiling in tilings if tiling.b_regs or tiling in table]
 
 
-def sweep_kind(candidates, swiglu, x, proj, order, sorted_experts, experts, top_k, flops) -> dict:
+def sweep_kind(candidates, swiglu, x, proj, flat, experts, top_k, flops) -> dict:
     """TFLOP/s of every candidate tiling of one kernel (or why it failed)."""
     results = {}
-    rows_per_expert = sorted_experts.size / experts
+    rows_per_expert = flat.size / experts
     for candidate in candidates:
         tiling = grouped.Tiling(*candidate)
         if tiling.why_not(swiglu, proj.bits) or not suits(tiling.bm, rows_per_expert):
             continue
-        tiles = grouped.schedule(sorted_experts, experts, tiling.bm)
+        order, tiles, _ = grouped.route(flat, experts, (tiling.bm, tiling.bm))
 
-        def run(tiling=tiling, tiles=tiles):
+        def run(tiling=tiling, order=order, tiles=tiles):
             return grouped.grouped_gemm(x, proj, order, tiles, swiglu=swiglu,
                                         top_k=top_k, tiling=tiling)  # fmt: skip
 
@@ -120,14 +120,12 @@ def main() -> int:
             x = mx.random.normal((tokens, hidden)).astype(mx.bfloat16)
             h = mx.random.normal((pairs, width)).astype(mx.bfloat16)
             flat = mx.random.randint(0, experts, (pairs,)).astype(mx.uint32)
-            order = mx.argsort(flat)
-            sorted_experts = flat[order]
-            mx.eval(x, h, order, sorted_experts)
+            mx.eval(x, h, flat)
             row = {"shape": shape, "tokens": tokens, "rows_per_expert": pairs / experts}
             for swiglu, kind in ((True, "gate_up"), (False, "down")):
                 flops = 2 * pairs * hidden * width * (2 if swiglu else 1)
-                args_ = (x, gate_up, order, sorted_experts, experts, top_k) if swiglu else (
-                    h, down, order, sorted_experts, experts, 1)  # fmt: skip
+                args_ = (x, gate_up, flat, experts, top_k) if swiglu else (
+                    h, down, flat, experts, 1)  # fmt: skip
                 row[kind] = sweep_kind(candidates[swiglu], swiglu, *args_, flops)
                 ok = [(v["tflops"], k) for k, v in row[kind].items() if isinstance(v, dict)]
                 print(f"{shape} {tokens} tokens {kind}: best {max(ok) if ok else row[kind]}",

@@ -222,9 +222,8 @@ def test_every_output_element_is_written(swiglu, rows_per_expert):
     k = proj.weight.shape[-1] * 32 // proj.bits
     x = mx.random.normal((pairs // (2 if swiglu else 1), k)).astype(mx.bfloat16)
     indices = mx.random.randint(0, 5, (pairs,)).astype(mx.uint32)
-    order = mx.argsort(indices)
     tiling = grouped.tiling_for(cuda.device_arch(), rows_per_expert, swiglu, proj.bits)
-    tiles = grouped.schedule(indices[order], 5, tiling.bm)
+    order, tiles, _ = grouped.route(indices, 5, (tiling.bm, tiling.bm))
     out = grouped.grouped_gemm(x, proj, order, tiles, swiglu=swiglu, top_k=2 if swiglu else 1,
                                tiling=tiling, init_value=float("nan"))  # fmt: skip
     assert out.shape == (pairs, proj.weight.shape[-2] // (2 if swiglu else 1))  # 96 or 2880
@@ -258,8 +257,7 @@ def test_dequant_in_registers_equals_shared(bits, group_size, dtype, swiglu, til
     pairs = {16: 14, 32: 98, 64: 280}[tilings[0].bm]
     x = mx.random.normal((pairs // (2 if swiglu else 1), k)).astype(dtype)
     indices = mx.random.randint(0, 7, (pairs,)).astype(mx.uint32)
-    order = mx.argsort(indices)
-    tiles = grouped.schedule(indices[order], 7, tilings[0].bm)
+    order, tiles, _ = grouped.route(indices, 7, (tilings[0].bm, tilings[0].bm))
     shared, registers = (
         grouped.grouped_gemm(x, proj, order, tiles, swiglu=swiglu, top_k=2 if swiglu else 1,
                              tiling=tiling, init_value=float("nan"))
@@ -270,16 +268,42 @@ def test_dequant_in_registers_equals_shared(bits, group_size, dtype, swiglu, til
 
 
 @needs_cuda
-def test_schedule_matches_the_routing():
+def test_route_matches_the_routing():
     indices = mx.array([5, 0, 5, 5, 2, 0] * 40, dtype=mx.uint32)  # 80 of 0, 40 of 2, 120 of 5
-    sorted_experts = mx.sort(indices)
-    tiles = np.array(grouped.schedule(sorted_experts, 7, 64))
-    live = tiles[tiles[:, 0] >= 0]
+    order, tiles_64, tiles_16 = (np.array(a) for a in grouped.route(indices, 7, (64, 16)))
+    assert sorted(order.tolist()) == list(range(240))
+    assert np.array(indices)[order].tolist() == [0] * 80 + [2] * 40 + [5] * 120
+    live = tiles_64[tiles_64[:, 0] >= 0]
     assert live.tolist() == [
         [0, 0, 64, 0], [0, 64, 80, 0], [2, 80, 120, 0], [5, 120, 184, 0], [5, 184, 240, 0]
     ]  # fmt: skip
-    assert len(tiles) == grouped.max_tiles(240, 7, 64)
-    assert (tiles[len(live) :, 0] == -1).all()
+    assert len(tiles_64) == grouped.max_tiles(240, 7, 64)
+    assert (tiles_64[len(live) :, 0] == -1).all()
+    assert tiles_16.tolist() == np.array(emulated_route(indices, 7, (16, 16))[1]).tolist()
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    ("pairs", "experts", "skew"),
+    [(1, 8, 0), (257, 128, 0), (4100, 7, 0), (16384, 128, 1), (131072, 128, 0), (3000, 512, 2)],
+)
+def test_route_against_numpy(pairs, experts, skew):
+    # Uniform routings, one expert taking nearly every pair (warp-aggregated
+    # atomics), more pairs than threads, more experts than 128.
+    rng = np.random.default_rng(pairs)
+    ids = rng.integers(0, experts, pairs)
+    if skew == 1:
+        ids[rng.random(pairs) < 0.95] = 3
+    elif skew == 2:
+        ids = rng.integers(experts - 40, experts, pairs)  # only the last experts
+    indices = mx.array(ids.astype(np.uint32))
+    got = grouped.route(indices, experts, (16, 64))
+    want = emulated_route(indices, experts, (16, 64))
+    order = np.array(got[0])
+    assert sorted(order.tolist()) == list(range(pairs))
+    assert (ids[order] == np.sort(ids)).all()
+    for tiles, expected in zip(got[1:], want[1:], strict=True):
+        assert np.array(tiles).tolist() == np.array(expected).tolist()
 
 
 @needs_cuda
@@ -320,15 +344,21 @@ def test_bf16_model_prefill_close_to_unfused():
 # -- everywhere: the data flow around the kernels, with their contract emulated --
 
 
-def emulated_schedule(sorted_experts, experts, bm):
-    """What tile_schedule computes, in numpy (its contract, not its code)."""
-    idx = np.array(sorted_experts)
-    tiles = [[e, s, min(s + bm, end), 0]
-             for e in range(experts)
-             for start, end in [(np.searchsorted(idx, e), np.searchsorted(idx, e, "right"))]
-             for s in range(start, end, bm)]  # fmt: skip
-    tiles += [[-1, 0, 0, 0]] * (grouped.max_tiles(idx.size, experts, bm) - len(tiles))
-    return mx.array(np.array(tiles, np.int32))
+def emulated_route(flat_indices, experts, bms):
+    """What route computes, in numpy (its contract, not its code): a stable
+    sort, and each expert's rows cut into tiles of BM."""
+    idx = np.array(flat_indices)
+    order = np.argsort(idx, kind="stable").astype(np.uint32)
+    ids = idx[order]
+    schedules = []
+    for bm in bms:
+        tiles = [[e, s, min(s + bm, end), 0]
+                 for e in range(experts)
+                 for start, end in [(np.searchsorted(ids, e), np.searchsorted(ids, e, "right"))]
+                 for s in range(start, end, bm)]  # fmt: skip
+        tiles += [[-1, 0, 0, 0]] * (grouped.max_tiles(idx.size, experts, bm) - len(tiles))
+        schedules.append(mx.array(np.array(tiles, np.int32)))
+    return mx.array(order), *schedules
 
 
 def emulated_gemm(x, proj, order, tiles, *, swiglu, top_k, tiling, init_value=None):
@@ -362,7 +392,7 @@ def test_grouped_data_flow_matches_switch_glu(
     # the fused FFN must equal the unfused SwitchGLU.  It runs on the CPU
     # device everywhere: on CUDA, MLX's float32 matmuls round through TF32
     # and would blur a data-flow error into rounding.
-    monkeypatch.setattr(grouped, "schedule", emulated_schedule)
+    monkeypatch.setattr(grouped, "route", emulated_route)
     monkeypatch.setattr(grouped, "grouped_gemm", emulated_gemm)
     layer = quantized_layer(128, 64, experts, dtype=mx.float32, quantize_down=quantize_down)
     x = mx.random.normal((2, tokens, 128))
@@ -375,9 +405,9 @@ def test_grouped_data_flow_matches_switch_glu(
     assert relative_error(out, expected) < 1e-5
 
 
-def test_schedule_emulation_matches_the_known_routing():
-    # The same routing as test_schedule_matches_the_routing (GPU), emulated.
-    tiles = np.array(emulated_schedule(mx.sort(mx.array([5, 0, 5, 5, 2, 0] * 40)), 7, 64))
+def test_route_emulation_matches_the_known_routing():
+    # The same routing as test_route_matches_the_routing (GPU), emulated.
+    tiles = np.array(emulated_route(mx.array([5, 0, 5, 5, 2, 0] * 40), 7, (64, 64))[1])
     assert tiles[tiles[:, 0] >= 0].tolist() == [
         [0, 0, 64, 0], [0, 64, 80, 0], [2, 80, 120, 0], [5, 120, 184, 0], [5, 184, 240, 0]
     ]  # fmt: skip
@@ -387,7 +417,7 @@ def test_header_inlines_common_once():
     text = source.header("grouped_gemm.cuh")
     assert '#include "' not in text and "#pragma once" not in text
     assert text.count("struct same_type {") == 1  # common.cuh, once
-    assert "__device__ void grouped_gemm(" in text and "__device__ void tile_schedule(" in text
+    assert "__device__ void grouped_gemm(" in text and "__device__ void route(" in text
 
 
 def test_launch_bounds_declare_the_kernel_mlx_generates():

@@ -198,10 +198,10 @@ def test_every_output_element_is_written(swiglu):
     moefuse_runtime.install(layer, reserve_bytes=0)
     proj = layer.gate_up_proj if swiglu else layer.down_proj
     k = proj.weight.shape[-1] * 32 // proj.bits
-    x = mx.random.normal((3, k)).astype(mx.bfloat16)
     indices = mx.array([4, 0, 4, 1, 2, 3], dtype=mx.uint32)
-    arrays = kernels.QuantizedArrays.of(proj)
     x_div = 2 if swiglu else 1
+    x = mx.random.normal((indices.size // x_div, k)).astype(mx.bfloat16)  # one row per x_div pairs
+    arrays = kernels.QuantizedArrays.of(proj)
     outs, warps = kernels.GATE_UP_TILING if swiglu else kernels.down_tiling_for(proj)
     nan = float("nan")
     out = kernels.gather_qmv(

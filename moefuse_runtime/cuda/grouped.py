@@ -6,8 +6,8 @@ product: 5 TFLOP/s on an H100. Here the pairs are sorted by expert and each
 expert's rows run as one GEMM on the tensor cores (grouped_gemm.cuh), packed
 weights dequantized into the mma fragments, fp32 accumulation:
 
-    order = argsort(indices)          sorted pairs, MLX's sort
-    tiles = tile_schedule(...)        (expert, rows) per tile of BM rows
+    order, tiles = route(indices)     pairs grouped by expert, (expert, rows)
+                                      per tile of BM rows: one launch
     h     = grouped_gemm(x, gate_up)  silu(gate) * up, sorted rows
     y     = grouped_gemm(h, down)     each row back to its pair's place
 
@@ -32,8 +32,6 @@ from .decode import QuantizedArrays, flat_uint32
 
 GEMM_BK = 64
 """k values per pipeline stage (grouped_gemm.cuh: GEMM_BK)."""
-
-SCHEDULE_THREADS = 1024
 
 
 @dataclass(frozen=True)
@@ -115,28 +113,42 @@ def max_tiles(pairs: int, experts: int, bm: int) -> int:
     return math.ceil(pairs / bm) + min(experts, pairs)
 
 
+ROUTE_THREADS = 1024
+ROUTE_SOURCE = "moefuse::route<E, BM_A, BM_B>(experts, experts_shape[0], order, tiles_a, tiles_b);"
+
+
 @cache
-def _schedule_kernel():
+def _route_kernel():
     return mx.fast.cuda_kernel(
-        name="moefuse_tile_schedule",
-        input_names=["sorted"],
-        output_names=["tiles"],
-        source="moefuse::tile_schedule<E, BM>(sorted, sorted_shape[0], tiles);",
+        name="moefuse_route",
+        input_names=["experts"],
+        output_names=["order", "tiles_a", "tiles_b"],
+        source=ROUTE_SOURCE,
         header=source.header("grouped_gemm.cuh"),
     )
 
 
-def schedule(sorted_experts: mx.array, experts: int, bm: int) -> mx.array:
-    """(max_tiles, 4) int32: expert, first sorted row, end row, 0; -1 = empty."""
-    (tiles,) = _schedule_kernel()(
-        inputs=[sorted_experts],
-        template=[("E", experts), ("BM", bm)],
-        grid=(SCHEDULE_THREADS, 1, 1),
-        threadgroup=(SCHEDULE_THREADS, 1, 1),
-        output_shapes=[(max_tiles(sorted_experts.size, experts, bm), 4)],
-        output_dtypes=[mx.int32],
+def route(flat_indices: mx.array, experts: int, bms: tuple[int, int]) -> tuple[mx.array, ...]:
+    """The pairs grouped by expert, and the tiles of the two kernels, in one launch.
+
+    Returns ``order`` (pairs,) uint32: the pair at each sorted row (experts in
+    order; within an expert, any order: no row's result depends on it), and
+    per BM of ``bms`` a (max_tiles, 4) int32 schedule: expert, first sorted
+    row, end row, 0; -1 = empty. One block counts, places and schedules the
+    pairs: MLX's argsort, a gather and a schedule per kernel took three to
+    six launches (about 50 us at 2,048 tokens, `profile-layer-2048.txt`).
+    """
+    pairs = flat_indices.size
+    return tuple(
+        _route_kernel()(
+            inputs=[flat_indices],
+            template=[("E", experts), ("BM_A", bms[0]), ("BM_B", bms[1])],
+            grid=(ROUTE_THREADS, 1, 1),
+            threadgroup=(ROUTE_THREADS, 1, 1),
+            output_shapes=[(pairs,), *((max_tiles(pairs, experts, bm), 4) for bm in bms)],
+            output_dtypes=[mx.uint32, mx.int32, mx.int32],
+        )
     )
-    return tiles
 
 
 _CUDA_TYPES = {mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
@@ -290,21 +302,17 @@ class GroupedKernels:
         """The FFN on the grouped GEMMs: (..., top_k, hidden), as SwitchGLU."""
         gate_up_tiling, down_tiling = tilings
         experts = gate_up.weight.shape[0]
-        flat = flat_uint32(indices)
-        order = mx.argsort(flat)
-        sorted_experts = flat[order]
-        tiles = schedule(sorted_experts, experts, gate_up_tiling.bm)
+        bms = (gate_up_tiling.bm, (down_tiling or gate_up_tiling).bm)
+        order, gate_up_tiles, down_tiles = route(flat_uint32(indices), experts, bms)
         h = grouped_gemm(
-            x.reshape(-1, x.shape[-1]), gate_up, order, tiles,
+            x.reshape(-1, x.shape[-1]), gate_up, order, gate_up_tiles,
             swiglu=True, top_k=indices.shape[-1], tiling=gate_up_tiling,
         )  # fmt: skip
         if down is None:  # the layer's own down_proj, on h back in pair order (MLX
             # 0.32.4's sorted float gather_mm gave wrong results at width 90 on an H100)
             h = h[mx.argsort(order)].reshape(*indices.shape, 1, h.shape[-1])
             return down_proj(h, indices).squeeze(-2)
-        if down_tiling.bm != gate_up_tiling.bm:
-            tiles = schedule(sorted_experts, experts, down_tiling.bm)
-        y = grouped_gemm(h, down, order, tiles, swiglu=False, top_k=1, tiling=down_tiling)
+        y = grouped_gemm(h, down, order, down_tiles, swiglu=False, top_k=1, tiling=down_tiling)
         return y.reshape(*indices.shape, y.shape[-1])
 
     @property

@@ -1,10 +1,10 @@
 // The tensor-core path of a fused MoE layer: (token, expert) pairs grouped by
 // expert, each group a GEMM against that expert's packed affine weights.
 //
-// The caller sorts the pairs by expert (argsort of the routing indices) and
-// `tile_schedule` cuts each expert's run of sorted rows into tiles of BM
-// rows: a tile is (expert, first sorted row, end). `grouped_gemm` runs one
-// block per (tile, BN output columns):
+// `route` sorts the pairs by expert (a counting sort in one block) and cuts
+// each expert's run of sorted rows into tiles of BM rows: a tile is (expert,
+// first sorted row, end). `grouped_gemm` runs one block per (tile, BN output
+// columns):
 //
 //   fetch   A rows (gathered x rows for gate_up, sorted h rows for down) and
 //           the packed weight rows of the tile, 16-byte cp.async, STAGES deep
@@ -39,68 +39,123 @@ __device__ __forceinline__ int max_tiles(int pairs, int experts, int bm) {
   return (pairs + bm - 1) / bm + min(experts, pairs);
 }
 
-// First index in sorted[0, n) whose value is >= value.
-__device__ __forceinline__ int lower_bound(const unsigned* sorted, int n, unsigned value) {
-  int lo = 0, hi = n;
-  while (lo < hi) {
-    const int mid = (lo + hi) >> 1;
-    if (sorted[mid] < value) {
-      lo = mid + 1;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo;
-}
-
-// One block: tiles[t] = {expert, first row, end row, 0}, experts in order,
-// then {-1, 0, 0, 0} up to max_tiles. Thread e finds expert e's run by binary
-// search; a block-wide scan of tile counts places its tiles.
-template <int E, int BM>
-__device__ void tile_schedule(const unsigned* sorted, int pairs, int* tiles) {
+// Exclusive prefix sum of v over the block's threads, in thread order, and
+// the block's total. Every thread of the block calls it.
+__device__ __forceinline__ int block_exclusive_scan(int v, int& total) {
   __shared__ int warp_totals[32];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int warps = blockDim.x >> 5;
-  int4* out = reinterpret_cast<int4*>(tiles);
-  int placed = 0;
-  for (int base = 0; base < E; base += blockDim.x) {
-    const int e = base + tid;
-    int start = 0, end = 0;
-    if (e < E) {
-      start = lower_bound(sorted, pairs, e);
-      end = lower_bound(sorted, pairs, e + 1);
-    }
-    const int count = (end - start + BM - 1) / BM;
-    int inclusive = count;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  int inclusive = v;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const int u = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    inclusive += lane >= offset ? u : 0;
+  }
+  if (lane == 31) {
+    warp_totals[warp] = inclusive;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    int sum = lane < warps ? warp_totals[lane] : 0;
 #pragma unroll
     for (int offset = 1; offset < 32; offset <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, inclusive, offset);
-      inclusive += lane >= offset ? v : 0;
+      const int u = __shfl_up_sync(0xffffffffu, sum, offset);
+      sum += lane >= offset ? u : 0;
     }
-    if (lane == 31) {
-      warp_totals[warp] = inclusive;
-    }
-    __syncthreads();
-    if (warp == 0) {
-      int total = lane < warps ? warp_totals[lane] : 0;
-#pragma unroll
-      for (int offset = 1; offset < 32; offset <<= 1) {
-        const int v = __shfl_up_sync(0xffffffffu, total, offset);
-        total += lane >= offset ? v : 0;
-      }
-      warp_totals[lane] = total;
-    }
-    __syncthreads();
-    const int first = placed + (warp > 0 ? warp_totals[warp - 1] : 0) + inclusive - count;
-    for (int j = 0; j < count; ++j) {
-      const int row = start + j * BM;
-      out[first + j] = make_int4(e, row, min(row + BM, end), 0);
-    }
-    placed += warp_totals[warps - 1];
-    __syncthreads();  // warp_totals is reused by the next round
+    warp_totals[lane] = sum;
   }
-  for (int t = placed + tid; t < max_tiles(pairs, E, BM); t += blockDim.x) {
-    out[t] = make_int4(-1, 0, 0, 0);
+  __syncthreads();
+  const int exclusive = (warp > 0 ? warp_totals[warp - 1] : 0) + inclusive - v;
+  total = warp_totals[warps - 1];
+  __syncthreads();  // warp_totals is reused by the next call
+  return exclusive;
+}
+
+// Each lane's place among the lanes of its warp routed to the same expert,
+// and how many there are: one shared-memory atomic per expert per warp, so
+// a prefill whose pairs crowd a few experts does not serialize on them.
+struct Peers {
+  unsigned mask;
+  int rank, count, leader;
+};
+__device__ __forceinline__ Peers peers_of(unsigned expert) {
+  const unsigned lane = threadIdx.x & 31;
+  const unsigned mask = __match_any_sync(0xffffffffu, expert);
+  return {mask, __popc(mask & ((1u << lane) - 1)), __popc(mask), __ffs(mask) - 1};
+}
+
+// Expert e's tiles of BM sorted rows from `start`, into tiles[first...].
+template <int BM>
+__device__ __forceinline__ void write_tiles(int4* tiles, int first, int e, int start, int rows) {
+  for (int j = 0; j * BM < rows; ++j) {
+    tiles[first + j] = make_int4(e, start + j * BM, start + min((j + 1) * BM, rows), 0);
+  }
+}
+
+// The routing of one call, in one block (a counting sort by expert):
+//   order[s]  the pair at sorted row s (pairs grouped by expert, experts in
+//             order; within an expert, the order the atomics gave: every
+//             row's result is independent of its neighbours in a tile, so
+//             the kernels' outputs do not depend on it);
+//   tiles_a   {expert, first sorted row, end row, 0} per BM_A rows, experts
+//             in order, then {-1, 0, 0, 0} up to max_tiles (gate_up's);
+//   tiles_b   the same per BM_B rows (down's).
+// Expert ids past E are counted as expert E - 1: wrong rows rather than
+// reads out of bounds (SwitchGLU's own gather has no check either).
+template <int E, int BM_A, int BM_B>
+__device__ void route(const unsigned* experts, int pairs, unsigned* order, int* tiles_a,
+                      int* tiles_b) {
+  __shared__ int next_row[E];  // counts, then each expert's next free sorted row
+  const int tid = threadIdx.x;
+  for (int e = tid; e < E; e += blockDim.x) {
+    next_row[e] = 0;
+  }
+  __syncthreads();
+  // The loops over pairs run whole warps (match_any needs every lane).
+  for (int base = 0; base < pairs; base += blockDim.x) {
+    const int i = base + tid;
+    const unsigned e = i < pairs ? min(experts[i], E - 1u) : E;
+    const Peers peers = peers_of(e);
+    if (i < pairs && peers.rank == 0) {
+      atomicAdd(&next_row[e], peers.count);
+    }
+  }
+  __syncthreads();
+  int rows_before = 0, tiles_before_a = 0, tiles_before_b = 0;
+  for (int base = 0; base < E; base += blockDim.x) {
+    const int e = base + tid;
+    const int rows = e < E ? next_row[e] : 0;
+    int total;
+    const int start = rows_before + block_exclusive_scan(rows, total);
+    rows_before += total;
+    const int first_a = tiles_before_a + block_exclusive_scan((rows + BM_A - 1) / BM_A, total);
+    tiles_before_a += total;
+    const int first_b = tiles_before_b + block_exclusive_scan((rows + BM_B - 1) / BM_B, total);
+    tiles_before_b += total;
+    if (e < E) {
+      next_row[e] = start;
+      write_tiles<BM_A>(reinterpret_cast<int4*>(tiles_a), first_a, e, start, rows);
+      write_tiles<BM_B>(reinterpret_cast<int4*>(tiles_b), first_b, e, start, rows);
+    }
+  }
+  for (int t = tiles_before_a + tid; t < max_tiles(pairs, E, BM_A); t += blockDim.x) {
+    reinterpret_cast<int4*>(tiles_a)[t] = make_int4(-1, 0, 0, 0);
+  }
+  for (int t = tiles_before_b + tid; t < max_tiles(pairs, E, BM_B); t += blockDim.x) {
+    reinterpret_cast<int4*>(tiles_b)[t] = make_int4(-1, 0, 0, 0);
+  }
+  __syncthreads();
+  for (int base = 0; base < pairs; base += blockDim.x) {
+    const int i = base + tid;
+    const unsigned e = i < pairs ? min(experts[i], E - 1u) : E;
+    const Peers peers = peers_of(e);
+    int first = 0;
+    if (i < pairs && peers.rank == 0) {
+      first = atomicAdd(&next_row[e], peers.count);
+    }
+    first = __shfl_sync(0xffffffffu, first, peers.leader);
+    if (i < pairs) {
+      order[first + peers.rank] = i;
+    }
   }
 }
 

@@ -1,12 +1,15 @@
 """A/B of grouped_gemm.cuh variants: GPU time per kernel (CUPTI, torch profiler).
 
-    python3 docs/kernels/tools/ab_grouped_variants.py QUANT TOKENS,... OUT.json
+    python3 docs/kernels/tools/ab_grouped_variants.py QUANT TOKENS,... OUT.json [SET]
 
 Each variant is a copy of grouped_gemm.cuh in xp/VARIANT.cuh, built under
 its own kernel name with the package's common.cuh; all variants must give
-bitwise-equal outputs (asserted), then each runs 20 calls per profiled
+bitwise-equal outputs (asserted; probe_* variants are exempt: they measure
+a traffic pattern, not a kernel), then each runs 20 calls per profiled
 batch, 3 rounds interleaved, median. Qwen3-30B-A3B dimensions, BM 16.
-The variants of ab-occupancy-4bit.json and ab-prefetch-*.json:
+SET "layout" (ab-layout-*.json): the files make_layout_probes.sh writes.
+SET "prefetch" (the default), the variants of ab-occupancy-4bit.json and
+ab-prefetch-*.json:
 
     git show eeac147:moefuse_runtime/cuda/grouped_gemm.cuh > xp/old.cuh
     git show HEAD:moefuse_runtime/cuda/grouped_gemm.cuh | \
@@ -36,7 +39,7 @@ def tiling(*args) -> grouped.Tiling:
     return grouped.Tiling(*args, b_regs=True)
 
 
-VARIANTS = {  # gate_up (True) and down: (variant file, tiling)
+PREFETCH = {  # gate_up (True) and down: (variant file, tiling)
     True: [("old", tiling(16, 128, 1, 4, 4, 3)), ("old_l2", tiling(16, 128, 1, 4, 4, 3)),
            ("new", tiling(16, 128, 1, 4, 4, 4)), ("new_l2", tiling(16, 128, 1, 4, 4, 4)),
            ("new_l2", tiling(16, 128, 1, 4, 4, 5)), ("new_l2", tiling(16, 128, 1, 4, 4, 6)),
@@ -51,6 +54,23 @@ VARIANTS = {  # gate_up (True) and down: (variant file, tiling)
 }  # fmt: skip
 """The sets of ab-prefetch-*.json; ab-occupancy-4bit.json ran old, new (min_blocks
 3-6) and mid without the L2 prefetch."""
+
+LAYOUT = {
+    swiglu: [*((v, tiling(16, 128, 1, 4, 4, 4)) for v in (
+                "new", "probe_contig", "probe_nomma", "probe_contig_nomma", "probe_stagger",
+                "probe_stagger_nomma", "probe_contig_stagger_nomma")),
+             ("probe_nomma", tiling(16, 128, 1, 4, 8, 4))]
+    for swiglu in (True, False)
+}  # fmt: skip
+RING = {
+    swiglu: [("new", tiling(16, 128, 1, 4, 4, 4)), ("new", tiling(16, 128, 1, 4, 8, 4)),
+             ("ring8", tiling(16, 128, 1, 4, 4, 4)), ("ring8", tiling(16, 128, 1, 4, 6, 4)),
+             ("ring8", tiling(16, 128, 1, 4, 8, 4))]
+    for swiglu in (True, False)
+}  # fmt: skip
+"""ab-ring-4bit.json: scales and biases 8 k-tiles ahead (ring8: sed
+'s/SCALE_RING = 4;/SCALE_RING = 8;/'), with deeper copy pipelines."""
+VARIANT_SETS = {"prefetch": PREFETCH, "layout": LAYOUT, "ring": RING}
 
 _kernels = {}
 
@@ -98,6 +118,7 @@ def gpu_us(fn) -> float:
 
 def main() -> None:
     quant, counts, out_path = sys.argv[1], [int(t) for t in sys.argv[2].split(",")], sys.argv[3]
+    variants = VARIANT_SETS[sys.argv[4] if len(sys.argv) > 4 else "prefetch"]
     layer = bench.make_layer(HIDDEN, EXPERTS, WIDTH, quant, seed=0)
     install(layer, reserve_bytes=0)
     gate_up, down = (QuantizedArrays.of(layer[k]) for k in ("gate_up_proj", "down_proj"))
@@ -106,16 +127,15 @@ def main() -> None:
         x = mx.random.normal((tokens, HIDDEN)).astype(mx.bfloat16)
         h = mx.random.normal((tokens * TOP_K, WIDTH)).astype(mx.bfloat16)
         flat = mx.random.randint(0, EXPERTS, (tokens * TOP_K,)).astype(mx.uint32)
-        order = mx.argsort(flat)
-        tiles = grouped.schedule(flat[order], EXPERTS, 16)
+        order, tiles, _ = grouped.route(flat, EXPERTS, (16, 16))
         for swiglu in (True, False):
             args = (x, gate_up, order, tiles, True, TOP_K) if swiglu else (
                 h, down, order, tiles, False, 1)  # fmt: skip
-            outs = [call(v, *args, t) for v, t in VARIANTS[swiglu]]
+            outs = [call(v, *args, t) for v, t in variants[swiglu] if not v.startswith("probe")]
             assert all(mx.array_equal(o, outs[0]).item() for o in outs), "variants differ"
             times = defaultdict(list)
             for _ in range(ROUNDS):
-                for v, t in VARIANTS[swiglu]:
+                for v, t in variants[swiglu]:
                     times[v, t].append(gpu_us(lambda v=v, t=t, a=args: call(v, *a, t)))
             for (v, t), us in times.items():
                 row = {"quant": quant, "tokens": tokens, "kind": "gate_up" if swiglu else "down",

@@ -2,8 +2,9 @@
 
     python3 docs/kernels/tools/profile_grouped_layer.py [TOKENS]
 
-Where a fused layer's time goes on the tensor-core path: argsort, gather of
-the sorted experts, tile schedule, the two grouped GEMMs.
+Where a fused layer's time goes on the tensor-core path: the routing (one
+launch since the counting sort; argsort, gather and schedules before), the two
+grouped GEMMs.
 """
 
 import sys
