@@ -228,6 +228,52 @@ def test_sharded_load_on_two_ranks_under_moefuse_run(tmp_path, demo_model):
     assert [digest for _, digest in results["1"]] == [digest for _, digest in results["0"]]
 
 
+VLM_SHARDED = """
+import hashlib, sys
+import mlx.core as mx
+from mlx_vlm.utils import sharded_load
+import moefuse_runtime
+model, processor = sharded_load(sys.argv[1])
+layers = [m for _, m in moefuse_runtime.find_switch_glus(model)]
+tokenizer = getattr(processor, "tokenizer", processor)
+out = model.language_model(mx.array([tokenizer.encode("Hello, how are you? " * 8)]))
+logits = getattr(out, "logits", out)
+digest = hashlib.sha256(bytes(memoryview(logits.astype(mx.float32)))).hexdigest()[:16]
+rank = mx.distributed.init().rank()
+open(f"{sys.argv[2]}/rank{rank}.txt", "w").write(
+    f"{sum(moefuse_runtime.is_fused(m) for m in layers)}/{len(layers)} {digest}"
+)
+"""
+
+
+def test_mlx_vlm_sharded_load_on_two_ranks_under_moefuse_run(tmp_path, demo_model):
+    """mlx_vlm.utils.sharded_load in two real ranks: the hook fuses what it
+    returns. mlx-vlm 0.7.10 shards only models whose top-level Model has
+    ``shard`` (qwen3_vl_moe, kimi_k25), so this text model loads whole on
+    each rank and each fuses alone (no group: nothing is split). Fusion of
+    mlx-vlm's sharded layers, both orders, is test_sharding's."""
+    import pytest
+
+    pytest.importorskip("mlx_vlm", reason="mlx-vlm is pinned in requirements-test.txt")
+    from test_sharding import LAUNCH, free_port
+
+    (tmp_path / "script.py").write_text(VLM_SHARDED)
+    results = {}
+    for mode in ("0", "1"):
+        out_dir = tmp_path / mode
+        out_dir.mkdir()
+        launch = [
+            PYTHON, "-c", LAUNCH, "--backend", "ring", "-n", "2", "-p", str(free_port()),
+            "--", PYTHON, str(tmp_path / "script.py"), str(demo_model), str(out_dir),
+        ]  # fmt: skip
+        out = run(["moefuse", "run", "--", *launch], env={"EXO_FUSED_MOE": mode}, timeout=240)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        results[mode] = [(out_dir / f"rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert [fused for fused, _ in results["0"]] == ["0/4", "0/4"]
+    assert [fused for fused, _ in results["1"]] == ["4/4", "4/4"]
+    assert [digest for _, digest in results["1"]] == [digest for _, digest in results["0"]]
+
+
 def test_mlx_vlm_generate_prints_the_same_text(demo_model):
     import pytest
 

@@ -90,7 +90,7 @@ def _vlm_sharded() -> list[str]:
         return []
     return [
         f for f in vlm_families.buildable()
-        if hasattr(importlib.import_module(f"mlx_vlm.models.{f}.language").LanguageModel, "shard")
+        if hasattr(vlm_families.language_model_class(f), "shard")
     ]  # fmt: skip
 
 

@@ -29,8 +29,34 @@ FAMILIES = vlm_families.buildable()
 def test_every_discovered_family_is_built_or_says_why():
     found = set(vlm_families.discover())
     assert {"qwen3_vl_moe", "qwen3_5_moe", "llama4", "gpt_oss", "mixtral", "kimi_vl"} <= found
-    assert set(vlm_families.NOT_BUILT) <= found, "a listed family is gone: update the list"
-    assert len(FAMILIES) >= 40
+    listed = set(vlm_families.NOT_BUILT) | set(vlm_families.LAYERS_ONLY)
+    assert listed <= found, "a listed family is gone: update the list"
+    assert len(FAMILIES) >= 55
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float32", "4bit"])
+@pytest.mark.parametrize("family", sorted(vlm_families.LAYERS_ONLY))
+def test_layers_only_family_fuses_bitwise(family, quantized):
+    # The family's own SwitchGLUs (its activation, whatever it attached to
+    # them), called as its MoE block calls them: decode, short block, sorted.
+    mx.random.seed(0)
+    model = vlm_families.build(family)
+    if quantized:
+        quantize_model(model)
+    mx.eval(model.parameters())
+    layers = [layer for _, layer in moefuse_runtime.find_switch_glus(model)]
+    assert layers, f"{family} built no SwitchGLU"
+    calls = []
+    for layer in layers:
+        experts, dims = layer.down_proj.weight.shape[0], layer.down_proj.weight.shape[-2]
+        for tokens in (1, 4, 40):
+            indices = mx.random.randint(0, experts, (2, tokens, 2)).astype(mx.uint32)
+            calls.append((layer, mx.random.normal((2, tokens, dims)), indices))
+    expected = [layer(x, indices) for layer, x, indices in calls]
+    report = moefuse_runtime.install(model, reserve_bytes=0)
+    assert len(report.fused) == report.total == len(layers), str(report)
+    got = [layer(x, indices) for layer, x, indices in calls]
+    assert all(mx.array_equal(a, b).item() for a, b in zip(expected, got, strict=True))
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["float32", "4bit"])
