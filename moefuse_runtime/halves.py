@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -40,12 +41,23 @@ class Half:
         self.index = index
 
     def __call__(self, *args, **kwargs) -> mx.array:
+        return self.share(args, kwargs, lambda: self.owner[FUSED_NAME](*args, **kwargs))
+
+    def share(self, args: tuple, kwargs: dict, stacked: Callable[[], mx.array | None]):
+        """This half of ``stacked()``: computed once for the two halves when
+        both ask with the same ``args`` and ``kwargs``. A host helper that
+        takes a projection and its inputs (mlx-vlm's short-block helpers)
+        shares the same way; ``stacked()`` may say None (not supported), and
+        then so does the half."""
         state = self.owner.__dict__
         pending = state.get(PENDING)
         if pending is not None and _same_call(pending[0], pending[1], args, kwargs):
             state[PENDING] = None
             return pending[2][self.index]
-        halves = mx.split(self.owner[FUSED_NAME](*args, **kwargs), 2, axis=-1)
+        out = stacked()
+        if out is None:
+            return None
+        halves = mx.split(out, 2, axis=-1)
         state[PENDING] = (args, kwargs, halves)
         return halves[self.index]
 

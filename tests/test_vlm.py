@@ -90,6 +90,41 @@ def test_layer_with_weights_and_shared_experts(tokens, quantized):
     assert all(mx.array_equal(a, b).item() for a, b in zip(expected, got, strict=True))
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_short_block_runs_as_the_unfused_layer_does(monkeypatch, quantized):
+    # A short block of a quantized layer takes mlx-vlm's block helpers, not a
+    # call per token; the halves share the stacked projection there. Count
+    # mlx-vlm's token-by-token fallback: as often fused as unfused.
+    from mlx_vlm.models import linear
+
+    calls = []
+    tokenwise = linear.tokenwise
+    monkeypatch.setattr(linear, "tokenwise", lambda *a, **k: calls.append(1) or tokenwise(*a, **k))
+    layer = vlm_layer(quantized=quantized)
+    x, indices, weights, shared = call_args(4)
+    expected = layer(x, indices, weights, shared)
+    unfused_calls = len(calls)
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    got = layer(x, indices, weights, shared)
+    assert len(calls) - unfused_calls == unfused_calls == (0 if quantized else 1)
+    assert mx.array_equal(expected, got).item()
+
+
+def test_short_block_helper_fault_falls_back_token_by_token(monkeypatch):
+    from moefuse_runtime import layer as layer_module
+
+    layer = vlm_layer()
+    x, indices, weights, shared = call_args(4)
+    expected = layer(x, indices, weights, shared)
+    moefuse_runtime.install(layer, reserve_bytes=0)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a fault in the shared half")
+
+    monkeypatch.setattr(layer_module, "_bind_switch_linear", broken)  # inside the wrapper
+    assert mx.array_equal(expected, layer(x, indices, weights, shared)).item()
+
+
 def test_subclass_forwards_are_fused_bitwise():
     from mlx_vlm.models.deepseek_v41.language import DeepseekV41SwitchGLU
     from mlx_vlm.models.inkling.language import InklingSwitchGLU

@@ -14,7 +14,7 @@ def vlm_layer(cls=vlm.SwitchGLU, *, quantized=True, dims=128, width=64, dtype=mx
     if quantized:
         quantize_model(layer, bits=4, group_size=32)
     mx.eval(layer.parameters())
-    return layer
+    return layer.eval()  # inference, as servers run it: mlx-vlm's short-block path is eval-only
 
 
 def call_args(tokens, top_k=2, batch=2, experts=8, dims=128):
