@@ -15,23 +15,18 @@ fused the same way, driven by the `FLAVOURS` table:
 
 from __future__ import annotations
 
-import importlib
-import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-import wrapt
 
-from . import projections
+from . import projections, vlm_helpers
 from .cuda import kernels_for
 from .first_forward import unarmed_class
-from .halves import FUSED_NAME, Half, join_halves, split_into_halves, why_forward_not_alike
+from .halves import FUSED_NAME, join_halves, split_into_halves, why_forward_not_alike
 from .memory import backend
-
-logger = logging.getLogger("moefuse_runtime")
 
 __all__ = ["FUSED_NAME", "FLAVOURS", "FusedSwitchGLU", "Kind", "SWITCH_GLU", "is_fused"]
 
@@ -66,48 +61,6 @@ class Flavour:
         return getattr(sys.modules.get(self.module), self.swiglu, None)
 
 
-_VLM_HELPERS = "mlx_vlm.models.quantized_verifier"
-
-
-def _bind_switch_linear(linear, x, indices):
-    return linear, x, indices
-
-
-def _switch_linear_for_halves(wrapped, instance, args, kwargs):
-    """``exact_quantized_switch_linear(linear, x, indices)`` that also takes a
-    `Half`: its share of the same helper run on the stacked projection."""
-    try:
-        linear, x, indices = _bind_switch_linear(*args, **kwargs)
-        if isinstance(linear, Half):
-            owner = linear.owner
-            return linear.share((x, indices), {}, lambda: wrapped(owner[FUSED_NAME], x, indices))
-    except Exception:  # noqa: BLE001 - never into the host: it falls back token by token
-        logger.exception("moefuse_runtime: mlx-vlm's short-block helper on a fused layer")
-    return wrapped(*args, **kwargs)
-
-
-def _let_vlm_short_blocks_share() -> None:
-    """mlx-vlm's SwitchGLU runs a short block (2-8 tokens, fewer than 64
-    routes: speculative verification) through ``exact_quantized_switch_linear``
-    for up and then gate, one dispatch each, bitwise what token-by-token
-    calls give. The helper takes only a QuantizedSwitchLinear, so for the
-    halves of a fused layer it said None and the block ran token by token.
-    Wrapped here, the halves share one dispatch of the stacked projection
-    (its rows are both halves' rows, so each half is bitwise the same).
-    On Metal, mlx-vlm tries a one-dispatch gate+up kernel before this
-    helper; that kernel reads gate and up as separate arrays, which a fused
-    layer does not hold, so the fused block runs one gather_qmm instead (not
-    measured: no Apple GPU here)."""
-    try:
-        module = importlib.import_module(_VLM_HELPERS)
-        current = module.exact_quantized_switch_linear
-        if getattr(current, "_self_wrapper", None) is not _switch_linear_for_halves:
-            wrapper = wrapt.FunctionWrapper(current, _switch_linear_for_halves)
-            module.exact_quantized_switch_linear = wrapper
-    except Exception:  # noqa: BLE001 - without it, short blocks run token by token
-        logger.exception("moefuse_runtime: could not wrap %s", _VLM_HELPERS)
-
-
 FLAVOURS = (
     Flavour("mlx_lm.models.switch_layers", "SwitchGLU", "SwiGLU", _routed),
     # __call__(x, indices, weights=None, shared=None, residual=None): the
@@ -118,7 +71,7 @@ FLAVOURS = (
         "SwitchGLU",
         "SwiGLU",
         _combined,
-        prepare=_let_vlm_short_blocks_share,
+        prepare=vlm_helpers.teach_short_block_helpers,
     ),
 )
 

@@ -111,7 +111,7 @@ def test_short_block_runs_as_the_unfused_layer_does(monkeypatch, quantized):
 
 
 def test_short_block_helper_fault_falls_back_token_by_token(monkeypatch):
-    from moefuse_runtime import layer as layer_module
+    from moefuse_runtime import vlm_helpers
 
     layer = vlm_layer()
     x, indices, weights, shared = call_args(4)
@@ -121,8 +121,49 @@ def test_short_block_helper_fault_falls_back_token_by_token(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("a fault in the shared half")
 
-    monkeypatch.setattr(layer_module, "_bind_switch_linear", broken)  # inside the wrapper
+    monkeypatch.setattr(vlm_helpers, "_bind", broken)  # inside the wrappers
     assert mx.array_equal(expected, layer(x, indices, weights, shared)).item()
+
+
+def test_gate_up_views_read_each_expert_at_twice_its_index():
+    from moefuse_runtime import vlm_helpers
+
+    layer = vlm_layer()
+    x = mx.random.normal((2, 3, 1, 1, 128))  # as SwitchGLU expands it
+    indices = mx.random.randint(0, 8, (2, 3, 2)).astype(mx.uint32)
+    expected = [layer.gate_proj(x, indices), layer.up_proj(x, indices)]
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    gate, up = vlm_helpers.gate_up_views(layer)
+    assert type(gate) is type(layer.gate_up_proj) and gate.weight.shape == up.weight.shape
+    got = [gate(x, indices * 2), up(x, indices * 2)]
+    assert all(mx.array_equal(a, b).item() for a, b in zip(expected, got, strict=True))
+
+
+def test_metal_gate_up_kernel_gets_the_views(monkeypatch):
+    # On Metal a short block first asks mlx-vlm's one-dispatch gate+up kernel
+    # (exact_affine_switch_gate_up), which reads switch.up_proj and gate_proj
+    # arrays. Here (no Metal) a stand-in with its contract: the fused layer
+    # hands it the views and doubled indices, bitwise what unfused gets.
+    from mlx_vlm.models import fast_ops
+
+    seen = []
+
+    def stand_in(switch, x, indices):
+        seen.append(type(switch).__name__)
+        projected = mx.expand_dims(x, (-2, -3))
+        return tuple(
+            p(projected, indices, sorted_indices=False).squeeze(-2)
+            for p in (switch.up_proj, switch.gate_proj)
+        )
+
+    monkeypatch.setattr(fast_ops, "exact_affine_switch_gate_up", stand_in)
+    layer = vlm_layer()
+    x, indices, weights, shared = call_args(4)
+    expected = layer(x, indices, weights, shared)
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    got = layer(x, indices, weights, shared)
+    assert seen == ["SwitchGLU", "_GateUp"]
+    assert mx.array_equal(expected, got).item()
 
 
 def test_subclass_forwards_are_fused_bitwise():
