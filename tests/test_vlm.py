@@ -166,6 +166,27 @@ def test_metal_gate_up_kernel_gets_the_views(monkeypatch):
     assert mx.array_equal(expected, got).item()
 
 
+FORMATS = [("affine", bits, gs) for bits in (2, 3, 4, 5, 6, 8) for gs in (32, 64, 128)] + [
+    ("mxfp4", 4, 32), ("mxfp8", 8, 32), ("nvfp4", 4, 16)
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("mode", "bits", "group_size"), FORMATS)
+def test_every_quantization_mode(mode, bits, group_size):
+    # mlx-vlm's own QuantizedSwitchLinear in every format: decode, a short
+    # block and the sorted path, with its weighted sum and shared experts.
+    layer = vlm_layer(quantized=False)
+    quantize_model(layer, bits=bits, group_size=group_size, mode=mode)
+    mx.eval(layer.parameters())
+    calls = [call_args(tokens) for tokens in (1, 4, 40)]
+    expected = [layer(*args) for args in calls]
+    report = moefuse_runtime.install(layer, reserve_bytes=0)
+    assert len(report.fused) == 1, str(report)
+    assert layer.gate_up_proj.mode == mode and layer.gate_up_proj.bits == bits
+    got = [layer(*args) for args in calls]
+    assert all(mx.array_equal(a, b).item() for a, b in zip(expected, got, strict=True))
+
+
 def test_subclass_forwards_are_fused_bitwise():
     from mlx_vlm.models.deepseek_v41.language import DeepseekV41SwitchGLU
     from mlx_vlm.models.inkling.language import InklingSwitchGLU
