@@ -2,9 +2,12 @@
 
 Model-level parity for every mlx-vlm family that builds (vlm_families.py):
 float32 and 4-bit, a batch-2 prompt on the sorted path, then KV-cache decode
-steps, every logit bitwise equal. Then the layer itself: the extra forward
-arguments (weights, shared, residual), the short-block path, the subclasses
-with their own forward, uninstall, headroom and the CUDA path selection.
+steps, every logit bitwise equal; layer-level parity for the families whose
+forward cannot run here. Then the layer itself, in inference mode: every
+quantization format, the extra forward arguments (weights, shared,
+residual), the short-block path and its helpers (vlm_helpers.py), the
+subclasses with their own forward, uninstall, headroom and the CUDA path
+selection.
 """
 
 from __future__ import annotations
