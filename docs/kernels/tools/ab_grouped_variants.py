@@ -8,6 +8,8 @@ bitwise-equal outputs (asserted; probe_* variants are exempt: they measure
 a traffic pattern, not a kernel), then each runs 20 calls per profiled
 batch, 3 rounds interleaved, median. Qwen3-30B-A3B dimensions, BM 16.
 SET "layout" (ab-layout-*.json): the files make_layout_probes.sh writes.
+SET "ring" (ab-ring-4bit.json): xp/new.cuh (the shipped kernel) and
+xp/ring8.cuh (RING's docstring), at 4, 6 and 8 stages.
 SET "prefetch" (the default), the variants of ab-occupancy-4bit.json and
 ab-prefetch-*.json:
 
