@@ -205,27 +205,39 @@ open(f"{sys.argv[2]}/rank{rank}.txt", "w").write(
 """
 
 
-def test_sharded_load_on_two_ranks_under_moefuse_run(tmp_path, demo_model):
-    """moefuse run wraps mlx.launch: its rank processes inherit the activation,
-    sharded_load shards the model, then each rank fuses its shards."""
+def fused_counts_and_digests_on_two_ranks(tmp_path, model_dir, script: str) -> dict:
+    """Run ``script`` on 2 ring ranks under ``moefuse run``, with
+    EXO_FUSED_MOE 0 and 1: {mode: [[fused/total, logits digest] per rank]}."""
     from test_sharding import LAUNCH, free_port
 
-    (tmp_path / "script.py").write_text(SHARDED)
+    (tmp_path / "script.py").write_text(script)
     results = {}
     for mode in ("0", "1"):
         out_dir = tmp_path / mode
         out_dir.mkdir()
         launch = [
             PYTHON, "-c", LAUNCH, "--backend", "ring", "-n", "2", "-p", str(free_port()),
-            "--", PYTHON, str(tmp_path / "script.py"), str(demo_model), str(out_dir),
+            "--", PYTHON, str(tmp_path / "script.py"), str(model_dir), str(out_dir),
         ]  # fmt: skip
         out = run(["moefuse", "run", "--", *launch], env={"EXO_FUSED_MOE": mode}, timeout=240)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         results[mode] = [(out_dir / f"rank{r}.txt").read_text().split() for r in (0, 1)]
+    return results
+
+
+def assert_fused_alike_on_two_ranks(results: dict) -> None:
     assert [fused for fused, _ in results["0"]] == ["0/4", "0/4"]
     assert [fused for fused, _ in results["1"]] == ["4/4", "4/4"]
     # Same logits on each rank, fused or not.
     assert [digest for _, digest in results["1"]] == [digest for _, digest in results["0"]]
+
+
+def test_sharded_load_on_two_ranks_under_moefuse_run(tmp_path, demo_model):
+    """moefuse run wraps mlx.launch: its rank processes inherit the activation,
+    sharded_load shards the model, then each rank fuses its shards."""
+    assert_fused_alike_on_two_ranks(
+        fused_counts_and_digests_on_two_ranks(tmp_path, demo_model, SHARDED)
+    )
 
 
 VLM_SHARDED = """
@@ -255,23 +267,9 @@ def test_mlx_vlm_sharded_load_on_two_ranks_under_moefuse_run(tmp_path, demo_mode
     import pytest
 
     pytest.importorskip("mlx_vlm", reason="mlx-vlm is pinned in requirements-test.txt")
-    from test_sharding import LAUNCH, free_port
-
-    (tmp_path / "script.py").write_text(VLM_SHARDED)
-    results = {}
-    for mode in ("0", "1"):
-        out_dir = tmp_path / mode
-        out_dir.mkdir()
-        launch = [
-            PYTHON, "-c", LAUNCH, "--backend", "ring", "-n", "2", "-p", str(free_port()),
-            "--", PYTHON, str(tmp_path / "script.py"), str(demo_model), str(out_dir),
-        ]  # fmt: skip
-        out = run(["moefuse", "run", "--", *launch], env={"EXO_FUSED_MOE": mode}, timeout=240)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        results[mode] = [(out_dir / f"rank{r}.txt").read_text().split() for r in (0, 1)]
-    assert [fused for fused, _ in results["0"]] == ["0/4", "0/4"]
-    assert [fused for fused, _ in results["1"]] == ["4/4", "4/4"]
-    assert [digest for _, digest in results["1"]] == [digest for _, digest in results["0"]]
+    assert_fused_alike_on_two_ranks(
+        fused_counts_and_digests_on_two_ranks(tmp_path, demo_model, VLM_SHARDED)
+    )
 
 
 def test_mlx_vlm_generate_prints_the_same_text(demo_model):

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("mlx_vlm", reason="mlx-vlm is pinned in requirements-test.txt")
 
 import vlm_families  # noqa: E402
-from helpers import logits_sequence, quantize_model  # noqa: E402
+from helpers import build_family, logits_sequence, quantize_model  # noqa: E402
 from mlx_vlm.models import switch_layers as vlm  # noqa: E402
 from vlm_layers import call_args, vlm_layer  # noqa: E402
 
@@ -42,11 +42,7 @@ def test_every_discovered_family_is_built_or_says_why():
 def test_layers_only_family_fuses_bitwise(family, quantized):
     # The family's own SwitchGLUs (its activation, whatever it attached to
     # them), called as its MoE block calls them: decode, short block, sorted.
-    mx.random.seed(0)
-    model = vlm_families.build(family)
-    if quantized:
-        quantize_model(model)
-    mx.eval(model.parameters())
+    model = build_family(family, quantized, vlm=True)
     layers = [layer for _, layer in moefuse_runtime.find_switch_glus(model)]
     assert layers, f"{family} built no SwitchGLU"
     calls = []
@@ -65,11 +61,7 @@ def test_layers_only_family_fuses_bitwise(family, quantized):
 @pytest.mark.parametrize("quantized", [False, True], ids=["float32", "4bit"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_parity(family, quantized):
-    mx.random.seed(0)
-    model = vlm_families.build(family)
-    if quantized:
-        quantize_model(model)
-    mx.eval(model.parameters())
+    model = build_family(family, quantized, vlm=True)
     reference = logits_sequence(model)
     report = moefuse_runtime.install(model, reserve_bytes=0)
     assert report.total >= 1 and len(report.fused) == report.total, str(report)

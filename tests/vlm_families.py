@@ -177,21 +177,25 @@ BUILDERS = {"ming_image": _ming_text_backbone}
 """Families whose SwitchGLUs live outside a LanguageModel."""
 
 
-def language_model_class(family: str) -> type:
-    """The class `build` makes for this family."""
-    if family in BUILDERS:
-        return type(BUILDERS[family]())
+def _modules(family: str):
+    """The family's package and language module (its host's, for HOSTS)."""
     host = HOSTS.get(family, family)
-    return importlib.import_module(f"mlx_vlm.models.{host}.language").LanguageModel
+    return (
+        importlib.import_module(f"mlx_vlm.models.{host}"),
+        importlib.import_module(f"mlx_vlm.models.{host}.language"),
+    )
+
+
+def language_model_class(family: str) -> type:
+    """The LanguageModel class `build` makes for a `buildable` family."""
+    return _modules(family)[1].LanguageModel
 
 
 def build(family: str) -> nn.Module:
     """The family's LanguageModel at the tiny config (random weights)."""
     if family in BUILDERS:
         return BUILDERS[family]()
-    host = HOSTS.get(family, family)
-    package = importlib.import_module(f"mlx_vlm.models.{host}")
-    language = importlib.import_module(f"mlx_vlm.models.{host}.language")
+    package, language = _modules(family)
     config = {**TINY, "model_type": family, **OVERRIDES.get(family, {})}
     config.update(VLM_OVERRIDES.get(family, {}))
     parameters = list(inspect.signature(language.LanguageModel.__init__).parameters)
