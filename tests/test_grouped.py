@@ -11,6 +11,7 @@ were run on the lent H100 (docs/kernels.md).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -418,6 +419,34 @@ def test_header_inlines_common_once():
     assert '#include "' not in text and "#pragma once" not in text
     assert text.count("struct same_type {") == 1  # common.cuh, once
     assert "__device__ void grouped_gemm(" in text and "__device__ void route(" in text
+
+
+def test_kernel_header_includes_the_file_on_disk():
+    # MLX hashes a kernel's whole source per launch: the launchers pass one
+    # #include line naming the shipped file, which inlines to `header`.
+    line = source.kernel_header("grouped_gemm.cuh")
+    path = Path(line.removeprefix('#include "').removesuffix('"\n'))
+    assert line.startswith('#include "/') and path.is_absolute()
+    assert path.read_text() == source.read("grouped_gemm.cuh")  # what `header` inlines
+    assert '"common.cuh"' in path.read_text() and (path.parent / "common.cuh").is_file()
+
+
+def test_kernel_header_inlines_where_the_files_are_not_on_disk(monkeypatch):
+    monkeypatch.setattr(source, "on_disk", lambda name: None)
+    source.kernel_header.cache_clear()
+    try:
+        assert source.kernel_header("gemv.cuh") == source.header("gemv.cuh")
+    finally:
+        source.kernel_header.cache_clear()
+
+
+def test_on_disk_refuses_paths_an_include_cannot_carry(monkeypatch, tmp_path):
+    odd = tmp_path / 'a "quoted" dir'
+    odd.mkdir()
+    (odd / "k.cuh").write_text("")
+    monkeypatch.setattr(source.resources, "files", lambda package: odd)
+    assert source.on_disk("k.cuh") is None
+    assert source.on_disk("missing.cuh") is None
 
 
 def test_launch_bounds_declare_the_kernel_mlx_generates():

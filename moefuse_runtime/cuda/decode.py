@@ -87,7 +87,7 @@ def _kernel(swiglu: bool, shared: int):
         input_names=["x", "w", "scales", "biases", "indices"],
         output_names=["out"],
         source=_GEMV_SOURCE,
-        header=source.header("gemv.cuh"),
+        header=source.kernel_header("gemv.cuh"),
         shared_memory=shared,
     )
 

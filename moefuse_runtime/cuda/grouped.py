@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 import mlx.core as mx
 
@@ -108,6 +108,20 @@ def tiling_for(arch: str, rows_per_expert: float, swiglu: bool, bits: int) -> Ti
     raise ValueError(f"tiles.json: no catch-all entry for {arch}")
 
 
+@lru_cache(maxsize=4096)
+def _tilings(
+    arch: str, pairs: int, experts: int, bits: tuple[int, int | None]
+) -> tuple[Tiling, Tiling | None]:
+    """`GroupedKernels.tilings`, looked up once per pair count: a call's host
+    time adds to a decode step's wall time (the table walk cost about 4 us
+    per layer and call)."""
+    rows_per_expert = pairs / min(experts, pairs)  # at least one row per expert hit
+    return (
+        tiling_for(arch, rows_per_expert, swiglu=True, bits=bits[0]),
+        None if bits[1] is None else tiling_for(arch, rows_per_expert, swiglu=False, bits=bits[1]),
+    )
+
+
 def max_tiles(pairs: int, experts: int, bm: int) -> int:
     """Tiles the schedule may need (grouped_gemm.cuh: max_tiles)."""
     return math.ceil(pairs / bm) + min(experts, pairs)
@@ -124,7 +138,7 @@ def _route_kernel():
         input_names=["experts"],
         output_names=["order", "tiles_a", "tiles_b"],
         source=ROUTE_SOURCE,
-        header=source.header("grouped_gemm.cuh"),
+        header=source.kernel_header("grouped_gemm.cuh"),
     )
 
 
@@ -192,7 +206,7 @@ def _launch_bounds(name: str, template: list[tuple[str, object]], tiling: Tiling
 @cache
 def _gemm_kernel(template: tuple, tiling: Tiling, shared: int, dtype):
     name = "moefuse_grouped_gemm"
-    header = source.header("grouped_gemm.cuh")
+    header = source.kernel_header("grouped_gemm.cuh")
     if tiling.min_blocks > 1:
         header += _launch_bounds(name, list(template), tiling, dtype)
     return mx.fast.cuda_kernel(
@@ -277,13 +291,7 @@ class GroupedKernels:
     ) -> tuple[Tiling, Tiling | None]:
         """gate_up's and down's tilings for this many pairs and the two
         projections' bits (None: down is not on the kernel), from tiles.json."""
-        rows_per_expert = pairs / min(experts, pairs)  # at least one row per expert hit
-        return (
-            tiling_for(self.arch, rows_per_expert, swiglu=True, bits=bits[0]),
-            None
-            if bits[1] is None
-            else tiling_for(self.arch, rows_per_expert, swiglu=False, bits=bits[1]),
-        )
+        return _tilings(self.arch, pairs, experts, bits)
 
     def __call__(self, layer, x: mx.array, indices: mx.array) -> mx.array:
         gate_up = QuantizedArrays.of(layer.gate_up_proj)

@@ -1,10 +1,20 @@
 """Kernel sources: the package's .cuh files, as MLX's NVRTC build wants them.
 
-`mx.fast.cuda_kernel` compiles a header string and a kernel body; it has no
-include path for our files. `header` returns a .cuh file with its local
-``#include "..."`` lines replaced by the included files (each once), so the
-sources stay ordinary CUDA files that an editor and nvcc read as they are
-(scripts/check_kernel_source.py compiles them with -I).
+`mx.fast.cuda_kernel` compiles a header string and a kernel body. Two forms:
+
+* `header`: a .cuh file with its local ``#include "..."`` lines replaced by
+  the included files (each once): the whole source as one string, which
+  scripts/check_kernel_source.py compiles with nvcc as MLX would;
+* `kernel_header`, what the launchers pass: one ``#include`` of the file by
+  its absolute path (NVRTC reads it, and its own includes beside it, from
+  disk). MLX hashes a custom kernel's whole source at every launch to find
+  its compiled module (mlx/backend/cuda/custom_kernel.cpp: ``std::hash`` of
+  the source for the module name): 31 KB inlined cost 4-15 us of host time
+  per launch, three launches per layer and step
+  (docs/kernels/h100-tc/host-cost-source-forms.json). Inlined when the
+  package's files are not plain files on disk (a zip import).
+
+The sources stay ordinary CUDA files that an editor and nvcc read as they are.
 """
 
 from __future__ import annotations
@@ -12,8 +22,11 @@ from __future__ import annotations
 import re
 from functools import cache
 from importlib import resources
+from pathlib import Path
 
 _LOCAL_INCLUDE = re.compile(r'^#include "([\w.]+)"\s*$', re.MULTILINE)
+_PLAIN_PATH = re.compile(r"^[\w./+-]+$")
+"""Paths that an #include line carries as they are (no quotes, backslashes, spaces)."""
 
 
 def read(name: str) -> str:
@@ -33,3 +46,20 @@ def header(name: str) -> str:
         return _LOCAL_INCLUDE.sub(lambda m: expand(m.group(1)), text)
 
     return expand(name)
+
+
+@cache
+def kernel_header(name: str) -> str:
+    """What a launcher passes to MLX: an #include of the file where it lies
+    on disk, else the inlined `header`."""
+    path = on_disk(name)
+    return f'#include "{path}"\n' if path is not None else header(name)
+
+
+def on_disk(name: str) -> Path | None:
+    """The absolute path of a source file, if it is a plain file an #include can name."""
+    try:
+        path = Path(str(resources.files(__package__).joinpath(name))).resolve()
+    except (TypeError, OSError):
+        return None
+    return path if path.is_file() and _PLAIN_PATH.match(path.as_posix()) else None
