@@ -2,13 +2,14 @@
 
     python3 docs/kernels/tools/host_cost.py OUT.json
 
-MLX hashes a custom kernel's whole source (our header inlined) at every
-launch (custom_kernel.cpp: std::hash of source_ for the module name). Per
+MLX hashes a custom kernel's whole source (the header the launchers pass)
+at every launch (custom_kernel.cpp: std::hash of source_ for the module name). Per
 source form, one Qwen3-30B-A3B 4-bit layer, N calls: Python graph-build
 time per call, host encode time per call (mx.async_eval), and wall per call
 with the GPU, at 1 token (decode kernels) and 32 tokens (tensor cores).
-Forms: the header inlined as shipped, inlined without comments, and an
-#include of the file by absolute path. A broadcast is the floor.
+Forms: the header inlined (`source.header`), inlined without comments, and
+an #include of the file by absolute path (`source.kernel_header`, what the
+launchers pass since). A broadcast is the floor.
 """
 
 import json
@@ -41,7 +42,7 @@ FORMS = {"inline": _inline, "stripped": stripped, "include": included}
 
 
 def use(form):
-    source.header = cache(FORMS[form])
+    source.kernel_header = cache(FORMS[form])
     for fn in (grouped._route_kernel, grouped._gemm_kernel, grouped._compiled_ffn,
                decode._kernel, decode._compiled_ffn):  # fmt: skip
         fn.cache_clear()
