@@ -72,7 +72,7 @@ def main(out):
         results[f"broadcast {tokens}"] = cost(
             lambda x, i: mx.broadcast_to(x[..., None, :], (*i.shape, 2048)) * 1, x, idx
         )
-        for rnd in range(2):
+        for _round in range(2):
             for form in FORMS:
                 use(form)
                 try:
@@ -82,7 +82,8 @@ def main(out):
                 results.setdefault(f"{form} {tokens}", []).append(r)
     for k, v in results.items():
         print(k, json.dumps(v))
-    json.dump(results, open(out, "w"), indent=1)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":
