@@ -140,6 +140,22 @@ def test_pre_ampere_gpus_keep_gather_qmm_above_decode(as_cuda):
     assert "gather_qmm above (sm_75 is older than sm_80)" in kernel_paths(layer)[1]
 
 
+def test_decode_range_follows_the_measured_crossovers(as_cuda):
+    # Against the tensor cores the decode kernels take up to half a pair per
+    # expert (128 experts: 64 pairs); where the tensor cores are missing, up
+    # to one per expert against gather_qmm; 32 pairs at least, 128 at most.
+    assert [cuda.max_pairs_for(e, tensor_cores=True) for e in (8, 64, 128, 256, 512)] == [
+        32, 32, 64, 128, 128
+    ]  # fmt: skip
+    assert [cuda.max_pairs_for(e) for e in (8, 64, 128, 256)] == [32, 64, 128, 128]
+    layer = quantized_layer(64, 64, 128)
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    assert layer.kernels.decode.max_pairs == 64 == layer.kernels.grouped.min_pairs
+    assert kernel_paths(layer)[1].startswith("cuda kernels <= 64 pairs")
+    as_cuda["value"] = "sm_75"
+    assert kernel_paths(layer)[1].startswith("cuda kernels <= 128 pairs")
+
+
 def test_arrays_past_32_bit_offsets_keep_gather_qmm(as_cuda, monkeypatch):
     # the kernels index with 32-bit offsets; gate_up's 16 experts x 128 rows
     # x 16 words are 32,768 words, which a limit of 2^15 rejects

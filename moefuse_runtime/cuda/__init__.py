@@ -3,7 +3,8 @@
 Two paths, picked per call by the number of (token, expert) pairs:
 
 * `decode.DecodeKernels` (gemv.cuh): quantized GEMVs, up to
-  ``max(32, min(128, experts))`` pairs: decode steps.
+  ``max(32, min(128, experts // 2))`` pairs (``experts`` where the
+  tensor-core path is missing; `decode.max_pairs_for`): decode steps.
 * `grouped.GroupedKernels` (grouped_gemm.cuh): pairs grouped by expert,
   tensor-core GEMMs (mma.sync, sm_80 and newer), above that: prefill and
   batched decode.
@@ -86,12 +87,13 @@ def kernels_for(layer: nn.Module, why_not_forward: str | None) -> tuple[LayerKer
         layer.down_proj["scales"].dtype == layer.gate_up_proj["scales"].dtype
     )  # the down kernels read their input (gate_up's output) in the scales' dtype
     tiling = down_tiling_for(layer.down_proj) if down else DOWN_TILING
-    decode = DecodeKernels(down, max_pairs_for(experts), down_tiling=tiling)
     arch = device_arch()
     if arch_number(arch) < MIN_TENSOR_CORE_ARCH:
         why_not_tensor_cores = f"{arch or 'this GPU'} is older than sm_{MIN_TENSOR_CORE_ARCH}"
     else:
         why_not_tensor_cores = why_not_grouped(layer)
+    max_pairs = max_pairs_for(experts, tensor_cores=why_not_tensor_cores is None)
+    decode = DecodeKernels(down, max_pairs, down_tiling=tiling)
     if why_not_tensor_cores is None:
         kernels = LayerKernels(decode, GroupedKernels(down, decode.max_pairs, arch))
         return kernels, kernels.path

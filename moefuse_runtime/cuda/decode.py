@@ -40,15 +40,23 @@ KERNEL_DTYPES = (mx.bfloat16, mx.float16)
 """Scale (and activation) dtypes of the kernels; float32 models stay exact on gather_qmm."""
 
 MIN_MAX_PAIRS, MAX_MAX_PAIRS = 32, 128
-"""The kernels take up to max(32, min(128, experts)) (token, expert) pairs; more
-go to gather_qmm, which reads an expert once for all the tokens routed to it.
-Measured on an H100 (docs/kernels.md): the kernels won at every count tried,
-up to 128 pairs over 128 experts (Qwen3-30B-A3B) and 32 pairs over 8 experts
-(Mixtral), i.e. up to about one pair per expert, or four on few experts."""
+"""Bounds of the decode kernels' pair range (`max_pairs_for`)."""
 
 
-def max_pairs_for(experts: int) -> int:
-    return max(MIN_MAX_PAIRS, min(MAX_MAX_PAIRS, experts))
+def max_pairs_for(experts: int, tensor_cores: bool = False) -> int:
+    """The most (token, expert) pairs the decode kernels take.
+
+    Measured on an H100 (docs/kernels.md). Against ``gather_qmm`` (GPUs
+    without the tensor-core path) they won at every count tried: up to 128
+    pairs over 128 experts (Qwen3-30B-A3B) and 32 over 8 (Mixtral), about
+    one pair per expert, or four on few experts. Against the tensor cores,
+    in a 48-layer decode step over 128 experts: ahead at 64 pairs (by 1.7%),
+    behind at 128 (by 7%; ab-decode-boundary.json): half a pair per expert.
+    A GEMV reads an expert once per pair, a grouped GEMM once per tile of
+    its rows, so the pairs per expert decide, floored at 32 pairs.
+    """
+    per_expert = experts // 2 if tensor_cores else experts
+    return max(MIN_MAX_PAIRS, min(MAX_MAX_PAIRS, per_expert))
 
 
 GATE_UP_TILING = DOWN_TILING = (1, 8)
