@@ -79,6 +79,29 @@ class BroadcastFFN:
         return mx.broadcast_to(mx.expand_dims(x, -2), (*indices.shape, x.shape[-1]))
 
 
+def use_kernels(layers: list, chosen: list) -> None:
+    """Give each fused layer its kernel paths (a variant's, between timed calls).
+
+    ``layers`` is found once, before timing: a walk of a 48-layer model's
+    modules costs about half a millisecond of host time, which inside a timed
+    call would count against the variants that swap kernels and not against
+    unfused."""
+    for layer, kernels in zip(layers, chosen, strict=True):
+        layer.kernels = kernels
+
+
+def decode_cache(model, batch: int):
+    """A prompt cache holding a DECODE_CONTEXT-token context of ``batch``
+    sequences, filled CONTEXT_CHUNK tokens per call: mlx-lm's gather_qmm
+    fails at 65,536 pairs or more in one call (64 x 128 x 8)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    for _ in range(DECODE_CONTEXT // CONTEXT_CHUNK):
+        mx.eval(model.model(mx.random.randint(0, 1000, (batch, CONTEXT_CHUNK)), cache=cache))
+    return cache
+
+
 def _ratios(times: dict[str, list], base: str = "unfused") -> dict[str, float]:
     """Median over rounds of base time / variant time (paired per round)."""
     out = {}
@@ -91,7 +114,7 @@ def _ratios(times: dict[str, list], base: str = "unfused") -> dict[str, float]:
 def bench_model(layers: int, rounds: int, log: Callable[[str], None],
                 prefill_tokens=PREFILL_TOKENS, decode_batches=DECODE_BATCHES) -> dict:  # fmt: skip
     """Prefill tok/s and batched decode steps: unfused, fused, bound."""
-    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.models.cache import make_prompt_cache  # prefill: an empty cache
 
     from ..demo import build_demo_model
 
@@ -100,12 +123,9 @@ def bench_model(layers: int, rounds: int, log: Callable[[str], None],
 
     plain, fused = build(), build()
     report = install(fused, reserve_bytes=0)
-    kernels = [layer.kernels for _, layer in find_switch_glus(fused)]
+    fused_layers = [layer for _, layer in find_switch_glus(fused)]
+    kernels = [layer.kernels for layer in fused_layers]
     free = BroadcastFFN()
-
-    def with_kernels(chosen: list):
-        for (_, layer), k in zip(find_switch_glus(fused), chosen, strict=True):
-            layer.kernels = k
 
     def trunk(model, tokens, cache):
         return model.model(tokens, cache=cache)  # hidden states of every layer
@@ -118,7 +138,7 @@ def bench_model(layers: int, rounds: int, log: Callable[[str], None],
     def prefill_fn(model, chosen, prompt):
         def run():
             if chosen is not None:
-                with_kernels(chosen)
+                use_kernels(fused_layers, chosen)
             return trunk(model, prompt, make_prompt_cache(model))
 
         return run
@@ -132,22 +152,19 @@ def bench_model(layers: int, rounds: int, log: Callable[[str], None],
                "speedup": _ratios(times), "failures": _failures(times)}  # fmt: skip
         result["prefill"].append(row)
         log(f"prefill {n}: " + _format(row["tok_s"], "tok/s") + _format_ratios(row["speedup"]))
-    with_kernels(kernels)
+    use_kernels(fused_layers, kernels)
     for batch in decode_batches:
         caches = {}  # the last batch's caches go before this batch's are built
         for name, (model, chosen) in variants.items():
             if chosen is not None:
-                with_kernels(chosen)
-            cache = make_prompt_cache(model)
-            for _ in range(DECODE_CONTEXT // CONTEXT_CHUNK):  # mlx-lm's gather_qmm fails at
-                mx.eval(trunk(model, mx.random.randint(0, 1000, (batch, CONTEXT_CHUNK)), cache))
-            caches[name] = cache  # ... >= 65,536 pairs in one call (64 x 128 x 8)
+                use_kernels(fused_layers, chosen)
+            caches[name] = decode_cache(model, batch)
         step = mx.random.randint(0, 1000, (batch, 1))
 
         def decode_fn(name, model, chosen, step=step, caches=caches):
             def run():
                 if chosen is not None:
-                    with_kernels(chosen)
+                    use_kernels(fused_layers, chosen)
                 return model(step, cache=caches[name])  # logits, as a server's step
 
             return run
@@ -159,7 +176,7 @@ def bench_model(layers: int, rounds: int, log: Callable[[str], None],
         result["decode"].append(row)
         log(f"decode step, {batch} sequences: " + _format(row["step_ms"], "ms")
             + _format_ratios(row["speedup"]))  # fmt: skip
-    with_kernels(kernels)
+    use_kernels(fused_layers, kernels)
     bench.free(plain, fused)
     return result
 

@@ -17,10 +17,9 @@ import statistics
 import sys
 
 import mlx.core as mx
-from mlx_lm.models.cache import make_prompt_cache
 
 from moefuse_runtime import install
-from moefuse_runtime.cuda.bench import CONTEXT_CHUNK, DECODE_CONTEXT, interleaved
+from moefuse_runtime.cuda.bench import decode_cache, interleaved, use_kernels
 from moefuse_runtime.demo import build_demo_model
 from moefuse_runtime.install import find_switch_glus
 
@@ -40,19 +39,12 @@ def main(out, rounds):
     variants = {f"boundary_{p}": [with_boundary(k, p) for k in shipped] for p in (128, 64, 32)}
     results = []
     for batch in (8, 16):
-        caches = {}
-        for name in variants:
-            cache = make_prompt_cache(model)
-            for _ in range(DECODE_CONTEXT // CONTEXT_CHUNK):
-                tokens = mx.random.randint(0, 1000, (batch, CONTEXT_CHUNK))
-                mx.eval(model.model(tokens, cache=cache))
-            caches[name] = cache
+        caches = {name: decode_cache(model, batch) for name in variants}
         step = mx.random.randint(0, 1000, (batch, 1))
 
         def run_with(name, step=step, caches=caches):
             def run():
-                for layer, k in zip(layers, variants[name], strict=True):
-                    layer.kernels = k
+                use_kernels(layers, variants[name])
                 return model(step, cache=caches[name])
 
             return run

@@ -22,11 +22,10 @@ import time
 from collections import defaultdict
 
 import mlx.core as mx
-from mlx_lm.models.cache import make_prompt_cache
 from torch.profiler import ProfilerActivity, profile
 
 from moefuse_runtime import install
-from moefuse_runtime.cuda.bench import CONTEXT_CHUNK, DECODE_CONTEXT, BroadcastFFN
+from moefuse_runtime.cuda.bench import BroadcastFFN, decode_cache, use_kernels
 from moefuse_runtime.demo import build_demo_model
 from moefuse_runtime.install import find_switch_glus
 
@@ -86,15 +85,12 @@ def main(out_path, batches):
     kernels = [layer.kernels for layer in layers]
     results = []
     for batch in batches:
-        cache = make_prompt_cache(model)
-        for _ in range(DECODE_CONTEXT // CONTEXT_CHUNK):
-            mx.eval(model.model(mx.random.randint(0, 1000, (batch, CONTEXT_CHUNK)), cache=cache))
+        cache = decode_cache(model, batch)
         step = mx.random.randint(0, 1000, (batch, 1))
         row = {"sequences": batch}
         for name, chosen in (("fused", kernels), ("bound", [BroadcastFFN()] * len(layers)),
                              ("fused", kernels)):  # fmt: skip
-            for layer, k in zip(layers, chosen, strict=True):
-                layer.kernels = k
+            use_kernels(layers, chosen)
             row[name] = measure(model, step, cache)  # fused twice: the second is kept
         for name in ("fused", "bound"):
             r = row[name]
