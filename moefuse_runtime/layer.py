@@ -41,14 +41,12 @@ def _combined(layer, routed, weights=None, shared=None, residual=None) -> mx.arr
 
 @dataclass(frozen=True)
 class Flavour:
-    """One package's SwitchGLU: where it lives, the activation class whose
-    math the CUDA kernels' epilogue implements (silu(gate) * up), and how the
-    kernels' per-(token, expert) output becomes the forward's result given
-    the forward's extra arguments."""
+    """One package's SwitchGLU: where it lives, and how the CUDA kernels'
+    per-(token, expert) output becomes the forward's result given the
+    forward's extra arguments."""
 
     module: str
     name: str
-    swiglu: str
     finish: Callable[..., mx.array]
     prepare: Callable[[], None] = lambda: None
     """Run before a layer of this flavour is fused (idempotent)."""
@@ -57,19 +55,15 @@ class Flavour:
         """The class, if its package is imported (it is not imported here)."""
         return getattr(sys.modules.get(self.module), self.name, None)
 
-    def activation(self) -> type | None:
-        return getattr(sys.modules.get(self.module), self.swiglu, None)
-
 
 FLAVOURS = (
-    Flavour("mlx_lm.models.switch_layers", "SwitchGLU", "SwiGLU", _routed),
+    Flavour("mlx_lm.models.switch_layers", "SwitchGLU", _routed),
     # __call__(x, indices, weights=None, shared=None, residual=None): the
     # routed output goes through SwitchGLU._combine (weighted sum, shared
     # experts, DeepSeek-V4's hyper-connection residual).
     Flavour(
         "mlx_vlm.models.switch_layers",
         "SwitchGLU",
-        "SwiGLU",
         _combined,
         prepare=vlm_helpers.teach_short_block_helpers,
     ),
@@ -173,12 +167,11 @@ def select_path(layer: FusedSwitchGLU) -> str:
 
 
 def _why_not_kernel_forward(layer: FusedSwitchGLU) -> str | None:
-    """The kernels implement a flavour's own forward with its plain SwiGLU."""
+    """The kernels implement a flavour's own forward (with any activation:
+    cuda/activations.py)."""
     cls, flavour = type(layer).unfused_class, type(layer).flavour
     if flavour is None or cls.__call__ is not flavour.base().__call__:
         return f"{cls.__name__} has its own forward"
-    if type(layer.activation) is not flavour.activation():
-        return f"{type(layer.activation).__name__} activation"
     return None
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from moefuse_runtime.cuda import decode, grouped, source
+from moefuse_runtime.cuda import activations, decode, formats, grouped, source
 
 DTYPES = {mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
 
@@ -47,23 +47,43 @@ def translation_unit(name: str, header: str, params: str, template: list, body: 
     return "\n".join([*lines, body, "}", "}"])
 
 
+def weights(mode: str, bits: int, group: int, dtype, bias: bool) -> formats.QuantizedArrays:
+    """Stand-in arrays of one format: only their presence and dtypes matter here."""
+    scales = mx.zeros((1,), dtype if mode == "affine" else mx.uint8)
+    return formats.QuantizedArrays(
+        mx.zeros((1,), mx.uint32), scales, scales if mode == "affine" else None,
+        mx.zeros((1,), dtype) if bias else None,
+        mx.zeros((1,), mx.float32) if mode == "nvfp4" else None, mode, bits, group,
+    )  # fmt: skip
+
+
+def variants():
+    """(dtype, weights, activation or None for down): every format and group
+    size with SwiGLU and with down; the float formats, and the bias, with
+    every activation once (bf16)."""
+    for dtype, (mode, (bit_set, groups)) in itertools.product(DTYPES, formats.FORMATS.items()):
+        for bits, group, gate_up in itertools.product(bit_set, groups, (True, False)):
+            act = activations.KernelActivation(activations.SWIGLU) if gate_up else None
+            yield dtype, weights(mode, bits, group, dtype, bias=mode == "mxfp4"), act
+    for kind in range(len(activations.NAMES)):
+        act = activations.KernelActivation(kind, 7.0, 1.702)
+        yield mx.bfloat16, weights("affine", 4, 64, mx.bfloat16, bias=True), act
+
+
 def gemv_units():
-    for dtype, bits, group, swiglu in itertools.product(
-        DTYPES, decode.KERNEL_BITS, decode.KERNEL_GROUP_SIZES, (True, False)
-    ):
-        t = DTYPES[dtype]
-        params = f"const {t}* x, const uint32_t* w, const {t}* scales, const {t}* biases, "
-        params += f"const uint32_t* indices, {t}* out"
-        template = [("T", dtype), ("BITS", bits), ("GROUP", group), ("K", 2880), ("N", 768),
-                    ("SWIGLU", swiglu), ("X_DIV", 8), ("OUTS", 2)]  # fmt: skip
-        label = f"gemv {t} {bits}-bit g{group} swiglu={swiglu}"
-        name = "custom_kernel_gemv"
-        yield (
-            label,
-            translation_unit(
-                name, source.header("gemv.cuh"), params, template, decode._GEMV_SOURCE
-            ),
-        )
+    for dtype, proj, act in variants():
+        gate_up = act is not None
+        names, arrays, args = proj.inputs()
+        inputs = [("x", dtype), *zip(names, (a.dtype for a in arrays), strict=True)]
+        params = grouped.kernel_params([*inputs, ("indices", mx.uint32)], dtype)
+        template = [*proj.template(mx.zeros((1, 2880), dtype), 768, gate_up),
+                    *(act or activations.KernelActivation(0)).template(),
+                    ("X_DIV", 8), ("OUTS", 2)]  # fmt: skip
+        label = f"gemv {DTYPES[dtype]} {proj.mode} {proj.bits}-bit g{proj.group_size} "
+        label += f"act={act.name if act else 'down'} bias={proj.bias is not None}"
+        body = decode.GEMV_SOURCE.format(args=args)
+        yield label, translation_unit("custom_kernel_gemv", source.header("gemv.cuh"), params,
+                                      template, body)  # fmt: skip
 
 
 def table_tilings() -> set[tuple[bool, grouped.Tiling]]:
@@ -85,26 +105,28 @@ def candidate_tilings() -> set[tuple[bool, grouped.Tiling]]:
 
 
 def grouped_units(tilings: set[tuple[bool, grouped.Tiling]]):
-    for (swiglu, tiling), dtype, bits, group in itertools.product(
-        sorted(tilings, key=str), DTYPES, decode.KERNEL_BITS, decode.KERNEL_GROUP_SIZES
+    for (gate_up, tiling), (dtype, proj, act) in itertools.product(
+        sorted(tilings, key=str), list(variants())
     ):
-        if tiling.why_not(swiglu, bits):
+        if tiling.why_not(gate_up, proj.bits) or gate_up != (act is not None):
             continue
-        t = DTYPES[dtype]
-        template = [("T", dtype), ("BITS", bits), ("GROUP", group), ("K", 2880),
-                    ("N", 90 if swiglu else 2880), ("SWIGLU", swiglu), ("TOP_K", 4),
+        template = [*proj.template(mx.zeros((1, 2880), dtype), 90 if gate_up else 2880, gate_up),
+                    *(act or activations.KernelActivation(0)).template(), ("TOP_K", 4),
                     ("BM", tiling.bm), ("BN", tiling.bn), ("WARPS_M", tiling.warps_m),
                     ("WARPS_N", tiling.warps_n), ("STAGES", tiling.stages),
                     ("B_REGS", tiling.b_regs)]  # fmt: skip
-        kernel = "moefuse_grouped_gemm"
+        names, arrays, args = proj.inputs()
+        inputs = [("x", dtype), *zip(names, (a.dtype for a in arrays), strict=True),
+                  ("order", mx.uint32), ("tiles", mx.int32)]  # fmt: skip
+        params = grouped.kernel_params(inputs, dtype)
         header = source.header("grouped_gemm.cuh")
         if tiling.min_blocks > 1:
-            header += grouped._launch_bounds(kernel, template, tiling, dtype)
-        name = grouped.kernel_name(kernel, template)
-        params = f"const {t}* x, const uint32_t* w, const {t}* scales, const {t}* biases, "
-        params += f"const uint32_t* order, const int32_t* tiles, {t}* out"
-        label = f"grouped {t} {bits}-bit g{group} swiglu={swiglu} {tiling}"
-        yield label, translation_unit(name, header, params, template, grouped._GEMM_SOURCE)
+            header += grouped._launch_bounds(grouped.GEMM_NAME, template, tiling, params)
+        name = grouped.kernel_name(grouped.GEMM_NAME, template)
+        label = f"grouped {DTYPES[dtype]} {proj.mode} {proj.bits}-bit g{proj.group_size} "
+        label += f"act={act.name if act else 'down'} bias={proj.bias is not None} {tiling}"
+        body = grouped.GEMM_SOURCE.format(args=args)
+        yield label, translation_unit(name, header, params, template, body)
     params = "const uint32_t* experts, const __grid_constant__ Shape experts_shape, "
     params += "uint32_t* order, int32_t* tiles_a, int32_t* tiles_b"
     body = grouped.ROUTE_SOURCE

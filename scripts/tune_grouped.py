@@ -21,8 +21,10 @@ import mlx.core as mx
 
 from moefuse_runtime import bench, install
 from moefuse_runtime.cuda import grouped
+from moefuse_runtime.cuda.activations import SWIGLU as SWIGLU_KIND
+from moefuse_runtime.cuda.activations import KernelActivation
 from moefuse_runtime.cuda.bench import LAYER_SHAPES, seconds_of
-from moefuse_runtime.cuda.decode import QuantizedArrays
+from moefuse_runtime.cuda.formats import QuantizedArrays
 
 TOKENS = {"qwen3-30b-a3b": (32, 128, 512, 2048), "mixtral-8x7b": (64, 512, 2048)}
 # fmt: off
@@ -75,8 +77,9 @@ def sweep_kind(candidates, swiglu, x, proj, flat, experts, top_k, flops) -> dict
         order, tiles, _ = grouped.route(flat, experts, (tiling.bm, tiling.bm))
 
         def run(tiling=tiling, order=order, tiles=tiles):
-            return grouped.grouped_gemm(x, proj, order, tiles, swiglu=swiglu,
-                                        top_k=top_k, tiling=tiling)  # fmt: skip
+            act = KernelActivation(SWIGLU_KIND) if swiglu else None
+            return grouped.grouped_gemm(x, proj, order, tiles, activation=act, top_k=top_k,
+                                        tiling=tiling)  # fmt: skip
 
         def batch(run=run):
             return [run() for _ in range(BATCH)]

@@ -15,6 +15,7 @@ import pytest
 from helpers import switch_glu
 
 import moefuse_runtime
+from moefuse_runtime.cuda.formats import FORMATS
 from moefuse_runtime.memory import backend
 
 TOLERANCE = {mx.bfloat16: 1.5e-2, mx.float16: 2e-3}
@@ -32,11 +33,26 @@ def kernels_on(monkeypatch):
 
 
 def quantized_layer(dims, width, experts, *, bits=4, group_size=64, dtype=mx.bfloat16,
-                    quantize_down=True, seed=0):  # fmt: skip
-    layer = switch_glu(dims, width, experts, seed=seed)
+                    quantize_down=True, seed=0, mode="affine", bias=False,
+                    global_scale=False, down_mode=None):  # fmt: skip
+    """A SwitchGLU quantized in ``mode`` (bits and group size of the float
+    modes are their own); ``bias``: random Linear biases; ``down_mode``:
+    down in another mode than gate and up."""
+    layer = switch_glu(dims, width, experts, seed=seed, bias=bias)
     layer.set_dtype(dtype)
     for name in ("gate_proj", "up_proj", "down_proj")[: 3 if quantize_down else 2]:
-        layer[name] = layer[name].to_quantized(group_size=group_size, bits=bits)
+        name_mode = down_mode if name == "down_proj" and down_mode else mode
+        proj = layer[name]
+        if bias:
+            proj.bias = (mx.random.normal(proj.bias.shape) * 0.5).astype(dtype)
+        if name_mode == "affine":
+            layer[name] = proj.to_quantized(group_size=group_size, bits=bits)
+        else:
+            (fp_bits,), (fp_group,) = FORMATS[name_mode]
+            # gate and up must share a global scale to fuse (mlx-lm computes
+            # one per projection): the per-expert scale goes on down only
+            per_expert = global_scale and name_mode == "nvfp4" and name == "down_proj"
+            layer[name] = proj.to_quantized(fp_group, fp_bits, name_mode, global_scale=per_expert)
     mx.eval(layer.parameters())
     return layer
 
@@ -44,21 +60,37 @@ def quantized_layer(dims, width, experts, *, bits=4, group_size=64, dtype=mx.bfl
 def dense_weight(proj) -> np.ndarray:
     if "scales" not in proj:
         return np.array(proj.weight.astype(mx.float32))
-    w = mx.dequantize(proj.weight, proj.scales, proj.biases, proj.group_size, proj.bits)
+    mode, scale = getattr(proj, "mode", "affine"), proj.get("global_scale")
+    args = (proj.group_size, proj.bits)
+    if scale is None:
+        w = mx.dequantize(proj.weight, proj.scales, proj.get("biases"), *args, mode=mode)
+    else:  # per expert (nvfp4): dequantize takes one scalar
+        w = mx.stack([mx.dequantize(proj.weight[e], proj.scales[e], None, *args, mode=mode,
+                                    global_scale=scale[e]) for e in range(scale.size)])  # fmt: skip
     return np.array(w.astype(mx.float32))
 
 
+def dense_bias(proj) -> np.ndarray:
+    bias = proj.get("bias")
+    return 0.0 if bias is None else np.array(bias.astype(mx.float32))
+
+
 def reference(layer, x, indices) -> np.ndarray:
-    """float32 SwitchGLU on the dequantized weights, one expert at a time."""
-    gate, up, down = (dense_weight(layer[k]) for k in ("gate_proj", "up_proj", "down_proj"))
+    """float32 SwitchGLU on the dequantized weights, one expert at a time,
+    with the layer's own activation module (run on float32 arrays)."""
+    names = ("gate_proj", "up_proj", "down_proj")
+    gate, up, down = (dense_weight(layer[k]) for k in names)
+    gate_b, up_b, down_b = (dense_bias(layer[k]) for k in names)
     idx = np.array(indices).reshape(-1)
     top_k = indices.shape[-1]
     xs = np.array(x.astype(mx.float32)).reshape(-1, x.shape[-1])[np.arange(idx.size) // top_k]
     y = np.zeros((idx.size, down.shape[1]), np.float32)
     for e in np.unique(idx):
         rows = idx == e
-        g, u = xs[rows] @ gate[e].T, xs[rows] @ up[e].T
-        y[rows] = (g / (1 + np.exp(-g)) * u) @ down[e].T
+        g = xs[rows] @ gate[e].T + (gate_b[e] if np.ndim(gate_b) else 0.0)
+        u = xs[rows] @ up[e].T + (up_b[e] if np.ndim(up_b) else 0.0)
+        h = np.array(layer.activation(mx.array(u), mx.array(g)).astype(mx.float32))
+        y[rows] = h @ down[e].T + (down_b[e] if np.ndim(down_b) else 0.0)
     return y.reshape(*indices.shape, -1)
 
 

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from kernel_checks import (  # kernels_on: autouse, MOEFUSE_KERNEL=1
@@ -26,11 +27,15 @@ from kernel_checks import (  # kernels_on: autouse, MOEFUSE_KERNEL=1
     reference,
     relative_error,
 )
+from mlx_lm.models.activations import SwigluOAI
 
 import moefuse_runtime
 from moefuse_runtime import cuda
-from moefuse_runtime.cuda import grouped, source
+from moefuse_runtime.cuda import activations, grouped, source
+from moefuse_runtime.cuda.formats import QuantizedArrays
 from moefuse_runtime.layer import kernel_paths
+
+SWIGLU_ACT = activations.KernelActivation(activations.SWIGLU)
 
 # -- everywhere: which path, which tiles --------------------------------------
 
@@ -69,13 +74,13 @@ def test_tiling_lookup_by_bits_and_rows_per_expert(bits):
         limit = entry["max_rows_per_expert"]
         lower = entries[i - 1]["max_rows_per_expert"] if i else 0
         for rows in [lower + 0.5, limit] if limit else [lower + 0.5, 1e6]:
-            got = grouped.tiling_for("sm_00", rows, swiglu=True, bits=bits)
+            got = grouped.tiling_for("sm_00", rows, gate_up=True, bits=bits)
             assert got == grouped.Tiling(**entry["tiling"]), (bits, rows)
 
 
 def test_unknown_device_takes_the_default_table():
-    assert grouped.tiling_for("sm_1000", 4, swiglu=False, bits=4) == grouped.tiling_for(
-        "default", 4, swiglu=False, bits=4
+    assert grouped.tiling_for("sm_1000", 4, gate_up=False, bits=4) == grouped.tiling_for(
+        "default", 4, gate_up=False, bits=4
     )
 
 
@@ -98,8 +103,8 @@ def test_tiling_sizes():
     assert grouped.Tiling(128, 128, 2, 4, 4, b_regs=True).shared_bytes(4) == (
         4 * 128 * 128 + 4 * 128 * 32
     )
-    assert "warp tiles" in grouped.Tiling(128, 64, 2, 4, 4).why_not(swiglu=True, bits=4)
-    assert "shared memory" in grouped.Tiling(256, 256, 2, 4, 8).why_not(swiglu=False, bits=8)
+    assert "warp tiles" in grouped.Tiling(128, 64, 2, 4, 4).why_not(gate_up=True, bits=4)
+    assert "shared memory" in grouped.Tiling(256, 256, 2, 4, 8).why_not(gate_up=False, bits=8)
 
 
 @pytest.fixture
@@ -234,14 +239,15 @@ def test_experts_with_zero_one_and_many_rows():
 def test_every_output_element_is_written(swiglu, rows_per_expert):
     layer = quantized_layer(2880, 96, 5, group_size=32)
     moefuse_runtime.install(layer, reserve_bytes=0)
-    proj = grouped.QuantizedArrays.of(layer.gate_up_proj if swiglu else layer.down_proj)
+    proj = QuantizedArrays.of(layer.gate_up_proj if swiglu else layer.down_proj)
     pairs = 5 * rows_per_expert
     k = proj.weight.shape[-1] * 32 // proj.bits
     x = mx.random.normal((pairs // (2 if swiglu else 1), k)).astype(mx.bfloat16)
     indices = mx.random.randint(0, 5, (pairs,)).astype(mx.uint32)
     tiling = grouped.tiling_for(cuda.device_arch(), rows_per_expert, swiglu, proj.bits)
     order, tiles, _ = grouped.route(indices, 5, (tiling.bm, tiling.bm))
-    out = grouped.grouped_gemm(x, proj, order, tiles, swiglu=swiglu, top_k=2 if swiglu else 1,
+    act = SWIGLU_ACT if swiglu else None
+    out = grouped.grouped_gemm(x, proj, order, tiles, activation=act, top_k=2 if swiglu else 1,
                                tiling=tiling, init_value=float("nan"))  # fmt: skip
     assert out.shape == (pairs, proj.weight.shape[-2] // (2 if swiglu else 1))  # 96 or 2880
     assert not mx.isnan(out).any().item()
@@ -269,15 +275,15 @@ def test_dequant_in_registers_equals_shared(bits, group_size, dtype, swiglu, til
                             quantize_down=not swiglu)  # fmt: skip
     report = moefuse_runtime.install(layer, reserve_bytes=0)
     assert report.fused, str(report)
-    proj = grouped.QuantizedArrays.of(layer.gate_up_proj if swiglu else layer.down_proj)
+    proj = QuantizedArrays.of(layer.gate_up_proj if swiglu else layer.down_proj)
     k = proj.weight.shape[-1] * 32 // bits
     pairs = {16: 14, 32: 98, 64: 280}[tilings[0].bm]
     x = mx.random.normal((pairs // (2 if swiglu else 1), k)).astype(dtype)
     indices = mx.random.randint(0, 7, (pairs,)).astype(mx.uint32)
     order, tiles, _ = grouped.route(indices, 7, (tilings[0].bm, tilings[0].bm))
     shared, registers = (
-        grouped.grouped_gemm(x, proj, order, tiles, swiglu=swiglu, top_k=2 if swiglu else 1,
-                             tiling=tiling, init_value=float("nan"))
+        grouped.grouped_gemm(x, proj, order, tiles, activation=SWIGLU_ACT if swiglu else None,
+                             top_k=2 if swiglu else 1, tiling=tiling, init_value=float("nan"))
         for tiling in tilings
     )  # fmt: skip
     assert not mx.isnan(registers).any().item()
@@ -378,31 +384,45 @@ def emulated_route(flat_indices, experts, bms):
     return mx.array(order), *schedules
 
 
-def emulated_gemm(x, proj, order, tiles, *, swiglu, top_k, tiling, init_value=None):
+def emulated_gemm(x, proj, order, tiles, *, activation, top_k, tiling, init_value=None):
     """What grouped_gemm computes, in numpy float32, row by row of every tile."""
     w = np.array(mx.dequantize(proj.weight, proj.scales, proj.biases, proj.group_size,
                                proj.bits).astype(mx.float32))  # fmt: skip
     xs, order = np.array(x.astype(mx.float32)), np.array(order)
+    swiglu = activation is not None
     n = w.shape[1] // (2 if swiglu else 1)
-    out = np.full((order.size, n), np.nan, np.float32)
+    both = swiglu and activation.kind == activations.NONE
+    out = np.full((order.size, 2 * n if both else n), np.nan, np.float32)
     for expert, start, end, _ in np.array(tiles).tolist():
         if expert < 0:
             continue
         rows = np.arange(start, end)
         a = xs[order[rows] // top_k] if swiglu else xs[rows]
         y = a @ w[expert].T
-        if swiglu:
-            gate, up = y[:, :n], y[:, n:]
-            out[rows] = gate / (1 + np.exp(-gate)) * up
+        if both:
+            out[rows] = y
+        elif swiglu:
+            out[rows] = activation.reference(y[:, n:], y[:, :n])
         else:
             out[order[rows]] = y
     return mx.array(out).astype(x.dtype)
 
 
+class UnknownActivation(nn.Module):
+    """An activation no kernel knows: it runs between the kernels."""
+
+    def __call__(self, x, gate):
+        return mx.tanh(gate) * x - 0.5 * gate
+
+
+ACTIVATIONS = {"swiglu": None, "oai": SwigluOAI, "unknown": UnknownActivation}
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("quantize_down", [True, False])
 @pytest.mark.parametrize(("tokens", "experts", "top_k"), [(3, 8, 2), (40, 16, 4), (100, 5, 3)])
 def test_grouped_data_flow_matches_switch_glu(
-    monkeypatch, cpu_device, tokens, experts, top_k, quantize_down
+    monkeypatch, cpu_device, tokens, experts, top_k, quantize_down, activation
 ):
     # Sorting, the x gather for gate_up, the scatter back to pair order and
     # the float-down fallback, with the kernels replaced by their contract:
@@ -412,11 +432,18 @@ def test_grouped_data_flow_matches_switch_glu(
     monkeypatch.setattr(grouped, "route", emulated_route)
     monkeypatch.setattr(grouped, "grouped_gemm", emulated_gemm)
     layer = quantized_layer(128, 64, experts, dtype=mx.float32, quantize_down=quantize_down)
+    if ACTIVATIONS[activation]:
+        layer.activation = ACTIVATIONS[activation]()
     x = mx.random.normal((2, tokens, 128))
     indices = mx.random.randint(0, experts, (2, tokens, top_k)).astype(mx.uint32)
     expected = layer(x, indices)
     moefuse_runtime.install(layer, reserve_bytes=0)
-    path = grouped.GroupedKernels(quantize_down, 0, compiled=False)
+    act = activations.kernel_activation(layer.activation)
+    assert (
+        act.name
+        == {"swiglu": "swiglu", "oai": "swiglu oai", "unknown": "mlx activation"}[activation]
+    )
+    path = grouped.GroupedKernels(quantize_down, 0, compiled=False, activation=act)
     out = path(layer, x, indices)
     assert out.shape == expected.shape
     assert relative_error(out, expected) < 1e-5
@@ -473,10 +500,13 @@ def test_launch_bounds_declare_the_kernel_mlx_generates():
                 ("SWIGLU", True), ("TOP_K", 8), ("BM", 16), ("BN", 128), ("WARPS_M", 1),
                 ("WARPS_N", 4), ("STAGES", 4), ("B_REGS", True)]  # fmt: skip
     tiling = grouped.Tiling(16, 128, 1, 4, 4, min_blocks=3, b_regs=True)
-    text = grouped._launch_bounds("moefuse_grouped_gemm", template, tiling, mx.bfloat16)
+    inputs = [("x", mx.bfloat16), ("w", mx.uint32), ("scales", mx.uint8),
+              ("global_scale", mx.float32), ("order", mx.uint32), ("tiles", mx.int32)]  # fmt: skip
+    params = grouped.kernel_params(inputs, mx.bfloat16)
+    text = grouped._launch_bounds("moefuse_grouped_gemm", template, tiling, params)
     assert (
         "__global__ void __launch_bounds__(128, 3) custom_kernel_moefuse_grouped_gemm_"
-        "bfloat16_t_4_32_2048_768_t_8_16_128_1_4_4_t(const __nv_bfloat16*, const uint32_t*, "
-        "const __nv_bfloat16*, const __nv_bfloat16*, const uint32_t*, const int32_t*, "
-        "__nv_bfloat16*);"
+        "bfloat16_t_4_32_2048_768_t_8_16_128_1_4_4_t(const __nv_bfloat16* x, const uint32_t* w, "
+        "const uint8_t* scales, const float* global_scale, const uint32_t* order, "
+        "const int32_t* tiles, __nv_bfloat16* out);"
     ) in text

@@ -28,9 +28,13 @@ from kernel_checks import (  # kernels_on: autouse, MOEFUSE_KERNEL=1
 
 import moefuse_runtime
 from moefuse_runtime import cuda
+from moefuse_runtime.cuda import activations, formats
 from moefuse_runtime.cuda import decode as kernels
+from moefuse_runtime.cuda.formats import QuantizedArrays
 from moefuse_runtime.layer import kernel_paths
 from moefuse_runtime.memory import backend
+
+SWIGLU_ACT = activations.KernelActivation(activations.SWIGLU)
 
 # -- everywhere: which path a layer takes, and why --------------------------
 
@@ -49,7 +53,7 @@ def test_cpu_keeps_gather_qmm():
     [
         ({"bits": 3, "group_size": 64}, "affine 3-bit"),
         ({"bits": 6, "group_size": 32}, "affine 6-bit"),
-        ({"bits": 4, "group_size": 32, "mode": "mxfp4"}, "mxfp4 4-bit"),
+        ({"bits": 2, "group_size": 64}, "affine 2-bit"),
     ],
 )
 def test_unsupported_formats_are_named(quant, reason):
@@ -73,10 +77,23 @@ def test_float_and_float32_scales_are_not_taken():
     assert "float32 scales" in kernels.why_not_kernel(layer.gate_proj.to_quantized(64, 4))
 
 
-def test_bias_is_not_taken():
+@pytest.mark.parametrize(("mode", "global_scale"), [("mxfp4", False), ("nvfp4", False),
+                                                    ("nvfp4", True), ("mxfp8", False)])  # fmt: skip
+def test_float_formats_are_taken(mode, global_scale):
+    layer = switch_glu(128, 64, 4)
+    layer.set_dtype(mx.bfloat16)
+    (bits,), (group_size,) = formats.FORMATS[mode]
+    proj = layer.gate_proj.to_quantized(group_size, bits, mode, global_scale=global_scale)
+    assert kernels.why_not_kernel(proj) is None
+
+
+def test_bias_is_taken_in_the_activation_dtype():
     layer = switch_glu(128, 64, 4, bias=True)
     layer.set_dtype(mx.bfloat16)
-    assert "bias" in kernels.why_not_kernel(layer.gate_proj.to_quantized(64, 4))
+    proj = layer.gate_proj.to_quantized(64, 4)
+    assert kernels.why_not_kernel(proj) is None
+    proj.bias = proj.bias.astype(mx.float32)
+    assert "float32 bias" in kernels.why_not_kernel(proj)
 
 
 @pytest.fixture
@@ -114,13 +131,24 @@ def test_env_turns_kernels_off(as_cuda, monkeypatch):
         kernel_paths(layer)
 
 
-def test_other_activations_keep_gather_qmm(as_cuda):
+def test_known_activations_run_in_the_epilogue(as_cuda):
     from mlx_lm.models.activations import SwigluOAI
 
     layer = quantized_layer(128, 64, 4)
-    layer.activation = SwigluOAI()  # GPT-OSS's clamped variant
+    layer.activation = SwigluOAI(alpha=1.5, limit=6.0)  # GPT-OSS's clamped variant
     moefuse_runtime.install(layer, reserve_bytes=0)
-    assert kernel_paths(layer) == (None, "gather_qmm (SwigluOAI activation)")
+    chosen, path = kernel_paths(layer)
+    assert chosen.decode.activation == activations.KernelActivation(activations.OAI, 6.0, 1.5)
+    assert "gate_up+swiglu oai" in path
+
+
+def test_unknown_activations_run_between_the_kernels(as_cuda):
+    layer = quantized_layer(128, 64, 4)
+    layer.activation = nn.GELU()  # any module: the kernels write gate and up, it runs after
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    chosen, path = kernel_paths(layer)
+    assert chosen.decode.activation.kind == activations.NONE
+    assert "gate_up+mlx activation" in path
 
 
 def test_float_down_keeps_gather_qmm_for_down(as_cuda):
@@ -150,7 +178,7 @@ def test_uninstall_drops_the_kernels(as_cuda):
 
 # -- on the GPU: numerics ---------------------------------------------------
 
-FORMATS = [(bits, gs) for bits in kernels.KERNEL_BITS for gs in kernels.KERNEL_GROUP_SIZES]
+FORMATS = [(bits, gs) for bits in (4, 8) for gs in (32, 64, 128)]
 
 
 CASES = [(*f, mx.bfloat16) for f in FORMATS] + [(4, 64, mx.float16), (8, 128, mx.float16)]
@@ -201,11 +229,18 @@ def test_every_output_element_is_written(swiglu):
     indices = mx.array([4, 0, 4, 1, 2, 3], dtype=mx.uint32)
     x_div = 2 if swiglu else 1
     x = mx.random.normal((indices.size // x_div, k)).astype(mx.bfloat16)  # one row per x_div pairs
-    arrays = kernels.QuantizedArrays.of(proj)
+    arrays = QuantizedArrays.of(proj)
     outs, warps = kernels.GATE_UP_TILING if swiglu else kernels.down_tiling_for(proj)
     nan = float("nan")
     out = kernels.gather_qmv(
-        x, arrays, indices, swiglu=swiglu, x_div=x_div, init_value=nan, outs=outs, warps=warps
+        x,
+        arrays,
+        indices,
+        activation=SWIGLU_ACT if swiglu else None,
+        x_div=x_div,
+        init_value=nan,
+        outs=outs,
+        warps=warps,
     )
     assert out.shape == (6, proj.weight.shape[-2] // (2 if swiglu else 1))
     assert not mx.isnan(out).any().item()

@@ -9,10 +9,12 @@ Two paths, picked per call by the number of (token, expert) pairs:
   tensor-core GEMMs (mma.sync, sm_80 and newer), above that: prefill and
   batched decode.
 
-Both take affine 4- and 8-bit weights, group sizes 32/64/128, bf16 or fp16
-scales, no bias, and the plain SwiGLU forward of mlx-lm's or mlx-vlm's
-SwitchGLU; everything else keeps ``gather_qmm``. `kernels_for` decides per
-layer, at install, and says why.
+Both read affine 4- and 8-bit weights (group sizes 32/64/128), mxfp4,
+nvfp4 and mxfp8 (formats.py), with or without a Linear bias, bf16 or fp16
+activations, and run the forward of mlx-lm's or mlx-vlm's SwitchGLU with
+its activation in gate_up's epilogue when they know it (activations.py),
+else between the kernels. Everything else keeps ``gather_qmm``.
+`kernels_for` decides per layer, at install, and says why.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import mlx.nn as nn
 
 from ..config import KERNEL_ENV, env_flag
 from ..memory import backend
+from .activations import kernel_activation
 from .decode import DOWN_TILING, DecodeKernels, down_tiling_for, max_pairs_for, why_not_kernel
+from .formats import KERNEL_DTYPES, QuantizedArrays
 from .grouped import GroupedKernels, why_not_grouped
 
 MIN_TENSOR_CORE_ARCH = 80
@@ -53,7 +57,8 @@ class LayerKernels:
             if self.grouped is not None
             else "gather_qmm above"
         )
-        decode = f"cuda kernels <= {self.decode.max_pairs} pairs (gate_up+swiglu, down: {down})"
+        act = self.decode.activation.name
+        decode = f"cuda kernels <= {self.decode.max_pairs} pairs (gate_up+{act}, down: {down})"
         return f"{decode}; {above}"
 
 
@@ -71,7 +76,8 @@ def kernels_for(layer: nn.Module, why_not_forward: str | None) -> tuple[LayerKer
     """The kernels a fused layer should use here, or None and why not.
 
     ``why_not_forward`` says why the layer's forward is not the one the
-    kernels implement (gate_up, SwiGLU, down per routed pair), if it is not.
+    kernels implement (gate_up, activation, down per routed pair), if it
+    is not.
     """
     if backend() != "cuda":
         return None, f"gather_qmm ({backend()})"
@@ -83,9 +89,14 @@ def kernels_for(layer: nn.Module, why_not_forward: str | None) -> tuple[LayerKer
     if reason:
         return None, f"gather_qmm ({reason})"
     experts = layer.gate_up_proj["weight"].shape[0]
-    down = why_not_kernel(layer.down_proj) is None and (
-        layer.down_proj["scales"].dtype == layer.gate_up_proj["scales"].dtype
-    )  # the down kernels read their input (gate_up's output) in the scales' dtype
+    dtypes = _dtypes(layer.gate_up_proj)
+    if not dtypes:
+        return None, "gather_qmm (gate_up_proj takes no bf16 or fp16 activations)"
+    # the down kernel reads gate_up's output, in the activation dtype
+    down_dtypes = set() if why_not_kernel(layer.down_proj) else _dtypes(layer.down_proj) & dtypes
+    down = bool(down_dtypes)
+    dtypes = tuple(d for d in KERNEL_DTYPES if d in (down_dtypes if down else dtypes))
+    activation = kernel_activation(getattr(layer, "activation", None))
     tiling = down_tiling_for(layer.down_proj) if down else DOWN_TILING
     arch = device_arch()
     if arch_number(arch) < MIN_TENSOR_CORE_ARCH:
@@ -93,9 +104,18 @@ def kernels_for(layer: nn.Module, why_not_forward: str | None) -> tuple[LayerKer
     else:
         why_not_tensor_cores = why_not_grouped(layer)
     max_pairs = max_pairs_for(experts, tensor_cores=why_not_tensor_cores is None)
-    decode = DecodeKernels(down, max_pairs, down_tiling=tiling)
+    decode = DecodeKernels(
+        down, max_pairs, down_tiling=tiling, activation=activation, dtypes=dtypes
+    )
     if why_not_tensor_cores is None:
-        kernels = LayerKernels(decode, GroupedKernels(down, decode.max_pairs, arch))
+        grouped = GroupedKernels(down, decode.max_pairs, arch, activation=activation, dtypes=dtypes)
+        kernels = LayerKernels(decode, grouped)
         return kernels, kernels.path
     kernels = LayerKernels(decode, None)
     return kernels, f"{kernels.path} ({why_not_tensor_cores})"
+
+
+def _dtypes(proj: nn.Module) -> set:
+    """The activation dtypes the kernels can read this projection with."""
+    arrays = QuantizedArrays.of(proj)
+    return {d for d in KERNEL_DTYPES if arrays.takes(d)}

@@ -1,6 +1,7 @@
 // What the decode (gemv.cuh) and tensor-core (grouped_gemm.cuh) kernels
 // share: 16-byte asynchronous copies, the tensor-core instructions, warp
-// sums and the dequantization of packed affine weights.
+// sums, the weight formats (packed affine, mxfp4, nvfp4, mxfp8) and the
+// gated activations of the epilogues.
 //
 // MLX compiles these with NVRTC inside `mx.fast.cuda_kernel` (after its own
 // mlx/backend/cuda/device/utils.cuh, which brings __nv_bfloat16 and __half);
@@ -149,15 +150,149 @@ __device__ __forceinline__ unsigned dequant_pair(unsigned q, int p,
   }
 }
 
-// A whole packed word: 4 pairs (4-bit) or 2 (8-bit), in order.
-template <typename T, int BITS>
-__device__ __forceinline__ void dequant_word(unsigned q, T scale, T bias,
-                                             unsigned (&out)[BITS == 4 ? 4 : 2]) {
-  const typename Pair<T>::type scale_bias = {scale, bias};
-#pragma unroll
-  for (int p = 0; p < (BITS == 4 ? 4 : 2); ++p) {
-    out[p] = dequant_pair<T, BITS>(q, p, scale_bias);
+// ---- weight formats -----------------------------------------------------------
+//
+// MODE (MLX's quantization modes): AFFINE, `scale * q + bias` per group with
+// scales and biases in the activation dtype; MXFP4 / MXFP8, E2M1 / E4M3 codes
+// times a power-of-two E8M0 scale byte per 32 values; NVFP4, E2M1 codes times
+// an E4M3 scale byte per 16 values, and optionally a per-expert float32
+// global scale g (MLX: value * scale * g / (448 * 6)). Codes are packed
+// along the input axis, lowest bits first, as for affine.
+enum Mode { AFFINE = 0, MXFP4 = 1, NVFP4 = 2, MXFP8 = 3 };
+
+template <bool C, typename A, typename B>
+struct pick_type {
+  using type = A;
+};
+template <typename A, typename B>
+struct pick_type<false, A, B> {
+  using type = B;
+};
+
+// The value of an E2M1 code (low 4 bits of c): 0, 0.5, 1, 1.5, 2, 3, 4, 6
+// and their negatives. The two high bytes of each magnitude's float come
+// from byte tables (PRMT), the sign from bit 3.
+__device__ __forceinline__ float e2m1(unsigned c) {
+  const unsigned hi = __byte_perm(0x3F3F3F00u, 0x40404040u, c & 7u);
+  const unsigned lo = __byte_perm(0xC0800000u, 0xC0804000u, c & 7u);
+  return __uint_as_float(((hi & 0xFFu) << 24) | ((lo & 0xFFu) << 16) | ((c & 8u) << 28));
+}
+
+// The value of an E4M3 byte (bias 7; exponent 0: subnormals m / 8 * 2^-6).
+__device__ __forceinline__ float e4m3(unsigned c) {
+  const unsigned e = (c >> 3) & 15u, m = c & 7u;
+  const float magnitude =
+      e ? __uint_as_float(((e + 120u) << 23) | (m << 20)) : static_cast<float>(m) * 0.001953125f;
+  return (c & 0x80u) ? -magnitude : magnitude;
+}
+
+// The value of an E8M0 scale byte: 2^(s - 127) (0: 2^-127, a subnormal).
+__device__ __forceinline__ float e8m0(unsigned s) {
+  return __uint_as_float(s ? (s & 0xFFu) << 23 : 0x00400000u);
+}
+
+// What a kernel holds per scale group: affine, {scale, bias} as a T pair;
+// the float formats, the scale as a float (the global scale folded in).
+template <typename T, int MODE>
+using GroupScale = typename pick_type<MODE == AFFINE, typename Pair<T>::type, float>::type;
+
+template <typename T, int MODE, typename S>
+__device__ __forceinline__ GroupScale<T, MODE> group_scale(const S* scales, const S* biases,
+                                                           unsigned i, float global) {
+  if constexpr (MODE == AFFINE) {
+    return {scales[i], biases[i]};
+  } else if constexpr (MODE == NVFP4) {
+    return e4m3(scales[i]) * global;
+  } else {
+    return e8m0(scales[i]);
   }
+}
+
+template <typename T, int MODE>
+__device__ __forceinline__ GroupScale<T, MODE> zero_scale() {
+  if constexpr (MODE == AFFINE) {
+    const T zero = static_cast<T>(0.f);
+    return {zero, zero};
+  } else {
+    return 0.f;
+  }
+}
+
+// The per-expert factor of nvfp4's optional global scale (1 without one).
+__device__ __forceinline__ float global_factor(const float* global_scale, unsigned expert) {
+  return global_scale ? global_scale[expert] * (1.f / (448.f * 6.f)) : 1.f;
+}
+
+// Values 2p and 2p + 1 of a packed word as a T pair, in any format.
+template <typename T, int MODE, int BITS>
+__device__ __forceinline__ unsigned dequant_pair_any(unsigned q, int p,
+                                                     GroupScale<T, MODE> scale) {
+  if constexpr (MODE == AFFINE) {
+    return dequant_pair<T, BITS>(q, p, scale);
+  } else if constexpr (BITS == 4) {
+    return pack2<T>(e2m1(q >> (8 * p)) * scale, e2m1(q >> (8 * p + 4)) * scale);
+  } else {
+    return pack2<T>(e4m3((q >> (16 * p)) & 0xFFu) * scale, e4m3(q >> (16 * p + 8)) * scale);
+  }
+}
+
+// ---- gated activations ---------------------------------------------------------
+//
+// act(gate, up) of the SwitchGLU activations the epilogues know, with up to
+// two float parameters P and Q passed as their bit patterns (template
+// constants): cuda/activations.py maps each module class to one of these
+// and states its math. gate and up arrive rounded to T, as the matmul
+// outputs the module sees. NONE: the kernel writes gate and up and MLX runs
+// the activation.
+enum Act {
+  NONE = 0,
+  SWIGLU = 1,       // silu(g) * u, silu rounded to T (mlx-lm's SwiGLU)
+  SWIGLU_F32 = 2,   // silu(g) * u in fp32 (PreciseSwiGLU)
+  LIMITED = 3,      // silu(min(g, P)) * clip(u, -P, P); P = 0: no limit
+  CLAMPED = 4,      // min(silu(g), P) * clip(u, -P, P) (step3p5)
+  OAI = 5,          // (clip(u, -P, P) + 1) * g' * sigmoid(Q g'), g' = min(g, P)
+  GELU_TANH = 6,    // gelu_approx(g) * u (GeGLU)
+  SITU = 7,         // P tanh(g / P) sigmoid(g) * (Q ? Q tanh(u / Q) : u)
+};
+
+__device__ __forceinline__ float sigmoid(float v) {
+  return 1.f / (1.f + __expf(-v));
+}
+
+template <typename T, int ACT, int P, int Q>
+__device__ __forceinline__ float activate(float g, float u) {
+  const float p = __int_as_float(P), q = __int_as_float(Q);
+  if constexpr (ACT == SWIGLU) {
+    return static_cast<float>(static_cast<T>(g * sigmoid(g))) * u;
+  } else if constexpr (ACT == SWIGLU_F32) {
+    return g * sigmoid(g) * u;
+  } else if constexpr (ACT == LIMITED) {
+    if (p > 0.f) {
+      g = fminf(g, p);
+      u = fminf(fmaxf(u, -p), p);
+    }
+    return g * sigmoid(g) * u;
+  } else if constexpr (ACT == CLAMPED) {
+    return fminf(g * sigmoid(g), p) * fminf(fmaxf(u, -p), p);
+  } else if constexpr (ACT == OAI) {
+    g = fminf(g, p);
+    return (fminf(fmaxf(u, -p), p) + 1.f) * (g * sigmoid(q * g));
+  } else if constexpr (ACT == GELU_TANH) {
+    return 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g))) * u;
+  } else if constexpr (ACT == SITU) {
+    return p * tanhf(g / p) * sigmoid(g) * (q > 0.f ? q * tanhf(u / q) : u);
+  } else {
+    static_assert(ACT == SWIGLU, "activate: an activation with no math (NONE is not one)");
+    return 0.f;
+  }
+}
+
+// A matmul output as the module sees it: rounded to T, plus the projection's
+// bias (if any) with one more rounding, as `x + bias[indices]` in T.
+template <typename T>
+__device__ __forceinline__ float with_bias(float acc, const T* bias, size_t i) {
+  const float v = static_cast<float>(static_cast<T>(acc));
+  return bias ? static_cast<float>(static_cast<T>(v + static_cast<float>(bias[i]))) : v;
 }
 
 }  // namespace moefuse

@@ -1,9 +1,10 @@
 // The decode path: quantized GEMVs over the routed experts, one warp per
 // output row (OUTS rows per warp for short rows), fp32 sums.
 //
-// gate_up (SWIGLU): each warp reads row n of the gate half and row n of the
+// gate_up (GATE_UP): each warp reads row n of the gate half and row n of the
 // up half of gate_up_proj for one (token, expert) pair and writes only
-// silu(gate) * up. down: the same GEMV without the activation.
+// act(gate, up) (ACT, common.cuh), or with ACT == NONE both. down: the same
+// GEMV without the activation. Either adds the projection's bias if given.
 // The block's x row is staged once in shared memory, pre-scaled for `qdot`;
 // up to eight 16-byte weight loads per lane are in flight before any
 // arithmetic. Tuning and measurements: decode.py and docs/kernels.md.
@@ -12,6 +13,25 @@
 #include "common.cuh"
 
 namespace moefuse {
+
+// Dot product of one 16-byte load of float-format codes (E2M1 or E4M3) with
+// the plain x values it covers, in GROUPS partial sums (nvfp4's 16-value
+// groups split a 32-value load in two).
+template <int MODE, int BITS, int GROUPS>
+__device__ __forceinline__ void fdot(const uint4& q, const float* xs, float (&part)[GROUPS]) {
+  constexpr int VALS = 128 / BITS, PER_GROUP = VALS / GROUPS, PER_WORD = 32 / BITS;
+  const unsigned words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+  for (int i = 0; i < GROUPS; ++i) {
+    part[i] = 0.f;
+  }
+#pragma unroll
+  for (int v = 0; v < VALS; ++v) {
+    const unsigned code = words[v / PER_WORD] >> (BITS * (v % PER_WORD));
+    const float w = BITS == 4 ? e2m1(code) : e4m3(code & 0xFFu);
+    part[v / PER_GROUP] = fmaf(xs[v], w, part[v / PER_GROUP]);
+  }
+}
 
 // Dot product of one 16-byte load of packed BITS-bit weights with the x
 // values it covers. Each value is masked in place inside its 16-bit half word
@@ -41,26 +61,31 @@ __device__ __forceinline__ float qdot(const uint4& q, const float* xs) {
   return acc0 + acc1;
 }
 
-// T: x, scales, biases and output dtype. K: input length, N: outputs per
-// pair, X_DIV: pairs sharing one x row (top-k for gate_up, 1 for down).
-// Grid: (32 * warps * blocks, pairs); dynamic shared memory: decode.py's
-// shared_bytes(K, BITS).
-template <typename T, int BITS, int GROUP, int K, int N, bool SWIGLU, int X_DIV, int OUTS>
-__device__ void gemv(const T* x, const unsigned* w, const T* scales, const T* biases,
-                     const unsigned* indices, T* out) {
+// T: x, bias and output dtype; S: scales' (T for affine, uint8 for the
+// float formats). MODE, BITS, GROUP: the weight format (common.cuh). K: input
+// length, N: outputs per pair, X_DIV: pairs sharing one x row (top-k for
+// gate_up, 1 for down). bias (experts x rows) and global_scale (experts,
+// nvfp4) may be null. Grid: (32 * warps * blocks, pairs); dynamic shared
+// memory: decode.py's shared_bytes(K, BITS).
+template <typename T, int MODE, int BITS, int GROUP, int K, int N, bool GATE_UP, int ACT,
+          int ACT_P, int ACT_Q, int X_DIV, int OUTS, typename S>
+__device__ void gemv(const T* x, const unsigned* w, const S* scales, const S* biases,
+                     const T* bias, const float* global_scale, const unsigned* indices, T* out) {
   constexpr int VALS = 128 / BITS;                    // weights per 16-byte load
   constexpr int VECS = K / VALS;                      // 16-byte loads per row
   constexpr int ITERS = (VECS + 31) / 32;
   constexpr int GROUPS = K / GROUP;
+  constexpr int LOAD_GROUPS = VALS > GROUP ? VALS / GROUP : 1;  // scale groups per load
   constexpr int PER_HALF = 16 / BITS;
   constexpr int T_PER_VEC = 16 / (int)sizeof(T);
-  constexpr int ROWS = SWIGLU ? 2 * N : N;            // weight rows per expert
-  constexpr int HALVES = SWIGLU ? 2 : 1;              // gate and up, or one row
+  constexpr int ROWS = GATE_UP ? 2 * N : N;           // weight rows per expert
+  constexpr int HALVES = GATE_UP ? 2 : 1;             // gate and up, or one row
+  using Scale = GroupScale<T, MODE>;
 
   // x is staged once per block (below, once the first weight loads are in
   // flight): every warp of the block reads the same x row.
-  // x_scaled holds each value pre-scaled for qdot, laid out so that
-  // lane v reading float4 j of its load finds it at [j][v] (no bank
+  // x_scaled holds each value (affine: pre-scaled for qdot), laid out so
+  // that lane v reading float4 j of its load finds it at [j][v] (no bank
   // conflicts); x_sums[v] is the plain sum of the values under load v.
   extern __shared__ float moefuse_shared[];
   float4* x_scaled = reinterpret_cast<float4*>(moefuse_shared);
@@ -71,7 +96,9 @@ __device__ void gemv(const T* x, const unsigned* w, const T* scales, const T* bi
   const int lane = threadIdx.x & 31;
   const int n0 = (blockIdx.x * (blockDim.x / 32) + (threadIdx.x / 32)) * OUTS;
   const bool active = n0 < N;  // uniform across the warp
-  const size_t expert_row = (size_t)indices[pair] * ROWS;
+  const unsigned expert = indices[pair];
+  const size_t expert_row = (size_t)expert * ROWS;
+  const float global = MODE == NVFP4 ? global_factor(global_scale, expert) : 1.f;
   const uint4* w_vecs = reinterpret_cast<const uint4*>(w);
 
   // acc[o][h]: output n0 + o, gate (h = 0) or up (h = 1) row.
@@ -91,8 +118,7 @@ __device__ void gemv(const T* x, const unsigned* w, const T* scales, const T* bi
 #pragma unroll
   for (int base = 0; base < ITERS; base += BATCH) {
     uint4 q[BATCH][OUTS][HALVES];
-    T scale[BATCH][OUTS][HALVES];
-    T bias[BATCH][OUTS][HALVES];
+    Scale scale[BATCH][OUTS][HALVES][LOAD_GROUPS];
 #pragma unroll
     for (int b = 0; b < BATCH; ++b) {
       const int v = lane + 32 * (base + b);
@@ -104,8 +130,11 @@ __device__ void gemv(const T* x, const unsigned* w, const T* scales, const T* bi
           for (int h = 0; h < HALVES; ++h) {
             const size_t row = expert_row + h * N + min(n0 + o, N - 1);
             q[b][o][h] = __ldg(w_vecs + row * VECS + v);
-            scale[b][o][h] = scales[row * GROUPS + g];
-            bias[b][o][h] = biases[row * GROUPS + g];
+#pragma unroll
+            for (int i = 0; i < LOAD_GROUPS; ++i) {
+              scale[b][o][h][i] =
+                  group_scale<T, MODE>(scales, biases, row * GROUPS + g + i, global);
+            }
           }
         }
       }
@@ -124,7 +153,8 @@ __device__ void gemv(const T* x, const unsigned* w, const T* scales, const T* bi
             const int i = j * T_PER_VEC + e;
             const float value = static_cast<float>(t[e]);
             sum += value;
-            f[e] = value * __int_as_float((127 - BITS * (i % PER_HALF)) << 23);
+            f[e] = MODE == AFFINE ? value * __int_as_float((127 - BITS * (i % PER_HALF)) << 23)
+                                  : value;
           }
 #pragma unroll
           for (int e = 0; e < T_PER_VEC; e += 4) {
@@ -154,9 +184,18 @@ __device__ void gemv(const T* x, const unsigned* w, const T* scales, const T* bi
         for (int o = 0; o < OUTS; ++o) {
 #pragma unroll
           for (int h = 0; h < HALVES; ++h) {
-            acc[o][h] += static_cast<float>(scale[b][o][h]) *
-                    qdot<BITS>(q[b][o][h], xs) +
-                static_cast<float>(bias[b][o][h]) * x_sum;
+            if constexpr (MODE == AFFINE) {
+              const Scale sb = scale[b][o][h][0];
+              acc[o][h] += static_cast<float>(sb.x) * qdot<BITS>(q[b][o][h], xs) +
+                           static_cast<float>(sb.y) * x_sum;
+            } else {
+              float part[LOAD_GROUPS];
+              fdot<MODE, BITS, LOAD_GROUPS>(q[b][o][h], xs, part);
+#pragma unroll
+              for (int i = 0; i < LOAD_GROUPS; ++i) {
+                acc[o][h] = fmaf(scale[b][o][h][i], part[i], acc[o][h]);
+              }
+            }
           }
         }
       }
@@ -173,23 +212,27 @@ __device__ void gemv(const T* x, const unsigned* w, const T* scales, const T* bi
     }
   }
   if (lane < OUTS && n0 + lane < N) {
-    float result = 0.f;
+    const int n = n0 + lane;
+    float first = 0.f, second = 0.f;
 #pragma unroll
     for (int o = 0; o < OUTS; ++o) {
       if (o == lane) {
-        if constexpr (SWIGLU) {
-          // Rounded where the gather_qmm path rounds: its two matmul
-          // outputs, silu(gate), and the product.
-          const float gate = static_cast<float>(static_cast<T>(acc[o][0]));
-          const float up = static_cast<float>(static_cast<T>(acc[o][HALVES - 1]));
-          const float silu = static_cast<float>(static_cast<T>(gate / (1.f + __expf(-gate))));
-          result = silu * up;
-        } else {
-          result = acc[o][0];
-        }
+        first = acc[o][0];
+        second = acc[o][HALVES - 1];
       }
     }
-    out[(size_t)pair * N + n0 + lane] = static_cast<T>(result);
+    // Rounded where the gather_qmm path rounds: each matmul output, then
+    // its bias, then (activate) what the activation rounds.
+    first = with_bias<T>(first, bias, expert_row + n);
+    if constexpr (!GATE_UP) {
+      out[(size_t)pair * N + n] = static_cast<T>(first);
+    } else if constexpr (ACT == NONE) {
+      out[(size_t)pair * 2 * N + n] = static_cast<T>(first);
+      out[(size_t)pair * 2 * N + N + n] = static_cast<T>(with_bias<T>(second, bias, expert_row + N + n));
+    } else {
+      const float up = with_bias<T>(second, bias, expert_row + N + n);
+      out[(size_t)pair * N + n] = static_cast<T>(activate<T, ACT, ACT_P, ACT_Q>(first, up));
+    }
   }
 }
 

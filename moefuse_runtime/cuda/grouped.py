@@ -8,7 +8,7 @@ weights dequantized into the mma fragments, fp32 accumulation:
 
     order, tiles = route(indices)     pairs grouped by expert, (expert, rows)
                                       per tile of BM rows: one launch
-    h     = grouped_gemm(x, gate_up)  silu(gate) * up, sorted rows
+    h     = grouped_gemm(x, gate_up)  act(gate, up), sorted rows
     y     = grouped_gemm(h, down)     each row back to its pair's place
 
 Tile shapes come from tiles.json (measured; scripts/tune_grouped.py), looked
@@ -28,7 +28,9 @@ from functools import cache, lru_cache
 import mlx.core as mx
 
 from . import source
-from .decode import QuantizedArrays, flat_uint32
+from .activations import NONE, SWIGLU, KernelActivation
+from .decode import apply_module, flat_uint32
+from .formats import QuantizedArrays
 
 GEMM_BK = 64
 """k values per pipeline stage (grouped_gemm.cuh: GEMM_BK)."""
@@ -60,10 +62,10 @@ class Tiling:
         chunks = self.stages * (self.bm * 8 + self.bn * GEMM_BK * bits // 128)
         return 16 * (chunks + (0 if self.b_regs else 2 * self.bn * 8))
 
-    def why_not(self, swiglu: bool, bits: int) -> str | None:
+    def why_not(self, gate_up: bool, bits: int) -> str | None:
         """Why the kernel's static checks would reject this tiling, or None."""
         wm, wn = self.bm // self.warps_m, self.bn // self.warps_n
-        if wm % 16 or wn % (32 if swiglu else 16) or self.stages < 3:
+        if wm % 16 or wn % (32 if gate_up else 16) or self.stages < 3:
             return f"{self} does not split into warp tiles"
         if self.shared_bytes(bits) > MAX_SHARED_BYTES:
             return f"{self} needs {self.shared_bytes(bits)} bytes of shared memory"
@@ -94,12 +96,12 @@ def _table() -> dict:
     return json.loads(source.read("tiles.json"))
 
 
-def tiling_for(arch: str, rows_per_expert: float, swiglu: bool, bits: int) -> Tiling:
+def tiling_for(arch: str, rows_per_expert: float, gate_up: bool, bits: int) -> Tiling:
     """The measured tiling for this device, weight format and density
     (tiles.json: the first entry whose ``bits``, if given, and
     ``max_rows_per_expert``, if not null, hold)."""
     table = _table()
-    by_kind = table.get(arch, table["default"])["gate_up" if swiglu else "down"]
+    by_kind = table.get(arch, table["default"])["gate_up" if gate_up else "down"]
     for entry in by_kind:
         if bits not in entry.get("bits", [bits]):
             continue
@@ -117,8 +119,8 @@ def _tilings(
     per layer and call)."""
     rows_per_expert = pairs / min(experts, pairs)  # at least one row per expert hit
     return (
-        tiling_for(arch, rows_per_expert, swiglu=True, bits=bits[0]),
-        None if bits[1] is None else tiling_for(arch, rows_per_expert, swiglu=False, bits=bits[1]),
+        tiling_for(arch, rows_per_expert, gate_up=True, bits=bits[0]),
+        None if bits[1] is None else tiling_for(arch, rows_per_expert, gate_up=False, bits=bits[1]),
     )
 
 
@@ -165,12 +167,12 @@ def route(flat_indices: mx.array, experts: int, bms: tuple[int, int]) -> tuple[m
     )
 
 
-_CUDA_TYPES = {mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
+_CUDA_TYPES = {mx.bfloat16: "__nv_bfloat16", mx.float16: "__half", mx.uint8: "uint8_t",
+               mx.float32: "float", mx.uint32: "uint32_t", mx.int32: "int32_t"}  # fmt: skip
 _HASH_TYPES = {mx.bfloat16: "bfloat16_t", mx.float16: "float16_t"}
-_GEMM_INPUTS = ["x", "w", "scales", "biases", "order", "tiles"]
-_GEMM_SOURCE = (
-    "moefuse::grouped_gemm<T, BITS, GROUP, K, N, SWIGLU, TOP_K, BM, BN, WARPS_M, WARPS_N, "
-    "STAGES, B_REGS>(x, w, scales, biases, order, tiles, out);"
+GEMM_SOURCE = (
+    "moefuse::grouped_gemm<T, MODE, BITS, GROUP, K, N, GATE_UP, ACT, ACT_P, ACT_Q, TOP_K, BM, "
+    "BN, WARPS_M, WARPS_N, STAGES, B_REGS>(x, {args}, order, tiles, out);"
 )
 
 
@@ -184,17 +186,21 @@ def kernel_name(name: str, template: list[tuple[str, object]]) -> str:
     return f"custom_kernel_{name}{suffix}"
 
 
-def _launch_bounds(name: str, template: list[tuple[str, object]], tiling: Tiling, dtype) -> str:
+def kernel_params(inputs: list[tuple[str, mx.Dtype]], out_dtype: mx.Dtype) -> str:
+    """The parameter list MLX gives a custom kernel with these inputs and
+    one output (mlx/backend/cuda/custom_kernel.cpp)."""
+    params = [f"const {_CUDA_TYPES[dtype]}* {name}" for name, dtype in inputs]
+    return ", ".join([*params, f"{_CUDA_TYPES[out_dtype]}* out"])
+
+
+def _launch_bounds(name: str, template: list, tiling: Tiling, params: str) -> str:
     """A declaration of the kernel MLX will generate, with __launch_bounds__.
 
     MLX writes the ``__global__`` function itself and takes no attributes; a
     prior declaration of the same function with launch bounds caps its
     registers (checked with nvcc by scripts/check_kernel_source.py). The
-    parameters follow mlx/backend/cuda/custom_kernel.cpp.
+    parameters follow mlx/backend/cuda/custom_kernel.cpp (`kernel_params`).
     """
-    t = _CUDA_TYPES[dtype]
-    params = f"const {t}*, const uint32_t*, const {t}*, const {t}*, const uint32_t*, "
-    params += f"const int32_t*, {t}*"
     return (
         "namespace mlx::core::cu {\n"
         f"__global__ void __launch_bounds__({tiling.threads}, {tiling.min_blocks}) "
@@ -203,17 +209,21 @@ def _launch_bounds(name: str, template: list[tuple[str, object]], tiling: Tiling
     )
 
 
+GEMM_NAME = "moefuse_grouped_gemm"
+
+
 @cache
-def _gemm_kernel(template: tuple, tiling: Tiling, shared: int, dtype):
-    name = "moefuse_grouped_gemm"
+def _gemm_kernel(template: tuple, tiling: Tiling, shared: int, inputs: tuple, args: str):
+    """The grouped GEMM for these template constants and (name, dtype) inputs."""
     header = source.kernel_header("grouped_gemm.cuh")
     if tiling.min_blocks > 1:
-        header += _launch_bounds(name, list(template), tiling, dtype)
+        params = kernel_params(list(inputs), dict(template)["T"])
+        header += _launch_bounds(GEMM_NAME, list(template), tiling, params)
     return mx.fast.cuda_kernel(
-        name=name,
-        input_names=_GEMM_INPUTS,
+        name=GEMM_NAME,
+        input_names=[name for name, _ in inputs],
         output_names=["out"],
-        source=_GEMM_SOURCE,
+        source=GEMM_SOURCE.format(args=args),
         header=header,
         shared_memory=shared,
     )
@@ -225,23 +235,27 @@ def grouped_gemm(
     order: mx.array,
     tiles: mx.array,
     *,
-    swiglu: bool,
+    activation: KernelActivation | None,
     top_k: int,
     tiling: Tiling,
     init_value: float | None = None,
 ) -> mx.array:
     """Rows of ``x`` times their experts' weights, for every tile of ``tiles``.
 
-    gate_up (``swiglu``): row s of the result is silu(gate) * up of x row
-    ``order[s] // top_k``, in sorted order. down: x rows are sorted h rows,
-    and row s lands at ``order[s]``. ``init_value`` pre-fills the output
-    (tests poison it with NaN to prove every element is written).
+    gate_up (an ``activation``): row s of the result is act(gate, up) of x
+    row ``order[s] // top_k``, in sorted order (NONE: gate and up side by
+    side). down (None): x rows are sorted h rows, and row s lands at
+    ``order[s]``. ``init_value`` pre-fills the output (tests poison it with
+    NaN to prove every element is written).
     """
-    n = proj.weight.shape[-2] // (2 if swiglu else 1)
-    cols = tiling.bn // 2 if swiglu else tiling.bn
+    gate_up = activation is not None
+    act = activation or KernelActivation(NONE)
+    n = proj.weight.shape[-2] // (2 if gate_up else 1)
+    cols = tiling.bn // 2 if gate_up else tiling.bn
     blocks = tiles.shape[0] * math.ceil(n / cols)
     template = (
-        *proj.template(x, n, swiglu),
+        *proj.template(x, n, gate_up),
+        *act.template(),
         ("TOP_K", top_k),
         ("BM", tiling.bm),
         ("BN", tiling.bn),
@@ -250,13 +264,16 @@ def grouped_gemm(
         ("STAGES", tiling.stages),
         ("B_REGS", tiling.b_regs),
     )
-    kernel = _gemm_kernel(template, tiling, tiling.shared_bytes(proj.bits), x.dtype)
+    names, arrays, args = proj.inputs()
+    arrays = [x, *arrays, order, tiles]
+    inputs = tuple(zip(["x", *names, "order", "tiles"], (a.dtype for a in arrays), strict=True))
+    kernel = _gemm_kernel(template, tiling, tiling.shared_bytes(proj.bits), inputs, args)
     (out,) = kernel(
-        inputs=[x, proj.weight, proj.scales, proj.biases, order, tiles],
+        inputs=arrays,
         template=list(template),
         grid=(tiling.threads * blocks, 1, 1),
         threadgroup=(tiling.threads, 1, 1),
-        output_shapes=[(order.size, n)],
+        output_shapes=[(order.size, 2 * n if gate_up and act.kind == NONE else n)],
         output_dtypes=[x.dtype],
         init_value=init_value,
     )
@@ -267,22 +284,26 @@ def grouped_gemm(
 class GroupedKernels:
     """The tensor-core path of one fused layer, for more than ``min_pairs`` pairs.
 
-    gate_up always; down on the kernel when it qualifies (``down``), else
-    the layer's own ``down_proj`` on the sorted rows. ``arch`` picks the
-    tile table. With both kernels the call runs under mx.compile, the
-    layer's arrays as inputs.
+    gate_up always, with ``activation`` in its epilogue (NONE: the layer's
+    own module runs between the kernels); down on the kernel when it
+    qualifies (``down``), else the layer's own ``down_proj`` on the sorted
+    rows. ``dtypes``: the activation dtypes both formats take. ``arch`` picks
+    the tile table. With both kernels and a known activation the call runs
+    under mx.compile, the layer's arrays as inputs.
     """
 
     down: bool
     min_pairs: int
     arch: str = "default"
     compiled: bool = True
+    activation: KernelActivation = KernelActivation(SWIGLU)
+    dtypes: tuple = (mx.bfloat16,)
 
     def takes(self, layer, x: mx.array, indices: mx.array) -> bool:
-        width = layer.gate_up_proj["weight"].shape[-2] // 2  # h's columns
+        width = layer.gate_up_proj["weight"].shape[-2]  # h's columns, at most
         return (
             indices.size > self.min_pairs
-            and x.dtype == layer.gate_up_proj["scales"].dtype
+            and x.dtype in self.dtypes
             and max(x.size, indices.size * width) < OFFSET_LIMIT
         )
 
@@ -295,47 +316,55 @@ class GroupedKernels:
 
     def __call__(self, layer, x: mx.array, indices: mx.array) -> mx.array:
         gate_up = QuantizedArrays.of(layer.gate_up_proj)
+        experts = gate_up.weight.shape[0]
+        module = layer.activation if self.activation.kind == NONE else None
         if not self.down:
-            tilings = self.tilings(indices.size, gate_up.weight.shape[0], (gate_up.bits, None))
-            return self.ffn(x, indices, gate_up, None, tilings, layer.down_proj)
+            tilings = self.tilings(indices.size, experts, (gate_up.bits, None))
+            return self.ffn(x, indices, gate_up, None, tilings, self.activation, module,
+                            layer.down_proj)  # fmt: skip
         down = QuantizedArrays.of(layer.down_proj)
-        tilings = self.tilings(indices.size, gate_up.weight.shape[0], (gate_up.bits, down.bits))
-        if not self.compiled:
-            return self.ffn(x, indices, gate_up, down, tilings)
-        formats = (gate_up.bits, gate_up.group_size, down.bits, down.group_size)
-        return _compiled_ffn(formats, tilings)(x, indices, gate_up[:3], down[:3])
+        tilings = self.tilings(indices.size, experts, (gate_up.bits, down.bits))
+        if not self.compiled or module is not None:
+            return self.ffn(x, indices, gate_up, down, tilings, self.activation, module)
+        ffn = _compiled_ffn(gate_up.layout, down.layout, tilings, self.activation)
+        return ffn(x, indices, gate_up.arrays, down.arrays)
 
     @staticmethod
-    def ffn(x, indices, gate_up, down, tilings, down_proj=None) -> mx.array:
-        """The FFN on the grouped GEMMs: (..., top_k, hidden), as SwitchGLU."""
+    def ffn(x, indices, gate_up, down, tilings, activation, module=None, down_proj=None):
+        """The FFN on the grouped GEMMs: (..., top_k, hidden), as SwitchGLU.
+        ``module``: the layer's activation, for NONE."""
         gate_up_tiling, down_tiling = tilings
         experts = gate_up.weight.shape[0]
         bms = (gate_up_tiling.bm, (down_tiling or gate_up_tiling).bm)
         order, gate_up_tiles, down_tiles = route(flat_uint32(indices), experts, bms)
         h = grouped_gemm(
             x.reshape(-1, x.shape[-1]), gate_up, order, gate_up_tiles,
-            swiglu=True, top_k=indices.shape[-1], tiling=gate_up_tiling,
+            activation=activation, top_k=indices.shape[-1], tiling=gate_up_tiling,
         )  # fmt: skip
+        if module is not None:
+            h = apply_module(module, h)
         if down is None:  # the layer's own down_proj, on h back in pair order (MLX
             # 0.32.4's sorted float gather_mm gave wrong results at width 90 on an H100)
             h = h[mx.argsort(order)].reshape(*indices.shape, 1, h.shape[-1])
             return down_proj(h, indices).squeeze(-2)
-        y = grouped_gemm(h, down, order, down_tiles, swiglu=False, top_k=1, tiling=down_tiling)
+        y = grouped_gemm(h, down, order, down_tiles, activation=None, top_k=1, tiling=down_tiling)
         return y.reshape(*indices.shape, y.shape[-1])
 
     @property
     def path(self) -> str:
         down = "kernel" if self.down else "down_proj"
-        return f"tensor cores > {self.min_pairs} pairs (gate_up+swiglu, down: {down})"
+        act = self.activation.name
+        return f"tensor cores > {self.min_pairs} pairs (gate_up+{act}, down: {down})"
 
 
 @cache
-def _compiled_ffn(formats: tuple[int, int, int, int], tilings: tuple[Tiling, Tiling]):
-    """`GroupedKernels.ffn` under mx.compile, per weight format and tilings."""
+def _compiled_ffn(gate_up_layout: tuple, down_layout: tuple, tilings: tuple, activation):
+    """`GroupedKernels.ffn` under mx.compile, per weight layout, tilings and
+    activation."""
 
     def ffn(x, indices, gate_up, down):
-        gate_up = QuantizedArrays(*gate_up, *formats[:2])
-        down = QuantizedArrays(*down, *formats[2:])
-        return GroupedKernels.ffn(x, indices, gate_up, down, tilings)
+        gate_up = QuantizedArrays.rebuilt(gate_up, gate_up_layout)
+        down = QuantizedArrays.rebuilt(down, down_layout)
+        return GroupedKernels.ffn(x, indices, gate_up, down, tilings, activation)
 
     return mx.compile(ffn)

@@ -1,5 +1,6 @@
 // The tensor-core path of a fused MoE layer: (token, expert) pairs grouped by
-// expert, each group a GEMM against that expert's packed affine weights.
+// expert, each group a GEMM against that expert's packed weights (affine,
+// mxfp4, nvfp4 or mxfp8: common.cuh).
 //
 // `route` sorts the pairs by expert (a counting sort in one block) and cuts
 // each expert's run of sorted rows into tiles of BM rows: a tile is (expert,
@@ -16,9 +17,10 @@
 //           dequantized tile: 5x less shared-memory traffic, which bounds
 //           the kernel at few rows per expert);
 //   mma     ldmatrix + mma.sync m16n8k16, fp32 accumulators;
-//   store   gate_up: silu(gate) * up of matching columns (a block holds BN/2
-//           gate rows and the same BN/2 up rows), in sorted row order;
-//           down: each row back to its pair's place.
+//   store   gate_up: act(gate, up) of matching columns (a block holds BN/2
+//           gate rows and the same BN/2 up rows; ACT == NONE: both), in
+//           sorted row order; down: each row back to its pair's place;
+//           either with the projection's bias added if it has one.
 //
 // Experts with no rows have no tiles; each expert's weights are read once
 // per tile of its rows. The grid is one-dimensional (tiles x column tiles),
@@ -173,22 +175,27 @@ __device__ __forceinline__ int q_swizzle(int row, int chunk) {
   return row * CHUNKS + (chunk ^ ((row / (8 / CHUNKS)) % CHUNKS));
 }
 
-// out = act(x @ W[e]^T) for the tiles of `tiles`; see the top of this file.
-// T: activation and scale dtype. N: outputs per pair (gate_up: the width,
-// weights hold 2N rows). TOP_K: pairs per x row (gate_up's gather).
-// B_REGS: dequantize into mma fragments rather than a shared tile (above).
-// Block: 32 * WARPS_M * WARPS_N threads; grid: tiles x column tiles.
-// Dynamic shared memory: grouped.py's shared_bytes().
-template <typename T, int BITS, int GROUP, int K, int N, bool SWIGLU, int TOP_K, int BM, int BN,
-          int WARPS_M, int WARPS_N, int STAGES, bool B_REGS>
-__device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, const T* biases,
-                             const unsigned* order, const int* tiles, T* out) {
+// out = act(x @ W[e]^T + bias[e]) for the tiles of `tiles`; see the top of
+// this file. T: activation dtype; S: scales' (T for affine, uint8 for the
+// float formats). MODE, BITS, GROUP: the weight format (common.cuh).
+// N: outputs per pair (gate_up: the width, weights hold 2N rows). ACT,
+// ACT_P, ACT_Q: gate_up's activation (common.cuh). TOP_K: pairs per x row
+// (gate_up's gather). B_REGS: dequantize into mma fragments rather than a
+// shared tile (above). bias (experts x rows) and global_scale (experts,
+// nvfp4) may be null. Block: 32 * WARPS_M * WARPS_N threads; grid: tiles x
+// column tiles. Dynamic shared memory: grouped.py's shared_bytes().
+template <typename T, int MODE, int BITS, int GROUP, int K, int N, bool GATE_UP, int ACT,
+          int ACT_P, int ACT_Q, int TOP_K, int BM, int BN, int WARPS_M, int WARPS_N, int STAGES,
+          bool B_REGS, typename S>
+__device__ void grouped_gemm(const T* x, const unsigned* w, const S* scales, const S* biases,
+                             const T* bias, const float* global_scale, const unsigned* order,
+                             const int* tiles, T* out) {
   constexpr int BK = GEMM_BK;
   constexpr int THREADS = 32 * WARPS_M * WARPS_N;
   constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
   constexpr int MT = WM / 16, NT = WN / 8;           // m16 and n8 tiles per warp
-  constexpr int ROWS = SWIGLU ? 2 * N : N;           // weight rows per expert
-  constexpr int COLS = SWIGLU ? BN / 2 : BN;         // output columns per block
+  constexpr int ROWS = GATE_UP ? 2 * N : N;           // weight rows per expert
+  constexpr int COLS = GATE_UP ? BN / 2 : BN;         // output columns per block
   constexpr int N_TILES = (N + COLS - 1) / COLS;
   constexpr int WORDS = K * BITS / 32;               // packed words per weight row
   constexpr int GROUPS = K / GROUP;
@@ -196,14 +203,16 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
   constexpr int B_VALS = 128 / BITS;                 // values per packed chunk
   constexpr int KS_PER_CHUNK = (BK / 16) / B_CHUNKS;  // mma k-steps per packed chunk
   constexpr int G_T = BK / GROUP > 0 ? BK / GROUP : 1;  // scale groups per row and k-tile
+  constexpr int CHUNK_GROUPS = B_VALS > GROUP ? B_VALS / GROUP : 1;  // per packed chunk
+  using Scale = GroupScale<T, MODE>;
   constexpr int KT = (K + BK - 1) / BK;
   constexpr int A_ITERS = (BM * 8 + THREADS - 1) / THREADS;
   constexpr int B_ITERS = (BN * B_CHUNKS + THREADS - 1) / THREADS;
   static_assert(STAGES >= 3, "the loop waits for the stage after the one it computes");
   static_assert(B_CHUNKS == 2 || B_CHUNKS == 4, "q_swizzle: 2 or 4 chunks per row");
   static_assert(MT >= 1 && WM % 16 == 0 && NT % 2 == 0, "warp tile: m16 x (2 n8) multiples");
-  static_assert(!SWIGLU || NT % 4 == 0, "gate_up: each warp holds gate and up n8 pairs");
-  static_assert(K % 32 == 0 && GROUP % 32 == 0, "k tails are whole 32-value chunks");
+  static_assert(!GATE_UP || NT % 4 == 0, "gate_up: each warp holds gate and up n8 pairs");
+  static_assert(K % 32 == 0 && GROUP % 16 == 0, "k tails are whole 32-value chunks");
   static_assert(THREADS % 8 == 0, "each thread copies one fixed chunk column of A");
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -215,6 +224,7 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
     return;  // the schedule's upper bound left this one empty
   }
   const int expert = tile.x, row0 = tile.y, rows = tile.z - tile.y;
+  const float global = MODE == NVFP4 ? global_factor(global_scale, expert) : 1.f;
 
   extern __shared__ uint4 smem[];
   uint4* a_smem = smem;                                 // STAGES x BM x 8 chunks
@@ -229,14 +239,14 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
   for (int j = 0; j < A_ITERS; ++j) {
     const int r = (tid + j * THREADS) / 8;
     a_ok[j] = r < BM && r < rows;
-    const int src = !a_ok[j] ? 0 : SWIGLU ? order[row0 + r] / TOP_K : row0 + r;
+    const int src = !a_ok[j] ? 0 : GATE_UP ? order[row0 + r] / TOP_K : row0 + r;
     a_src[j] = static_cast<unsigned>(src) * K + a_chunk * 8;
   }
   // The expert's weight row behind row r of the block's B tile (gate_up: the
   // first BN/2 are gate rows, the rest the up rows of the same columns), and
   // whether it exists (columns past N read row 0, as zeros or unused).
   auto weight_row = [&](int r, bool& exists) -> size_t {
-    const int upper = SWIGLU && r >= BN / 2;
+    const int upper = GATE_UP && r >= BN / 2;
     const int n = n_tile * COLS + r - (upper ? BN / 2 : 0);
     exists = n < N;
     return (size_t)expert * ROWS + (exists ? n + (upper ? N : 0) : 0);
@@ -284,7 +294,7 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
   // The shared-memory row of this warp's n8 tile j: gate_up warps hold
   // NT/2 gate tiles and the NT/2 up tiles of the same columns.
   auto b_row = [&](int j) {
-    if constexpr (SWIGLU) {
+    if constexpr (GATE_UP) {
       return (j < NT / 2 ? 0 : BN / 2) + wn * (WN / 2) + (j % (NT / 2)) * 8;
     } else {
       return wn * WN + j * 8;
@@ -296,19 +306,24 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
   // rows per expert an iteration is short, and one iteration of lead left
   // every iteration waiting on a DRAM load (measured on an H100: 2.6 us per
   // k-tile at 2-4 rows per expert, flat in the rows).
-  T scale[SCALE_RING][B_ITERS], bias[SCALE_RING][B_ITERS];
+  Scale scale[SCALE_RING][B_ITERS][CHUNK_GROUPS];
   auto fetch_scales = [&](int kt, int slot) {
 #pragma unroll
     for (int j = 0; j < B_ITERS; ++j) {
       const int k = kt * BK + ((tid + j * THREADS) % B_CHUNKS) * B_VALS;
       const bool ok = q_ok[j] && kt < KT && k < K;
-      scale[slot][j] = ok ? scales[s_idx[j] + k / GROUP] : static_cast<T>(0.f);
-      bias[slot][j] = ok ? biases[s_idx[j] + k / GROUP] : static_cast<T>(0.f);
+#pragma unroll
+      for (int i = 0; i < CHUNK_GROUPS; ++i) {
+        scale[slot][j][i] = ok ? group_scale<T, MODE>(scales, biases, s_idx[j] + k / GROUP + i,
+                                                      global)
+                               : zero_scale<T, MODE>();
+      }
     }
   };
 
   // The packed chunks this thread fetched for k-tile kt, dequantized into
-  // b_smem[buffer]: 8 (4-bit) or 4 (8-bit) values per word.
+  // b_smem[buffer]: 8 (4-bit) or 4 (8-bit) values per word; word v of a
+  // chunk is in its scale group v * (32 / BITS) / GROUP (nvfp4: two groups).
   auto dequant = [&](int kt, int buffer, int slot) {
     const uint4* q_stage = q_smem + (kt % STAGES) * BN * B_CHUNKS;
     uint4* b_tile = b_smem + buffer * BN * 8;
@@ -319,33 +334,34 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
         const int r = i / B_CHUNKS, c = i % B_CHUNKS;
         const uint4 q = q_stage[q_swizzle<B_CHUNKS>(r, c)];
         const unsigned words[4] = {q.x, q.y, q.z, q.w};
+        auto word_pair = [&](int v, int p) {
+          const Scale sb = scale[slot][j][CHUNK_GROUPS > 1 ? v * (32 / BITS) / GROUP : 0];
+          return dequant_pair_any<T, MODE, BITS>(words[v], p, sb);
+        };
         if constexpr (BITS == 4) {
 #pragma unroll
           for (int v = 0; v < 4; ++v) {
-            unsigned pairs[4];
-            dequant_word<T, 4>(words[v], scale[slot][j], bias[slot][j], pairs);
-            b_tile[swizzle(r, c * 4 + v)] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
+            b_tile[swizzle(r, c * 4 + v)] = make_uint4(word_pair(v, 0), word_pair(v, 1),
+                                                       word_pair(v, 2), word_pair(v, 3));
           }
         } else {
 #pragma unroll
           for (int v = 0; v < 4; v += 2) {
-            unsigned lo[2], hi[2];
-            dequant_word<T, 8>(words[v], scale[slot][j], bias[slot][j], lo);
-            dequant_word<T, 8>(words[v + 1], scale[slot][j], bias[slot][j], hi);
-            b_tile[swizzle(r, c * 2 + v / 2)] = make_uint4(lo[0], lo[1], hi[0], hi[1]);
+            b_tile[swizzle(r, c * 2 + v / 2)] = make_uint4(word_pair(v, 0), word_pair(v, 1),
+                                                           word_pair(v + 1, 0),
+                                                           word_pair(v + 1, 1));
           }
         }
       }
     }
   };
 
-  // B_REGS: the scales and biases of the rows the B fragments read (row g
-  // of each n8 tile), as {scale, bias} pairs, same ring. The 4 threads of a
+  // B_REGS: the scales (affine: {scale, bias} pairs) of the rows the B
+  // fragments read (row g of each n8 tile), same ring. The 4 threads of a
   // quad read the same rows, so each holds a quarter of them: thread t the
   // tiles j with j % 4 == t, handed to the others by a shuffle when used.
-  using T2 = typename Pair<T>::type;
   constexpr int FRAG_SB = (NT + 3) / 4;  // n8 tiles whose scales this thread holds
-  T2 frag_sb[SCALE_RING][FRAG_SB][G_T];
+  Scale frag_sb[SCALE_RING][FRAG_SB][G_T];
   unsigned frag_s_idx[FRAG_SB];
   bool frag_ok[FRAG_SB];
   if constexpr (B_REGS) {
@@ -363,18 +379,18 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
       for (int gi = 0; gi < G_T; ++gi) {
         const int k = kt * BK + gi * (BK / G_T);
         const bool ok = frag_ok[i] && kt < KT && k < K;
-        const T zero = static_cast<T>(0.f);
-        frag_sb[slot][i][gi] = {ok ? scales[frag_s_idx[i] + k / GROUP] : zero,
-                                ok ? biases[frag_s_idx[i] + k / GROUP] : zero};
+        frag_sb[slot][i][gi] = ok ? group_scale<T, MODE>(scales, biases, frag_s_idx[i] + k / GROUP,
+                                                         global)
+                                  : zero_scale<T, MODE>();
       }
     }
   };
-  // Tile j's {scale, bias} of scale group gi, from the quad thread holding it.
+  // Tile j's scale of scale group gi, from the quad thread holding it.
   auto frag_scale_bias = [&](int slot, int j, int gi) {
-    T2 mine = frag_sb[slot][j / 4][gi];
+    Scale mine = frag_sb[slot][j / 4][gi];
     const unsigned v = __shfl_sync(0xffffffffu, *reinterpret_cast<unsigned*>(&mine),
                                    (lane & ~3) | (j % 4));
-    return *reinterpret_cast<const T2*>(&v);
+    return *reinterpret_cast<const Scale*>(&v);
   };
 
   float acc[MT][NT][4];
@@ -435,28 +451,33 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
     const uint4* a_stage = a_smem + (kt % STAGES) * BM * 8;
     const unsigned* q_stage =
         reinterpret_cast<const unsigned*>(q_smem + (kt % STAGES) * BN * B_CHUNKS);
+    // A k-step's 16 values share one scale group (groups of 16 or more); a
+    // chunk's do too unless groups are shorter than a chunk (nvfp4).
+    constexpr int CHUNK_VALS = BK / B_CHUNKS;
+    constexpr bool GROUP_PER_KSTEP = BK / G_T < CHUNK_VALS;
 #pragma unroll
     for (int c = 0; c < B_CHUNKS; ++c) {
-      constexpr int CHUNK_VALS = BK / B_CHUNKS;
-      const int gi = c * CHUNK_VALS / (BK / G_T);
-      T2 sb[NT];
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        sb[j] = frag_scale_bias(slot, j, gi);
-      }
+      Scale sb[NT];
 #pragma unroll
       for (int kk = 0; kk < KS_PER_CHUNK; ++kk) {
+        if (kk == 0 || GROUP_PER_KSTEP) {
+          const int gi = (c * CHUNK_VALS + kk * 16) / (BK / G_T);
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            sb[j] = frag_scale_bias(slot, j, gi);
+          }
+        }
         unsigned b[NT][2];
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
           const unsigned* q = q_stage + 4 * q_swizzle<B_CHUNKS>(b_row(j) + g, c);
           if constexpr (BITS == 4) {
             const uint2 words = *reinterpret_cast<const uint2*>(q + 2 * kk);
-            b[j][0] = dequant_pair<T, BITS>(words.x, t, sb[j]);
-            b[j][1] = dequant_pair<T, BITS>(words.y, t, sb[j]);
+            b[j][0] = dequant_pair_any<T, MODE, BITS>(words.x, t, sb[j]);
+            b[j][1] = dequant_pair_any<T, MODE, BITS>(words.y, t, sb[j]);
           } else {
-            b[j][0] = dequant_pair<T, BITS>(q[t >> 1], t & 1, sb[j]);
-            b[j][1] = dequant_pair<T, BITS>(q[2 + (t >> 1)], t & 1, sb[j]);
+            b[j][0] = dequant_pair_any<T, MODE, BITS>(q[t >> 1], t & 1, sb[j]);
+            b[j][1] = dequant_pair_any<T, MODE, BITS>(q[2 + (t >> 1)], t & 1, sb[j]);
           }
         }
         unsigned a[MT][4];
@@ -532,30 +553,38 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const T* scales, con
         continue;
       }
       const int s = row0 + r;
-      T* dst = out + (size_t)(SWIGLU ? s : order[s]) * N;
+      constexpr int OUT_N = GATE_UP && ACT == NONE ? 2 * N : N;  // NONE: gate, then up
+      T* dst = out + (size_t)(GATE_UP ? s : order[s]) * OUT_N;
+      const size_t bias_row = (size_t)expert * ROWS;
+      // Stores values for columns col, col + 1 (those below N) at dst + at.
+      auto store = [&](int col, int at, const float (&v)[2]) {
+        if (N % 2 == 0 && col + 1 < N) {
+          *reinterpret_cast<unsigned*>(dst + at) = pack2<T>(v[0], v[1]);
+        } else {
+          if (col < N) dst[at] = static_cast<T>(v[0]);
+          if (col + 1 < N) dst[at + 1] = static_cast<T>(v[1]);
+        }
+      };
 #pragma unroll
-      for (int j = 0; j < (SWIGLU ? NT / 2 : NT); ++j) {
-        const int col = n_tile * COLS + wn * (SWIGLU ? WN / 2 : WN) + j * 8 + 2 * t;
-        float v[2];
+      for (int j = 0; j < (GATE_UP ? NT / 2 : NT); ++j) {
+        const int col = n_tile * COLS + wn * (GATE_UP ? WN / 2 : WN) + j * 8 + 2 * t;
+        // Rounded where the gather_qmm path rounds: each matmul output, its
+        // bias, then what the activation rounds (common.cuh).
+        float v[2], up[2];
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float first = acc[mt][j][2 * half + e];
-          if constexpr (SWIGLU) {
-            // Rounded where the gather_qmm path rounds: both matmul outputs,
-            // silu(gate), and the product.
-            const float gate = static_cast<float>(static_cast<T>(first));
-            const float up = static_cast<float>(static_cast<T>(acc[mt][j + NT / 2][2 * half + e]));
-            const float silu = static_cast<float>(static_cast<T>(gate / (1.f + __expf(-gate))));
-            v[e] = silu * up;
-          } else {
-            v[e] = first;
+          const int n = min(col + e, N - 1);
+          v[e] = with_bias<T>(acc[mt][j][2 * half + e], bias, bias_row + n);
+          if constexpr (GATE_UP) {
+            up[e] = with_bias<T>(acc[mt][j + NT / 2][2 * half + e], bias, bias_row + N + n);
+            if constexpr (ACT != NONE) {
+              v[e] = activate<T, ACT, ACT_P, ACT_Q>(v[e], up[e]);
+            }
           }
         }
-        if (N % 2 == 0 && col + 1 < N) {
-          *reinterpret_cast<unsigned*>(dst + col) = pack2<T>(v[0], v[1]);
-        } else {
-          if (col < N) dst[col] = static_cast<T>(v[0]);
-          if (col + 1 < N) dst[col + 1] = static_cast<T>(v[1]);
+        store(col, col, v);
+        if constexpr (GATE_UP && ACT == NONE) {
+          store(col, N + col, up);
         }
       }
     }

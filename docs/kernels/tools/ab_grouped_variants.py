@@ -31,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from moefuse_runtime import bench, install
 from moefuse_runtime.cuda import grouped, source
-from moefuse_runtime.cuda.decode import QuantizedArrays
+from moefuse_runtime.cuda.formats import QuantizedArrays
 
 EXPERTS, HIDDEN, WIDTH, TOP_K = 128, 2048, 768, 8
 REPS, ROUNDS = 20, 3

@@ -1,0 +1,139 @@
+"""The weight formats the CUDA kernels read, and what they read of a projection.
+
+MLX quantizes expert weights in four modes (`mx.quantize`); the kernels
+(common.cuh) dequantize each in registers:
+
+========  ============  ===========  ==========================================
+mode      bits          group sizes  per group
+========  ============  ===========  ==========================================
+affine    4, 8          32, 64, 128  scale and bias, in the activation dtype
+mxfp4     4 (E2M1)      32           E8M0 scale byte
+nvfp4     4 (E2M1)      16           E4M3 scale byte; optional per-expert
+                                     float32 ``global_scale``
+mxfp8     8 (E4M3)      32           E8M0 scale byte
+========  ============  ===========  ==========================================
+
+Any of them may carry a Linear ``bias`` (experts, outputs), as GPT-OSS's
+experts do. gate_up and down may differ in format.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+MODES = {"affine": 0, "mxfp4": 1, "nvfp4": 2, "mxfp8": 3}
+"""MLX's mode names and the kernels' MODE constants (common.cuh: Mode)."""
+
+FORMATS = {
+    "affine": ((4, 8), (32, 64, 128)),
+    "mxfp4": ((4,), (32,)),
+    "nvfp4": ((4,), (16,)),
+    "mxfp8": ((8,), (32,)),
+}
+"""(bits, group sizes) the kernels take per mode."""
+
+KERNEL_DTYPES = (mx.bfloat16, mx.float16)
+"""Activation dtypes of the kernels; float32 models stay exact on gather_qmm."""
+
+
+class QuantizedArrays(NamedTuple):
+    """What the kernels read of a quantized projection: arrays and format.
+
+    Arrays rather than the module, so that a compiled call takes them as
+    inputs (a module's arrays captured by mx.compile would be constants,
+    stale once the layer's weights change). ``biases`` (affine's), ``bias``
+    (the Linear bias) and ``global_scale`` (nvfp4) may be None.
+    """
+
+    weight: mx.array
+    scales: mx.array
+    biases: mx.array | None
+    bias: mx.array | None
+    global_scale: mx.array | None
+    mode: str
+    bits: int
+    group_size: int
+
+    @classmethod
+    def of(cls, proj: nn.Module) -> QuantizedArrays:
+        return cls(proj["weight"], proj["scales"], proj.get("biases"), proj.get("bias"),
+                   proj.get("global_scale"), proj.mode, proj.bits, proj.group_size)  # fmt: skip
+
+    @property
+    def arrays(self) -> tuple[mx.array, ...]:
+        """The arrays present, in order: a compiled call's inputs."""
+        return tuple(a for a in self[:5] if a is not None)
+
+    @property
+    def layout(self) -> tuple:
+        """Everything but the arrays: with `arrays`, enough to rebuild (`rebuilt`)."""
+        return (*(a is not None for a in self[:5]), self.mode, self.bits, self.group_size)
+
+    @classmethod
+    def rebuilt(cls, arrays: tuple[mx.array, ...], layout: tuple) -> QuantizedArrays:
+        present, settings = layout[:5], layout[5:]
+        it = iter(arrays)
+        return cls(*(next(it) if p else None for p in present), *settings)
+
+    def takes(self, dtype: mx.Dtype) -> bool:
+        """Whether the kernels can read these weights with activations of ``dtype``
+        (affine scales are in the activation dtype; so is any bias)."""
+        if self.mode == "affine" and self.scales.dtype != dtype:
+            return False
+        return dtype in KERNEL_DTYPES and (self.bias is None or self.bias.dtype == dtype)
+
+    def template(self, x: mx.array, n: int, gate_up: bool) -> list[tuple[str, object]]:
+        """The template constants both kernels take for this format and shape."""
+        return [("T", x.dtype), ("MODE", MODES[self.mode]), ("BITS", self.bits),
+                ("GROUP", self.group_size), ("K", x.shape[-1]), ("N", n),
+                ("GATE_UP", gate_up)]  # fmt: skip
+
+    def inputs(self) -> tuple[list[str], list[mx.array], str]:
+        """Kernel input names and arrays after x, and the argument list the
+        kernels' calls take for them (absent ones as null pointers; the
+        float formats pass their scales as the unused affine biases)."""
+        names = ["w", "scales"]
+        names += ["biases"] if self.biases is not None else []
+        names += ["bias"] if self.bias is not None else []
+        names += ["global_scale"] if self.global_scale is not None else []
+        absent = "static_cast<const {}*>(nullptr)"
+        args = [
+            "w",
+            "scales",
+            "biases" if self.biases is not None else "scales",
+            "bias" if self.bias is not None else absent.format("T"),
+            "global_scale" if self.global_scale is not None else absent.format("float"),
+        ]
+        return names, list(self.arrays), ", ".join(args)
+
+
+def why_not_format(proj: nn.Module) -> str | None:
+    """Why the kernels cannot read this expert projection's weights, or None."""
+    # mlx-lm's and mlx-vlm's QuantizedSwitchLinear: quantized expert arrays.
+    if getattr(proj, "bits", None) is None or proj["weight"].ndim != 3:
+        return f"{type(proj).__name__} is not quantized"
+    mode = getattr(proj, "mode", "affine")
+    if mode not in FORMATS:
+        return f"{mode} weights"
+    bits, group_sizes = FORMATS[mode]
+    if proj.bits not in bits:
+        return f"{mode} {proj.bits}-bit (kernels: {mode} {bits}-bit)"
+    if proj.group_size not in group_sizes:
+        return f"{mode} group size {proj.group_size} (kernels: {group_sizes})"
+    if mode == "affine" and proj.get("biases") is None:
+        return "affine weights without biases"
+    if mode == "affine" and proj["scales"].dtype not in KERNEL_DTYPES:
+        return f"{proj['scales'].dtype} scales"
+    if mode != "affine" and proj["scales"].dtype != mx.uint8:
+        return f"{mode} with {proj['scales'].dtype} scales"
+    experts, rows = proj["weight"].shape[:2]
+    bias = proj.get("bias")
+    if bias is not None and (bias.dtype not in KERNEL_DTYPES or bias.shape != (experts, rows)):
+        return f"a {bias.dtype} bias of shape {bias.shape}"
+    scale = proj.get("global_scale")
+    if scale is not None and (scale.dtype != mx.float32 or scale.size != experts):
+        return f"a {scale.dtype} global scale of shape {scale.shape} ({experts} experts)"
+    return None
