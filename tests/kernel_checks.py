@@ -15,11 +15,15 @@ import pytest
 from helpers import switch_glu
 
 import moefuse_runtime
+from moefuse_runtime.cuda.activations import SWIGLU, KernelActivation
 from moefuse_runtime.cuda.formats import FORMATS
 from moefuse_runtime.memory import backend
 
 TOLERANCE = {mx.bfloat16: 1.5e-2, mx.float16: 2e-3}
 GATHER_SLACK = 1.5
+
+SWIGLU_ACT = KernelActivation(SWIGLU)
+"""gate_up's activation in the tests that call a kernel directly."""
 
 needs_cuda = pytest.mark.skipif(
     backend() != "cuda", reason="the CUDA kernels run on MLX's CUDA backend only (lent GPU)"

@@ -18,6 +18,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from kernel_checks import (  # kernels_on: autouse, MOEFUSE_KERNEL=1
+    SWIGLU_ACT,
     TOLERANCE,
     compare,
     compiled_call_follows_new_weights,
@@ -34,8 +35,6 @@ from moefuse_runtime import cuda
 from moefuse_runtime.cuda import activations, grouped, source
 from moefuse_runtime.cuda.formats import QuantizedArrays
 from moefuse_runtime.layer import kernel_paths
-
-SWIGLU_ACT = activations.KernelActivation(activations.SWIGLU)
 
 # -- everywhere: which path, which tiles --------------------------------------
 

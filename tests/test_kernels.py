@@ -17,6 +17,7 @@ import mlx.nn as nn
 import pytest
 from helpers import switch_glu
 from kernel_checks import (  # kernels_on: autouse, MOEFUSE_KERNEL=1
+    SWIGLU_ACT,
     TOLERANCE,
     compare,
     compiled_call_follows_new_weights,
@@ -33,8 +34,6 @@ from moefuse_runtime.cuda import decode as kernels
 from moefuse_runtime.cuda.formats import QuantizedArrays
 from moefuse_runtime.layer import kernel_paths
 from moefuse_runtime.memory import backend
-
-SWIGLU_ACT = activations.KernelActivation(activations.SWIGLU)
 
 # -- everywhere: which path a layer takes, and why --------------------------
 

@@ -89,29 +89,34 @@ def _limit(kind: int, *, clamps_always: bool = False) -> Callable:
     return spec
 
 
+def _fixed(kind: int, p: float = 0.0, q: float = 0.0) -> Callable:
+    """A formula whose parameters do not depend on the instance."""
+    return lambda module: KernelActivation(kind, p, q)
+
+
 def _situ(module):
     beta, linear = float(module.beta), float(module.linear_beta or 0)
     return KernelActivation(SITU, beta, linear) if beta > 0 and linear >= 0 else None
 
 
 KNOWN: dict[tuple[str, str], Callable[[nn.Module], KernelActivation | None]] = {
-    ("mlx_lm.models.switch_layers", "SwiGLU"): lambda m: KernelActivation(SWIGLU),
-    ("mlx_vlm.models.switch_layers", "SwiGLU"): lambda m: KernelActivation(SWIGLU),
-    ("mlx_lm.models.muse_spark", "PreciseSwiGLU"): lambda m: KernelActivation(SWIGLU_F32),
-    ("mlx_vlm.models.muse_spark.language", "PreciseSwiGLU"): lambda m: KernelActivation(SWIGLU_F32),
+    ("mlx_lm.models.switch_layers", "SwiGLU"): _fixed(SWIGLU),
+    ("mlx_vlm.models.switch_layers", "SwiGLU"): _fixed(SWIGLU),
+    ("mlx_lm.models.muse_spark", "PreciseSwiGLU"): _fixed(SWIGLU_F32),
+    ("mlx_vlm.models.muse_spark.language", "PreciseSwiGLU"): _fixed(SWIGLU_F32),
     ("mlx_lm.models.activations", "SwigluOAI"): lambda m: KernelActivation(OAI, m._limit, m._alpha),
     # mlx-vlm's gpt_oss: swiglu(x, gate) with alpha 1.702 and limit 7.0 fixed
-    ("mlx_vlm.models.gpt_oss.language", "SwiGLU"): lambda m: KernelActivation(OAI, 7.0, 1.702),
+    ("mlx_vlm.models.gpt_oss.language", "SwiGLU"): _fixed(OAI, 7.0, 1.702),
     ("mlx_lm.models.step3p5", "ClampedSwiGLU"): _limit(CLAMPED),
     ("mlx_vlm.models.step3p5.language", "ClampedSwiGLU"): _limit(CLAMPED),
     ("mlx_vlm.models.step3p7.language", "ClampedSwiGLU"): _limit(CLAMPED),
     ("mlx_lm.models.deepseek_v41", "DeepseekV41SwiGLU"): _limit(LIMITED),
     ("mlx_vlm.models.deepseek_v4.language", "LimitedSwiGLU"): _limit(LIMITED),
     ("mlx_vlm.models.glm5_next.language", "LimitedSwiGLU"): _limit(LIMITED, clamps_always=True),
-    ("mlx_lm.models.gemma4_text", "GeGLU"): lambda m: KernelActivation(GELU_TANH),
-    ("mlx_vlm.models.gemma4.language", "GeGLU"): lambda m: KernelActivation(GELU_TANH),
-    ("mlx_vlm.models.gemma4_text.language", "GeGLU"): lambda m: KernelActivation(GELU_TANH),
-    ("mlx_vlm.models.diffusion_gemma.language", "GeGLU"): lambda m: KernelActivation(GELU_TANH),
+    ("mlx_lm.models.gemma4_text", "GeGLU"): _fixed(GELU_TANH),
+    ("mlx_vlm.models.gemma4.language", "GeGLU"): _fixed(GELU_TANH),
+    ("mlx_vlm.models.gemma4_text.language", "GeGLU"): _fixed(GELU_TANH),
+    ("mlx_vlm.models.diffusion_gemma.language", "GeGLU"): _fixed(GELU_TANH),
     ("mlx_lm.models.kimi_k3", "SiTU"): _situ,
     ("mlx_vlm.models.kimi_k3.language", "SiTU"): _situ,
 }

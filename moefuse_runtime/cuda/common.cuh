@@ -262,8 +262,8 @@ __device__ __forceinline__ float sigmoid(float v) {
 template <typename T, int ACT, int P, int Q>
 __device__ __forceinline__ float activate(float g, float u) {
   const float p = __int_as_float(P), q = __int_as_float(Q);
-  if constexpr (ACT == SWIGLU) {
-    return static_cast<float>(static_cast<T>(g * sigmoid(g))) * u;
+  if constexpr (ACT == SWIGLU) {  // the expression of the kernels before the table
+    return static_cast<float>(static_cast<T>(g / (1.f + __expf(-g)))) * u;
   } else if constexpr (ACT == SWIGLU_F32) {
     return g * sigmoid(g) * u;
   } else if constexpr (ACT == LIMITED) {

@@ -99,6 +99,16 @@ def _kernel(gate_up: bool, shared: int, names: tuple[str, ...], args: str):
     )
 
 
+def columns(proj: QuantizedArrays, activation: KernelActivation | None) -> tuple[int, int]:
+    """N (outputs per pair the kernel computes) and the columns it writes:
+    gate_up (an activation) computes the width and writes it, or with NONE
+    gate and up side by side; down (None) computes and writes every row."""
+    rows = proj.weight.shape[-2]
+    if activation is None:
+        return rows, rows
+    return rows // 2, rows if activation.kind == NONE else rows // 2
+
+
 def gather_qmv(
     x: mx.array,
     proj: QuantizedArrays,
@@ -122,7 +132,7 @@ def gather_qmv(
     """
     k = x.shape[-1]
     gate_up = activation is not None
-    n = proj.weight.shape[-2] // (2 if gate_up else 1)
+    n, written = columns(proj, activation)
     blocks = math.ceil(n / (warps * outs))
     names, arrays, args = proj.inputs()
     act = activation or KernelActivation(NONE)
@@ -136,7 +146,7 @@ def gather_qmv(
         ],  # fmt: skip
         grid=(32 * warps * blocks, indices.size, 1),
         threadgroup=(32 * warps, 1, 1),
-        output_shapes=[(indices.size, 2 * n if gate_up and act.kind == NONE else n)],
+        output_shapes=[(indices.size, written)],
         output_dtypes=[x.dtype],
         init_value=init_value,
     )

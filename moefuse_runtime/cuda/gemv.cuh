@@ -162,7 +162,9 @@ __device__ void gemv(const T* x, const unsigned* w, const S* scales, const S* bi
             x_scaled[quad * VECS + v] = make_float4(f[e], f[e + 1], f[e + 2], f[e + 3]);
           }
         }
-        x_sums[v] = sum;
+        if constexpr (MODE == AFFINE) {  // the bias term's; the float formats have none
+          x_sums[v] = sum;
+        }
       }
       __syncthreads();
     }
@@ -179,7 +181,7 @@ __device__ void gemv(const T* x, const unsigned* w, const S* scales, const S* bi
           xs[4 * j + 2] = f.z;
           xs[4 * j + 3] = f.w;
         }
-        const float x_sum = x_sums[v];
+        const float x_sum = MODE == AFFINE ? x_sums[v] : 0.f;
 #pragma unroll
         for (int o = 0; o < OUTS; ++o) {
 #pragma unroll

@@ -29,7 +29,7 @@ import mlx.core as mx
 
 from . import source
 from .activations import NONE, SWIGLU, KernelActivation
-from .decode import apply_module, flat_uint32
+from .decode import apply_module, columns, flat_uint32
 from .formats import QuantizedArrays
 
 GEMM_BK = 64
@@ -250,7 +250,7 @@ def grouped_gemm(
     """
     gate_up = activation is not None
     act = activation or KernelActivation(NONE)
-    n = proj.weight.shape[-2] // (2 if gate_up else 1)
+    n, written = columns(proj, activation)
     cols = tiling.bn // 2 if gate_up else tiling.bn
     blocks = tiles.shape[0] * math.ceil(n / cols)
     template = (
@@ -273,7 +273,7 @@ def grouped_gemm(
         template=list(template),
         grid=(tiling.threads * blocks, 1, 1),
         threadgroup=(tiling.threads, 1, 1),
-        output_shapes=[(order.size, 2 * n if gate_up and act.kind == NONE else n)],
+        output_shapes=[(order.size, written)],
         output_dtypes=[x.dtype],
         init_value=init_value,
     )
@@ -300,7 +300,8 @@ class GroupedKernels:
     dtypes: tuple = (mx.bfloat16,)
 
     def takes(self, layer, x: mx.array, indices: mx.array) -> bool:
-        width = layer.gate_up_proj["weight"].shape[-2]  # h's columns, at most
+        rows = layer.gate_up_proj["weight"].shape[-2]
+        width = rows if self.activation.kind == NONE else rows // 2  # h's columns
         return (
             indices.size > self.min_pairs
             and x.dtype in self.dtypes
