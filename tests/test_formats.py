@@ -84,6 +84,30 @@ def test_formats(case, path):
     assert layer.kernels.decode.down  # down on the kernel too
 
 
+WORDWISE_CASES = [(2, 32, 96), (3, 32, 96), (3, 64, 192), (5, 32, 96), (5, 128, 384), (6, 32, 96)]
+"""(bits, group size, width) of the wordwise bits (32-code units of BITS
+words): hidden 2880 copies 16 (2, 6 bits) or 8 bytes (3, 5) per piece on the
+tensor cores; down at width 96 has an odd word count (3, 5 bits: 4-byte
+copies) and half a k-tile at the end; width 192/384 with group 64/128."""
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(("bits", "group_size", "width"), WORDWISE_CASES)
+def test_wordwise_bits(bits, group_size, width, path):
+    run(quantized_layer(2880, width, 7, bits=bits, group_size=group_size), path)
+
+
+@pytest.mark.parametrize(("path", "tokens"), [("decode", 1), ("grouped", 300)])
+@pytest.mark.parametrize("bits", [3, 5, 6])
+def test_qwen3_dims_wordwise(bits, path, tokens):
+    # the checkpoints that motivated issue 13: 3-, 5- and 6-bit Qwen3 MoEs
+    layer = quantized_layer(2048, 768, 128, bits=bits, group_size=64)
+    mx.random.seed(5)
+    x = mx.random.normal((1, tokens, 2048)).astype(mx.bfloat16)
+    indices = mx.random.randint(0, 128, (1, tokens, 8)).astype(mx.uint32)
+    compare(layer, x, indices, mx.bfloat16, path)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_float_format_in_fp16(path):
     run(quantized_layer(2880, 96, 7, mode="mxfp4", bias=True, dtype=mx.float16), path, mx.float16)

@@ -259,8 +259,12 @@ SHARED_AND_REGISTERS = [
 ]
 
 
+WORDWISE = [(2, 32, mx.bfloat16), (3, 32, mx.bfloat16), (5, 64, mx.bfloat16),
+            (6, 128, mx.float16)]  # fmt: skip
+
+
 @needs_cuda
-@pytest.mark.parametrize(("bits", "group_size", "dtype"), CASES)
+@pytest.mark.parametrize(("bits", "group_size", "dtype"), CASES + WORDWISE)
 @pytest.mark.parametrize("swiglu", [True, False])
 @pytest.mark.parametrize("tilings", SHARED_AND_REGISTERS, ids=["bm16", "bm32", "bm64"])
 def test_dequant_in_registers_equals_shared(bits, group_size, dtype, swiglu, tilings):

@@ -44,6 +44,17 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool v
   }
 }
 
+// 4 or 8 bytes, as cp_async_16 with the L2's 256-byte prefetch (through L1:
+// .cg copies only 16): the wordwise packed rows (Packing) whose k-tiles are
+// not 16-byte aligned.
+template <int BYTES>
+__device__ __forceinline__ void cp_async_small(void* smem, const void* gmem, bool valid) {
+  static_assert(BYTES == 4 || BYTES == 8, "cp.async.ca copies 4, 8 or 16 bytes");
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global.L2::256B [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(gmem),
+               "n"(BYTES), "r"(valid ? BYTES : 0));
+}
+
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::);
 }
@@ -100,6 +111,33 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
   return *reinterpret_cast<unsigned*>(pair);
 }
 
+// ---- packing ----------------------------------------------------------------
+//
+// Codes are packed along the input axis, lowest bits first, as one bit
+// stream per row (MLX). 4- and 8-bit codes never cross a 32-bit word and a
+// 16-byte load holds whole codes: the kernels read units of 4 words. 2, 3, 5
+// and 6 bits are read "wordwise": units of 32 values, BITS words (3- and
+// 5-bit codes cross word boundaries), each code cut out by a funnel shift.
+template <int BITS>
+struct Packing {
+  static constexpr bool WORDWISE = BITS != 4 && BITS != 8;
+  static constexpr int UNIT_WORDS = WORDWISE ? BITS : 4;  // words read as one unit
+  static constexpr int UNIT_VALS = UNIT_WORDS * 32 / BITS;  // codes per unit
+};
+
+// Code v of a run of packed words (v is a constant once loops unroll, and
+// so is the shift; a code that crosses into words[lo + 1] takes one
+// funnel shift).
+template <int BITS>
+__device__ __forceinline__ unsigned code_at(const unsigned* words, int v) {
+  constexpr unsigned MASK = (1u << BITS) - 1u;
+  const int bit = v * BITS, lo = bit / 32, shift = bit % 32;
+  if (shift + BITS <= 32) {
+    return (words[lo] >> shift) & MASK;
+  }
+  return __funnelshift_r(words[lo], words[lo + 1], shift) & MASK;
+}
+
 // One packed 32-bit word of affine BITS-bit weights (values along the input
 // axis, lowest bits first, as MLX packs them) to T pairs `scale * q + bias`
 // with one rounding, as MLX dequantizes. 4 bits: 8 values -> 4 pairs;
@@ -122,6 +160,29 @@ struct Pair<__nv_bfloat16> {
   using type = __nv_bfloat162;
 };
 
+// 1024 (fp16) or 128 (bf16) in both halves of a T pair: its last unit is 1.
+template <typename T>
+constexpr unsigned MAGIC_PAIR = same_type<T, __half>::value ? 0x64006400u : 0x43004300u;
+
+// A T pair `scale * q + bias` from magic_pair() + q in each half: the
+// subtraction is exact, then one rounding, as MLX's dequantize.
+template <typename T>
+__device__ __forceinline__ unsigned from_magic(unsigned v, typename Pair<T>::type scale_bias) {
+  using T2 = typename Pair<T>::type;
+  unsigned magic_bits = MAGIC_PAIR<T>;
+  const T2 magic = *reinterpret_cast<T2*>(&magic_bits);
+  const T2 s = {scale_bias.x, scale_bias.x}, b = {scale_bias.y, scale_bias.y};
+  const T2 w = __hfma2(__hsub2(*reinterpret_cast<T2*>(&v), magic), s, b);
+  return *reinterpret_cast<const unsigned*>(&w);
+}
+
+// Two affine codes below 128 (2 to 6 bits) as a T pair `scale * q + bias`.
+template <typename T>
+__device__ __forceinline__ unsigned affine_pair(unsigned lo, unsigned hi,
+                                                typename Pair<T>::type scale_bias) {
+  return from_magic<T>(lo | (hi << 16) | MAGIC_PAIR<T>, scale_bias);
+}
+
 // Values 2p and 2p + 1 of a packed word (p: the pair within the word) as a
 // T pair `scale * q + bias`, one rounding: what one thread holds of an mma B
 // fragment. `scale_bias` packs the scale (low half) and the bias (high half).
@@ -130,18 +191,12 @@ __device__ __forceinline__ unsigned dequant_pair(unsigned q, int p,
                                                  typename Pair<T>::type scale_bias) {
   using T2 = typename Pair<T>::type;
   if constexpr (BITS == 4) {
-    constexpr bool FP16 = same_type<T, __half>::value;
-    constexpr unsigned MAGIC = FP16 ? 0x64006400u : 0x43004300u;
+    constexpr unsigned MAGIC = MAGIC_PAIR<T>;
     // byte p of q in the low half, byte p of q >> 4 in the high half
     const unsigned spread = __byte_perm(q, q >> 4, 0x0400u + 0x0101u * p);
     unsigned v;
     asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(v) : "r"(spread), "r"(0x000f000fu), "r"(MAGIC));
-    unsigned magic_bits = MAGIC;
-    const T2 magic = *reinterpret_cast<T2*>(&magic_bits);
-    const T2 s = {scale_bias.x, scale_bias.x}, b = {scale_bias.y, scale_bias.y};
-    // (magic + q) - magic is exact; then one rounding, as MLX's dequantize
-    const T2 w = __hfma2(__hsub2(*reinterpret_cast<T2*>(&v), magic), s, b);
-    return *reinterpret_cast<const unsigned*>(&w);
+    return from_magic<T>(v, scale_bias);
   } else {
     const float s = static_cast<float>(scale_bias.x), b = static_cast<float>(scale_bias.y);
     const float lo = __uint_as_float(__byte_perm(q, 0x4B000000u, 0x7540u + 2 * p)) - 8388608.f;

@@ -34,7 +34,7 @@ import mlx.nn as nn
 
 from . import source
 from .activations import NONE, SWIGLU, KernelActivation
-from .formats import QuantizedArrays, why_not_format
+from .formats import QuantizedArrays, unit_values, why_not_format
 
 MIN_MAX_PAIRS, MAX_MAX_PAIRS = 32, 128
 """Bounds of the decode kernels' pair range (`max_pairs_for`)."""
@@ -72,8 +72,8 @@ def down_tiling_for(down: nn.Module) -> tuple[int, int]:
 
 
 def shared_bytes(k: int, bits: int) -> int:
-    """Dynamic shared memory of one block: x pre-scaled (fp32) and its sums."""
-    return 4 * (k + k // (128 // bits))
+    """Dynamic shared memory of one block: x (fp32) and its sums per unit."""
+    return 4 * (k + k // unit_values(bits))
 
 
 MAX_SHARED_BYTES = 200 * 1024
@@ -159,8 +159,8 @@ def why_not_kernel(proj: nn.Module) -> str | None:
     if reason:
         return reason
     k = proj["weight"].shape[-1] * 32 // proj.bits
-    if k % (128 // proj.bits):
-        return f"input size {k} does not fill whole 16-byte loads"
+    if k % unit_values(proj.bits):
+        return f"input size {k} does not fill whole {unit_values(proj.bits)}-value units"
     if shared_bytes(k, proj.bits) > MAX_SHARED_BYTES:
         return f"input size {k} does not fit in shared memory"
     return None

@@ -6,7 +6,7 @@ MLX quantizes expert weights in four modes (`mx.quantize`); the kernels
 ========  ============  ===========  ==========================================
 mode      bits          group sizes  per group
 ========  ============  ===========  ==========================================
-affine    4, 8          32, 64, 128  scale and bias, in the activation dtype
+affine    2-6, 8        32, 64, 128  scale and bias, in the activation dtype
 mxfp4     4 (E2M1)      32           E8M0 scale byte
 nvfp4     4 (E2M1)      16           E4M3 scale byte; optional per-expert
                                      float32 ``global_scale``
@@ -28,12 +28,23 @@ MODES = {"affine": 0, "mxfp4": 1, "nvfp4": 2, "mxfp8": 3}
 """MLX's mode names and the kernels' MODE constants (common.cuh: Mode)."""
 
 FORMATS = {
-    "affine": ((4, 8), (32, 64, 128)),
+    "affine": ((2, 3, 4, 5, 6, 8), (32, 64, 128)),
     "mxfp4": ((4,), (32,)),
     "nvfp4": ((4,), (16,)),
     "mxfp8": ((8,), (32,)),
 }
 """(bits, group sizes) the kernels take per mode."""
+
+WORDWISE_BITS = (2, 3, 5, 6)
+"""Bits the kernels read in units of 32 codes (BITS words: 3- and 5-bit codes
+cross 32-bit words), not 16-byte loads (common.cuh: Packing)."""
+
+
+def unit_values(bits: int) -> int:
+    """Codes per unit the kernels read at once (common.cuh: Packing): a row's
+    input size must be a multiple."""
+    return 32 if bits in WORDWISE_BITS else 128 // bits
+
 
 KERNEL_DTYPES = (mx.bfloat16, mx.float16)
 """Activation dtypes of the kernels; float32 models stay exact on gather_qmm."""

@@ -5,8 +5,9 @@
 // up half of gate_up_proj for one (token, expert) pair and writes only
 // act(gate, up) (ACT, common.cuh), or with ACT == NONE both. down: the same
 // GEMV without the activation. Either adds the projection's bias if given.
-// The block's x row is staged once in shared memory, pre-scaled for `qdot`;
-// up to eight 16-byte weight loads per lane are in flight before any
+// The block's x row is staged once in shared memory (affine 4/8-bit:
+// pre-scaled for `qdot`); up to eight units of weights (common.cuh: Packing;
+// 16 bytes, or 32 wordwise codes) per lane are in flight before any
 // arithmetic. Tuning and measurements: decode.py and docs/kernels.md.
 #pragma once
 
@@ -14,35 +15,38 @@
 
 namespace moefuse {
 
-// Dot product of one 16-byte load of float-format codes (E2M1 or E4M3) with
-// the plain x values it covers, in GROUPS partial sums (nvfp4's 16-value
-// groups split a 32-value load in two).
+// Dot product of one unit of codes (common.cuh: Packing) with the plain x
+// values it covers, in GROUPS partial sums (nvfp4's 16-value groups split a
+// 32-value unit in two): E2M1 or E4M3 codes, or affine codes as integers
+// (2^23 + q read as a float, minus 2^23: exact) whose scale and bias the
+// caller applies per group.
 template <int MODE, int BITS, int GROUPS>
-__device__ __forceinline__ void fdot(const uint4& q, const float* xs, float (&part)[GROUPS]) {
-  constexpr int VALS = 128 / BITS, PER_GROUP = VALS / GROUPS, PER_WORD = 32 / BITS;
-  const unsigned words[4] = {q.x, q.y, q.z, q.w};
+__device__ __forceinline__ void unit_dot(const unsigned* words, const float* xs,
+                                         float (&part)[GROUPS]) {
+  constexpr int VALS = Packing<BITS>::UNIT_VALS, PER_GROUP = VALS / GROUPS;
 #pragma unroll
   for (int i = 0; i < GROUPS; ++i) {
     part[i] = 0.f;
   }
 #pragma unroll
   for (int v = 0; v < VALS; ++v) {
-    const unsigned code = words[v / PER_WORD] >> (BITS * (v % PER_WORD));
-    const float w = BITS == 4 ? e2m1(code) : e4m3(code & 0xFFu);
+    const unsigned code = code_at<BITS>(words, v);
+    const float w = MODE == AFFINE ? __uint_as_float(0x4B000000u | code) - 8388608.0f
+                    : BITS == 4    ? e2m1(code)
+                                   : e4m3(code);
     part[v / PER_GROUP] = fmaf(xs[v], w, part[v / PER_GROUP]);
   }
 }
 
-// Dot product of one 16-byte load of packed BITS-bit weights with the x
+// Dot product of one 16-byte load of affine 4- or 8-bit weights with the x
 // values it covers. Each value is masked in place inside its 16-bit half word
 // and read as the float 2^23 + (v << shift): one LOP3 and one FADD instead of
 // an integer-to-float conversion (a quarter-rate instruction). xs[i] holds x
 // pre-scaled by 2^-shift, so the product is exact to the same rounding.
 template <int BITS>
-__device__ __forceinline__ float qdot(const uint4& q, const float* xs) {
+__device__ __forceinline__ float qdot(const unsigned* words, const float* xs) {
   constexpr int PER_HALF = 16 / BITS;
   constexpr unsigned MASK = (1u << BITS) - 1u;
-  const unsigned words[4] = {q.x, q.y, q.z, q.w};
   float acc0 = 0.f, acc1 = 0.f;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
@@ -61,6 +65,29 @@ __device__ __forceinline__ float qdot(const uint4& q, const float* xs) {
   return acc0 + acc1;
 }
 
+// One lane's unit of packed words (common.cuh: Packing): one 16-byte load,
+// or for wordwise bits BITS words, in 8-byte loads where BITS is even (rows
+// and units then start 8-byte aligned).
+template <int BITS>
+__device__ __forceinline__ void load_unit(unsigned (&q)[Packing<BITS>::UNIT_WORDS],
+                                          const unsigned* src) {
+  if constexpr (!Packing<BITS>::WORDWISE) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
+    q[0] = v.x, q[1] = v.y, q[2] = v.z, q[3] = v.w;
+  } else if constexpr (BITS % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < BITS; i += 2) {
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(src + i));
+      q[i] = v.x, q[i + 1] = v.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) {
+      q[i] = __ldg(src + i);
+    }
+  }
+}
+
 // T: x, bias and output dtype; S: scales' (T for affine, uint8 for the
 // float formats). MODE, BITS, GROUP: the weight format (common.cuh). K: input
 // length, N: outputs per pair, X_DIV: pairs sharing one x row (top-k for
@@ -71,11 +98,14 @@ template <typename T, int MODE, int BITS, int GROUP, int K, int N, bool GATE_UP,
           int ACT_P, int ACT_Q, int X_DIV, int OUTS, typename S>
 __device__ void gemv(const T* x, const unsigned* w, const S* scales, const S* biases,
                      const T* bias, const float* global_scale, const unsigned* indices, T* out) {
-  constexpr int VALS = 128 / BITS;                    // weights per 16-byte load
-  constexpr int VECS = K / VALS;                      // 16-byte loads per row
+  using Packed = Packing<BITS>;
+  constexpr int UNIT_WORDS = Packed::UNIT_WORDS;
+  constexpr int VALS = Packed::UNIT_VALS;             // weights per unit (one lane's load)
+  constexpr int VECS = K / VALS;                      // units per row
   constexpr int ITERS = (VECS + 31) / 32;
   constexpr int GROUPS = K / GROUP;
-  constexpr int LOAD_GROUPS = VALS > GROUP ? VALS / GROUP : 1;  // scale groups per load
+  constexpr int LOAD_GROUPS = VALS > GROUP ? VALS / GROUP : 1;  // scale groups per unit
+  constexpr bool QDOT = MODE == AFFINE && !Packed::WORDWISE;    // affine 4 or 8 bits
   constexpr int PER_HALF = 16 / BITS;
   constexpr int T_PER_VEC = 16 / (int)sizeof(T);
   constexpr int ROWS = GATE_UP ? 2 * N : N;           // weight rows per expert
@@ -84,9 +114,9 @@ __device__ void gemv(const T* x, const unsigned* w, const S* scales, const S* bi
 
   // x is staged once per block (below, once the first weight loads are in
   // flight): every warp of the block reads the same x row.
-  // x_scaled holds each value (affine: pre-scaled for qdot), laid out so
-  // that lane v reading float4 j of its load finds it at [j][v] (no bank
-  // conflicts); x_sums[v] is the plain sum of the values under load v.
+  // x_scaled holds each value (QDOT: pre-scaled for qdot), laid out so
+  // that lane v reading float4 j of its unit finds it at [j][v] (no bank
+  // conflicts); x_sums[v] is the plain sum of the values under unit v.
   extern __shared__ float moefuse_shared[];
   float4* x_scaled = reinterpret_cast<float4*>(moefuse_shared);
   float* x_sums = moefuse_shared + K;
@@ -99,7 +129,6 @@ __device__ void gemv(const T* x, const unsigned* w, const S* scales, const S* bi
   const unsigned expert = indices[pair];
   const size_t expert_row = (size_t)expert * ROWS;
   const float global = MODE == NVFP4 ? global_factor(global_scale, expert) : 1.f;
-  const uint4* w_vecs = reinterpret_cast<const uint4*>(w);
 
   // acc[o][h]: output n0 + o, gate (h = 0) or up (h = 1) row.
   float acc[OUTS][HALVES];
@@ -117,7 +146,7 @@ __device__ void gemv(const T* x, const unsigned* w, const S* scales, const S* bi
   constexpr int BATCH = BATCH_WANTED < ITERS ? BATCH_WANTED : ITERS;
 #pragma unroll
   for (int base = 0; base < ITERS; base += BATCH) {
-    uint4 q[BATCH][OUTS][HALVES];
+    unsigned q[BATCH][OUTS][HALVES][UNIT_WORDS];
     Scale scale[BATCH][OUTS][HALVES][LOAD_GROUPS];
 #pragma unroll
     for (int b = 0; b < BATCH; ++b) {
@@ -129,7 +158,7 @@ __device__ void gemv(const T* x, const unsigned* w, const S* scales, const S* bi
 #pragma unroll
           for (int h = 0; h < HALVES; ++h) {
             const size_t row = expert_row + h * N + min(n0 + o, N - 1);
-            q[b][o][h] = __ldg(w_vecs + row * VECS + v);
+            load_unit<BITS>(q[b][o][h], w + (row * VECS + v) * UNIT_WORDS);
 #pragma unroll
             for (int i = 0; i < LOAD_GROUPS; ++i) {
               scale[b][o][h][i] =
@@ -153,8 +182,7 @@ __device__ void gemv(const T* x, const unsigned* w, const S* scales, const S* bi
             const int i = j * T_PER_VEC + e;
             const float value = static_cast<float>(t[e]);
             sum += value;
-            f[e] = MODE == AFFINE ? value * __int_as_float((127 - BITS * (i % PER_HALF)) << 23)
-                                  : value;
+            f[e] = QDOT ? value * __int_as_float((127 - BITS * (i % PER_HALF)) << 23) : value;
           }
 #pragma unroll
           for (int e = 0; e < T_PER_VEC; e += 4) {
@@ -186,13 +214,20 @@ __device__ void gemv(const T* x, const unsigned* w, const S* scales, const S* bi
         for (int o = 0; o < OUTS; ++o) {
 #pragma unroll
           for (int h = 0; h < HALVES; ++h) {
-            if constexpr (MODE == AFFINE) {
+            if constexpr (MODE == AFFINE) {  // groups hold whole units: one per unit
               const Scale sb = scale[b][o][h][0];
-              acc[o][h] += static_cast<float>(sb.x) * qdot<BITS>(q[b][o][h], xs) +
-                           static_cast<float>(sb.y) * x_sum;
+              float dot;
+              if constexpr (QDOT) {
+                dot = qdot<BITS>(q[b][o][h], xs);
+              } else {
+                float part[1];
+                unit_dot<MODE, BITS, 1>(q[b][o][h], xs, part);
+                dot = part[0];
+              }
+              acc[o][h] += static_cast<float>(sb.x) * dot + static_cast<float>(sb.y) * x_sum;
             } else {
               float part[LOAD_GROUPS];
-              fdot<MODE, BITS, LOAD_GROUPS>(q[b][o][h], xs, part);
+              unit_dot<MODE, BITS, LOAD_GROUPS>(q[b][o][h], xs, part);
 #pragma unroll
               for (int i = 0; i < LOAD_GROUPS; ++i) {
                 acc[o][h] = fmaf(scale[b][o][h][i], part[i], acc[o][h]);

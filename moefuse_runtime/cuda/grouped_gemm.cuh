@@ -199,8 +199,17 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const S* scales, con
   constexpr int N_TILES = (N + COLS - 1) / COLS;
   constexpr int WORDS = K * BITS / 32;               // packed words per weight row
   constexpr int GROUPS = K / GROUP;
-  constexpr int B_CHUNKS = BK * BITS / 128;          // packed 16-byte chunks per row and stage
-  constexpr int B_VALS = 128 / BITS;                 // values per packed chunk
+  // What one thread copies and dequantizes of a row's k-tile: a 16-byte chunk
+  // (4 and 8 bits), or the whole k-tile, 2 * BITS words (wordwise bits,
+  // common.cuh: Packing), copied in the largest pieces its alignment allows.
+  constexpr bool WORDWISE = Packing<BITS>::WORDWISE;
+  constexpr int STAGE_WORDS = BK * BITS / 32;        // packed words per row and k-tile
+  constexpr int B_CHUNKS = WORDWISE ? 1 : STAGE_WORDS / 4;  // per row and k-tile
+  constexpr int B_VALS = BK / B_CHUNKS;              // values per packed chunk
+  constexpr int CP_WORDS = !WORDWISE ? 4
+                           : WORDS % 4 == 0 && STAGE_WORDS % 4 == 0 ? 4
+                           : WORDS % 2 == 0 ? 2 : 1;
+  constexpr int Q_STAGE_CHUNKS = BN * STAGE_WORDS / 4;  // 16-byte chunks of a packed stage
   constexpr int KS_PER_CHUNK = (BK / 16) / B_CHUNKS;  // mma k-steps per packed chunk
   constexpr int G_T = BK / GROUP > 0 ? BK / GROUP : 1;  // scale groups per row and k-tile
   constexpr int CHUNK_GROUPS = B_VALS > GROUP ? B_VALS / GROUP : 1;  // per packed chunk
@@ -209,7 +218,9 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const S* scales, con
   constexpr int A_ITERS = (BM * 8 + THREADS - 1) / THREADS;
   constexpr int B_ITERS = (BN * B_CHUNKS + THREADS - 1) / THREADS;
   static_assert(STAGES >= 3, "the loop waits for the stage after the one it computes");
-  static_assert(B_CHUNKS == 2 || B_CHUNKS == 4, "q_swizzle: 2 or 4 chunks per row");
+  static_assert(WORDWISE || B_CHUNKS == 2 || B_CHUNKS == 4, "q_swizzle: 2 or 4 chunks per row");
+  static_assert(BN * STAGE_WORDS % 4 == 0, "packed stages are whole 16-byte chunks");
+  static_assert(!WORDWISE || MODE == AFFINE, "wordwise codes are affine");
   static_assert(MT >= 1 && WM % 16 == 0 && NT % 2 == 0, "warp tile: m16 x (2 n8) multiples");
   static_assert(!GATE_UP || NT % 4 == 0, "gate_up: each warp holds gate and up n8 pairs");
   static_assert(K % 32 == 0 && GROUP % 16 == 0, "k tails are whole 32-value chunks");
@@ -228,8 +239,8 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const S* scales, con
 
   extern __shared__ uint4 smem[];
   uint4* a_smem = smem;                                 // STAGES x BM x 8 chunks
-  uint4* q_smem = a_smem + STAGES * BM * 8;             // STAGES x BN x B_CHUNKS
-  uint4* b_smem = q_smem + STAGES * BN * B_CHUNKS;      // 2 x BN x 8 chunks, dequantized (!B_REGS)
+  uint4* q_smem = a_smem + STAGES * BM * 8;             // STAGES x BN x STAGE_WORDS words
+  uint4* b_smem = q_smem + STAGES * Q_STAGE_CHUNKS;     // 2 x BN x 8 chunks, dequantized (!B_REGS)
 
   // Where this thread's copies come from (fixed for the block).
   unsigned a_src[A_ITERS];  // offsets into x (32 bits: fewer registers)
@@ -275,11 +286,26 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const S* scales, con
           cp_async_16(a_stage + swizzle(r, a_chunk), ok ? x + a_src[j] + kt * BK : x, ok);
         }
       }
-      uint4* q_stage = q_smem + (kt % STAGES) * BN * B_CHUNKS;
+      uint4* q_stage = q_smem + (kt % STAGES) * Q_STAGE_CHUNKS;
 #pragma unroll
       for (int j = 0; j < B_ITERS; ++j) {
         const int i = tid + j * THREADS;
-        if (i < BN * B_CHUNKS) {
+        if constexpr (WORDWISE) {  // row i's k-tile, unswizzled
+          if (i >= BN) {
+            continue;
+          }
+          unsigned* dst = reinterpret_cast<unsigned*>(q_stage) + i * STAGE_WORDS;
+          const unsigned* src = w + q_src[j] + kt * STAGE_WORDS;
+#pragma unroll
+          for (int p = 0; p < STAGE_WORDS; p += CP_WORDS) {
+            const bool ok = q_ok[j] && kt * STAGE_WORDS + p + CP_WORDS <= WORDS;
+            if constexpr (CP_WORDS == 4) {
+              cp_async_16<256>(dst + p, ok ? src + p : w, ok);
+            } else {
+              cp_async_small<4 * CP_WORDS>(dst + p, ok ? src + p : w, ok);
+            }
+          }
+        } else if (i < BN * B_CHUNKS) {
           const bool ok = q_ok[j] && kt * BK + (i % B_CHUNKS) * B_VALS < K;
           // a row's 16 or 32 bytes per k-tile: the L2 fetches 256 (GPU time
           // at 32 tokens: 4-bit gate_up 132 -> 117 us, 8-bit 266 -> 183)
@@ -311,10 +337,11 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const S* scales, con
 #pragma unroll
     for (int j = 0; j < B_ITERS; ++j) {
       const int k = kt * BK + ((tid + j * THREADS) % B_CHUNKS) * B_VALS;
-      const bool ok = q_ok[j] && kt < KT && k < K;
+      const bool ok = q_ok[j] && kt < KT;
 #pragma unroll
       for (int i = 0; i < CHUNK_GROUPS; ++i) {
-        scale[slot][j][i] = ok ? group_scale<T, MODE>(scales, biases, s_idx[j] + k / GROUP + i,
+        scale[slot][j][i] = ok && k + i * GROUP < K
+                                ? group_scale<T, MODE>(scales, biases, s_idx[j] + k / GROUP + i,
                                                       global)
                                : zero_scale<T, MODE>();
       }
@@ -325,12 +352,33 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const S* scales, con
   // b_smem[buffer]: 8 (4-bit) or 4 (8-bit) values per word; word v of a
   // chunk is in its scale group v * (32 / BITS) / GROUP (nvfp4: two groups).
   auto dequant = [&](int kt, int buffer, int slot) {
-    const uint4* q_stage = q_smem + (kt % STAGES) * BN * B_CHUNKS;
+    const uint4* q_stage = q_smem + (kt % STAGES) * Q_STAGE_CHUNKS;
     uint4* b_tile = b_smem + buffer * BN * 8;
 #pragma unroll
     for (int j = 0; j < B_ITERS; ++j) {
       const int i = tid + j * THREADS;
-      if (i < BN * B_CHUNKS) {
+      if constexpr (WORDWISE) {  // row i's whole k-tile: 8 chunks of 8 values
+        if (i >= BN) {
+          continue;
+        }
+        const unsigned* row = reinterpret_cast<const unsigned*>(q_stage) + i * STAGE_WORDS;
+        unsigned words[STAGE_WORDS];
+#pragma unroll
+        for (int v = 0; v < STAGE_WORDS; ++v) {
+          words[v] = row[v];
+        }
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+          const Scale sb = scale[slot][j][CHUNK_GROUPS > 1 ? 8 * c / GROUP : 0];
+          unsigned pairs[4];
+#pragma unroll
+          for (int p = 0; p < 4; ++p) {
+            const int v = 8 * c + 2 * p;
+            pairs[p] = affine_pair<T>(code_at<BITS>(words, v), code_at<BITS>(words, v + 1), sb);
+          }
+          b_tile[swizzle(i, c)] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
+        }
+      } else if (i < BN * B_CHUNKS) {
         const int r = i / B_CHUNKS, c = i % B_CHUNKS;
         const uint4 q = q_stage[q_swizzle<B_CHUNKS>(r, c)];
         const unsigned words[4] = {q.x, q.y, q.z, q.w};
@@ -447,10 +495,19 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const S* scales, con
   // A fragment holds values 2t, 2t + 1 (and 8 further) of row g: 4-bit, pair
   // t of words 2 ks and 2 ks + 1; 8-bit, pair t % 2 of words 4 ks + t / 2
   // and 4 ks + 2 + t / 2.
+  // Wordwise: values v and v + 1 of a row's k-tile, from the one or two
+  // words they lie in (v = 2t + 16 kk is a thread's own: one funnel shift).
+  auto wordwise_pair = [&](const unsigned* row, int v, auto sb) {
+    constexpr unsigned MASK = (1u << BITS) - 1u;
+    const int bit = v * BITS, lo = bit >> 5, shift = bit & 31;
+    const unsigned next = shift + 2 * BITS > 32 ? row[lo + 1] : 0u;
+    const unsigned codes = __funnelshift_r(row[lo], next, shift);
+    return affine_pair<T>(codes & MASK, (codes >> BITS) & MASK, sb);
+  };
   auto mma_ktile_regs = [&](int kt, int slot) {
     const uint4* a_stage = a_smem + (kt % STAGES) * BM * 8;
     const unsigned* q_stage =
-        reinterpret_cast<const unsigned*>(q_smem + (kt % STAGES) * BN * B_CHUNKS);
+        reinterpret_cast<const unsigned*>(q_smem + (kt % STAGES) * Q_STAGE_CHUNKS);
     // A k-step's 16 values share one scale group (groups of 16 or more); a
     // chunk's do too unless groups are shorter than a chunk (nvfp4).
     constexpr int CHUNK_VALS = BK / B_CHUNKS;
@@ -470,6 +527,12 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const S* scales, con
         unsigned b[NT][2];
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
+          if constexpr (WORDWISE) {
+            const unsigned* row = q_stage + (b_row(j) + g) * STAGE_WORDS;
+            b[j][0] = wordwise_pair(row, kk * 16 + 2 * t, sb[j]);
+            b[j][1] = wordwise_pair(row, kk * 16 + 2 * t + 8, sb[j]);
+            continue;
+          }
           const unsigned* q = q_stage + 4 * q_swizzle<B_CHUNKS>(b_row(j) + g, c);
           if constexpr (BITS == 4) {
             const uint2 words = *reinterpret_cast<const uint2*>(q + 2 * kk);
