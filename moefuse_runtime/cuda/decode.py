@@ -6,8 +6,9 @@ does almost no arithmetic, so it should run at memory speed. MLX's
 kernels 38-46% (Qwen3-30B-A3B) to 62-68% (Mixtral) (GPU time,
 docs/kernels.md). They are quantized GEMVs over the routed experts: one warp
 per output row (four for short down rows), x staged once per block in
-shared memory, up to eight 16-byte weight loads in flight per lane, fp32
-sums:
+shared memory, up to eight units of packed weights in flight per lane (16
+bytes; 32 codes at 2, 3, 5 and 6 bits), affine weights dequantized to the
+activation dtype as MLX's, fp32 sums:
 
 * ``gate_up``: each warp reads row ``n`` of the gate half and row ``n`` of the
   up half of ``gate_up_proj`` for one (token, expert) pair and writes only
@@ -71,9 +72,9 @@ def down_tiling_for(down: nn.Module) -> tuple[int, int]:
     return SHORT_ROW_TILING if loads_per_row <= 32 else DOWN_TILING
 
 
-def shared_bytes(k: int, bits: int) -> int:
-    """Dynamic shared memory of one block: x (fp32) and its sums per unit."""
-    return 4 * (k + k // unit_values(bits))
+def shared_bytes(k: int) -> int:
+    """Dynamic shared memory of one block: its x row as fp32."""
+    return 4 * k
 
 
 MAX_SHARED_BYTES = 200 * 1024
@@ -136,7 +137,7 @@ def gather_qmv(
     blocks = math.ceil(n / (warps * outs))
     names, arrays, args = proj.inputs()
     act = activation or KernelActivation(NONE)
-    (out,) = _kernel(gate_up, shared_bytes(k, proj.bits), tuple(names), args)(
+    (out,) = _kernel(gate_up, shared_bytes(k), tuple(names), args)(
         inputs=[x, *arrays, indices],
         template=[
             *proj.template(x, n, gate_up),
@@ -161,7 +162,7 @@ def why_not_kernel(proj: nn.Module) -> str | None:
     k = proj["weight"].shape[-1] * 32 // proj.bits
     if k % unit_values(proj.bits):
         return f"input size {k} does not fill whole {unit_values(proj.bits)}-value units"
-    if shared_bytes(k, proj.bits) > MAX_SHARED_BYTES:
+    if shared_bytes(k) > MAX_SHARED_BYTES:
         return f"input size {k} does not fit in shared memory"
     return None
 

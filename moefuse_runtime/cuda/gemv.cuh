@@ -5,23 +5,21 @@
 // up half of gate_up_proj for one (token, expert) pair and writes only
 // act(gate, up) (ACT, common.cuh), or with ACT == NONE both. down: the same
 // GEMV without the activation. Either adds the projection's bias if given.
-// The block's x row is staged once in shared memory (affine 4/8-bit:
-// pre-scaled for `qdot`); up to eight units of weights (common.cuh: Packing;
-// 16 bytes, or 32 wordwise codes) per lane are in flight before any
-// arithmetic. Tuning and measurements: decode.py and docs/kernels.md.
+// The block's x row is staged once in shared memory, as floats; up to eight
+// units of weights (common.cuh: Packing; 16 bytes, or 32 wordwise codes) per
+// lane are in flight before any arithmetic. Affine weights are dequantized
+// to T, as MLX's; the float formats' codes times their group's scale. Tuning and measurements: decode.py and docs/kernels.md.
 #pragma once
 
 #include "common.cuh"
 
 namespace moefuse {
 
-// Dot product of one unit of codes (common.cuh: Packing) with the plain x
-// values it covers, in GROUPS partial sums (nvfp4's 16-value groups split a
-// 32-value unit in two): E2M1 or E4M3 codes, or affine codes as integers
-// (2^23 + q read as a float, minus 2^23: exact) whose scale and bias the
-// caller applies per group.
-template <int MODE, int BITS, int GROUPS>
-__device__ __forceinline__ void unit_dot(const unsigned* words, const float* xs,
+// Dot product of one unit of float-format codes (E2M1 or E4M3) with the
+// plain x values it covers, in GROUPS partial sums (nvfp4's 16-value groups
+// split a 32-value unit in two), to be scaled per group by the caller.
+template <int BITS, int GROUPS>
+__device__ __forceinline__ void float_dot(const unsigned* words, const float* xs,
                                          float (&part)[GROUPS]) {
   constexpr int VALS = Packing<BITS>::UNIT_VALS, PER_GROUP = VALS / GROUPS;
 #pragma unroll
@@ -31,36 +29,35 @@ __device__ __forceinline__ void unit_dot(const unsigned* words, const float* xs,
 #pragma unroll
   for (int v = 0; v < VALS; ++v) {
     const unsigned code = code_at<BITS>(words, v);
-    const float w = MODE == AFFINE ? __uint_as_float(0x4B000000u | code) - 8388608.0f
-                    : BITS == 4    ? e2m1(code)
-                                   : e4m3(code);
+    const float w = BITS == 4 ? e2m1(code) : e4m3(code);
     part[v / PER_GROUP] = fmaf(xs[v], w, part[v / PER_GROUP]);
   }
 }
 
-// Dot product of one 16-byte load of affine 4- or 8-bit weights with the x
-// values it covers. Each value is masked in place inside its 16-bit half word
-// and read as the float 2^23 + (v << shift): one LOP3 and one FADD instead of
-// an integer-to-float conversion (a quarter-rate instruction). xs[i] holds x
-// pre-scaled by 2^-shift, so the product is exact to the same rounding.
-template <int BITS>
-__device__ __forceinline__ float qdot(const unsigned* words, const float* xs) {
-  constexpr int PER_HALF = 16 / BITS;
-  constexpr unsigned MASK = (1u << BITS) - 1u;
+// Dot product of one unit of affine codes with the x values it covers, each
+// weight dequantized to T first (`scale * q + bias`, one rounding): the
+// weights MLX's dequantize and gather_qmm multiply, and the tensor-core
+// path's. (Unrounded weights in fp32, scale * sum(x q) + bias * sum(x), put
+// the error of a small output near that of the largest: clamping
+// activations, which keep only small gate and up values, then doubled the
+// error against a float32 evaluation of MLX's weights.)
+template <typename T, int BITS>
+__device__ __forceinline__ float affine_dot(const unsigned* words, const float* xs,
+                                            typename Pair<T>::type scale_bias) {
+  constexpr int VALS = Packing<BITS>::UNIT_VALS, PAIRS_PER_WORD = 16 / BITS;
   float acc0 = 0.f, acc1 = 0.f;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const unsigned h = (i & 1) ? (words[i >> 1] >> 16) : words[i >> 1];
-#pragma unroll
-    for (int j = 0; j < PER_HALF; ++j) {
-      const float v =
-          __uint_as_float(0x4B000000u | (h & (MASK << (BITS * j)))) - 8388608.0f;
-      if (i & 1) {
-        acc1 = fmaf(xs[i * PER_HALF + j], v, acc1);
-      } else {
-        acc0 = fmaf(xs[i * PER_HALF + j], v, acc0);
-      }
+  for (int p = 0; p < VALS / 2; ++p) {
+    unsigned bits;
+    if constexpr (Packing<BITS>::WORDWISE) {
+      bits = affine_pair<T>(code_at<BITS>(words, 2 * p), code_at<BITS>(words, 2 * p + 1),
+                            scale_bias);
+    } else {
+      bits = dequant_pair<T, BITS>(words[p / PAIRS_PER_WORD], p % PAIRS_PER_WORD, scale_bias);
     }
+    const typename Pair<T>::type w = *reinterpret_cast<const typename Pair<T>::type*>(&bits);
+    acc0 = fmaf(xs[2 * p], static_cast<float>(w.x), acc0);
+    acc1 = fmaf(xs[2 * p + 1], static_cast<float>(w.y), acc1);
   }
   return acc0 + acc1;
 }
@@ -93,7 +90,7 @@ __device__ __forceinline__ void load_unit(unsigned (&q)[Packing<BITS>::UNIT_WORD
 // length, N: outputs per pair, X_DIV: pairs sharing one x row (top-k for
 // gate_up, 1 for down). bias (experts x rows) and global_scale (experts,
 // nvfp4) may be null. Grid: (32 * warps * blocks, pairs); dynamic shared
-// memory: decode.py's shared_bytes(K, BITS).
+// memory: decode.py's shared_bytes(K).
 template <typename T, int MODE, int BITS, int GROUP, int K, int N, bool GATE_UP, int ACT,
           int ACT_P, int ACT_Q, int X_DIV, int OUTS, typename S>
 __device__ void gemv(const T* x, const unsigned* w, const S* scales, const S* biases,
@@ -105,8 +102,6 @@ __device__ void gemv(const T* x, const unsigned* w, const S* scales, const S* bi
   constexpr int ITERS = (VECS + 31) / 32;
   constexpr int GROUPS = K / GROUP;
   constexpr int LOAD_GROUPS = VALS > GROUP ? VALS / GROUP : 1;  // scale groups per unit
-  constexpr bool QDOT = MODE == AFFINE && !Packed::WORDWISE;    // affine 4 or 8 bits
-  constexpr int PER_HALF = 16 / BITS;
   constexpr int T_PER_VEC = 16 / (int)sizeof(T);
   constexpr int ROWS = GATE_UP ? 2 * N : N;           // weight rows per expert
   constexpr int HALVES = GATE_UP ? 2 : 1;             // gate and up, or one row
@@ -114,12 +109,10 @@ __device__ void gemv(const T* x, const unsigned* w, const S* scales, const S* bi
 
   // x is staged once per block (below, once the first weight loads are in
   // flight): every warp of the block reads the same x row.
-  // x_scaled holds each value (QDOT: pre-scaled for qdot), laid out so
-  // that lane v reading float4 j of its unit finds it at [j][v] (no bank
-  // conflicts); x_sums[v] is the plain sum of the values under unit v.
+  // x_scaled holds each value as a float, laid out so that lane v reading
+  // float4 j of its unit finds it at [j][v] (no bank conflicts).
   extern __shared__ float moefuse_shared[];
   float4* x_scaled = reinterpret_cast<float4*>(moefuse_shared);
-  float* x_sums = moefuse_shared + K;
   const int pair = blockIdx.y;
   const T* x_row = x + (size_t)(pair / X_DIV) * K;
 
@@ -171,7 +164,6 @@ __device__ void gemv(const T* x, const unsigned* w, const S* scales, const S* bi
     if (base == 0) {  // every thread of the block gets here: one barrier
       for (int v = threadIdx.x; v < VECS; v += blockDim.x) {
         const uint4* x_vecs = reinterpret_cast<const uint4*>(x_row + v * VALS);
-        float sum = 0.f;
 #pragma unroll
         for (int j = 0; j < VALS / T_PER_VEC; ++j) {
           const uint4 raw = x_vecs[j];
@@ -179,19 +171,13 @@ __device__ void gemv(const T* x, const unsigned* w, const S* scales, const S* bi
           float f[T_PER_VEC];
 #pragma unroll
           for (int e = 0; e < T_PER_VEC; ++e) {
-            const int i = j * T_PER_VEC + e;
-            const float value = static_cast<float>(t[e]);
-            sum += value;
-            f[e] = QDOT ? value * __int_as_float((127 - BITS * (i % PER_HALF)) << 23) : value;
+            f[e] = static_cast<float>(t[e]);
           }
 #pragma unroll
           for (int e = 0; e < T_PER_VEC; e += 4) {
             const int quad = (j * T_PER_VEC + e) / 4;
             x_scaled[quad * VECS + v] = make_float4(f[e], f[e + 1], f[e + 2], f[e + 3]);
           }
-        }
-        if constexpr (MODE == AFFINE) {  // the bias term's; the float formats have none
-          x_sums[v] = sum;
         }
       }
       __syncthreads();
@@ -209,25 +195,15 @@ __device__ void gemv(const T* x, const unsigned* w, const S* scales, const S* bi
           xs[4 * j + 2] = f.z;
           xs[4 * j + 3] = f.w;
         }
-        const float x_sum = MODE == AFFINE ? x_sums[v] : 0.f;
 #pragma unroll
         for (int o = 0; o < OUTS; ++o) {
 #pragma unroll
           for (int h = 0; h < HALVES; ++h) {
             if constexpr (MODE == AFFINE) {  // groups hold whole units: one per unit
-              const Scale sb = scale[b][o][h][0];
-              float dot;
-              if constexpr (QDOT) {
-                dot = qdot<BITS>(q[b][o][h], xs);
-              } else {
-                float part[1];
-                unit_dot<MODE, BITS, 1>(q[b][o][h], xs, part);
-                dot = part[0];
-              }
-              acc[o][h] += static_cast<float>(sb.x) * dot + static_cast<float>(sb.y) * x_sum;
+              acc[o][h] += affine_dot<T, BITS>(q[b][o][h], xs, scale[b][o][h][0]);
             } else {
               float part[LOAD_GROUPS];
-              unit_dot<MODE, BITS, LOAD_GROUPS>(q[b][o][h], xs, part);
+              float_dot<BITS, LOAD_GROUPS>(q[b][o][h], xs, part);
 #pragma unroll
               for (int i = 0; i < LOAD_GROUPS; ++i) {
                 acc[o][h] = fmaf(scale[b][o][h][i], part[i], acc[o][h]);
