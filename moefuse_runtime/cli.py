@@ -121,7 +121,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         cuda_bench.run(args.out, layers=args.model_layers, rounds=args.model_rounds,
                        parts=args.cuda, prefill_tokens=args.prefill_tokens,
-                       decode_batches=args.decode_batches, log=print)  # fmt: skip
+                       decode_batches=args.decode_batches, stream_tokens=args.decode_tokens,
+                       log=print)  # fmt: skip
         print(f"wrote {args.out}/cuda.json and {args.out}/cuda.png")
         return 0
     if args.quick:
@@ -204,11 +205,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dense", action="store_true",
                    help="the fused model copy also fuses its dense MLPs")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run")
-    p.add_argument("--cuda", nargs="+", choices=["layers", "model", "pairs", "fidelity"],
+    p.add_argument("--cuda", nargs="+",
+                   choices=["layers", "model", "pairs", "fidelity", "stream"],
                    help="the CUDA kernel paths instead (GPU): layer FLOP rates with the torch "
                    "peer, prefill and batched decode with the FFN-free bound, pair sweep, "
-                   "top-1 agreement with float32; "
-                   "uses --model-layers and --model-rounds")  # fmt: skip
+                   "top-1 agreement with float32, single-stream decode (--decode-tokens "
+                   "per round); uses --model-layers and --model-rounds")  # fmt: skip
     p.add_argument(
         "--prefill-tokens",
         nargs="*",

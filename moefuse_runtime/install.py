@@ -8,6 +8,7 @@ end), so the extra memory at any moment is one layer's gate and up.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -16,12 +17,12 @@ from collections.abc import Iterator
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import projections
+from . import blocks, projections
 from .config import ENABLE_ENV, env_flag
 from .dense import DENSE_MLP
 from .dense import is_candidate as is_dense_candidate
 from .first_forward import disarm
-from .layer import FUSED_NAME, SWITCH_GLU, Kind, switch_glu_classes
+from .layer import FUSED_NAME, SWITCH_GLU, Kind, has_kernels, switch_glu_classes
 from .memory import default_reserve_bytes, format_bytes, headroom
 from .report import RELAID, FuseReport, LayerResult, Outcome
 from .sharding import guard_shard
@@ -88,6 +89,9 @@ def install(
     Returns:
         A `FuseReport`; layers that could not be fused say why. Never raises
         for a layer: any failure leaves that layer unfused and working.
+
+    Where fused layers run on the CUDA kernels, the MoE blocks holding them
+    also run compiled on decode steps (`blocks`; a note in the report).
     """
     disarm(model)  # fusing now supersedes fusing on the first forward
     if enabled is False:
@@ -99,6 +103,10 @@ def install(
     report = _run("install", model, dense, fuser)
     if report.fused or report.already_fused:
         guard_shard(model)  # a later model.shard(group) must still work
+        notes = blocks.compile_blocks(model, has_kernels)
+        if notes:
+            report = dataclasses.replace(report, notes=(*report.notes, *notes))
+            logger.info("%s", "; ".join(notes))
     return report
 
 
@@ -119,6 +127,7 @@ def uninstall(model: nn.Module) -> FuseReport:
     original class, so the model saves and loads as an ordinary mlx-lm model.
     """
     disarm(model)
+    blocks.uncompile_blocks(model)
     return _run("uninstall", model, True, _Unfuser())
 
 

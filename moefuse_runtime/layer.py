@@ -124,6 +124,11 @@ def is_fused(layer: nn.Module) -> bool:
     return isinstance(layer, FusedSwitchGLU)
 
 
+def has_kernels(layer: nn.Module) -> bool:
+    """Whether this is a fused layer on the CUDA kernels."""
+    return is_fused(layer) and layer.kernels is not None
+
+
 def why_not_fusable(layer: nn.Module) -> str | None:
     """Why this SwitchGLU cannot be fused, or None when it can."""
     missing = [k for k in ("gate_proj", "up_proj", "down_proj") if k not in layer]

@@ -221,9 +221,17 @@ def test_duplicate_experts_within_a_token():
     compare(layer, x, indices, mx.bfloat16, "decode")
 
 
+TILINGS = [(1, 8), (1, 4), (2, 4), (2, 8), (4, 8), (4, 4)]
+"""(outputs per warp, warps per block): the installed ones and the candidates
+that docs/kernels/tools/profile_formats.py times."""
+
+
 @needs_cuda
+@pytest.mark.parametrize("tiling", TILINGS, ids=[f"{o}x{w}" for o, w in TILINGS])
 @pytest.mark.parametrize("swiglu", [True, False])
-def test_every_output_element_is_written(swiglu):
+def test_every_output_element_is_written(swiglu, tiling):
+    # Every tiling writes every element, and the same values: a row's sum
+    # does not depend on which warp or block computes it.
     layer = quantized_layer(2880, 90 if swiglu else 96, 5, group_size=32, quantize_down=not swiglu)
     moefuse_runtime.install(layer, reserve_bytes=0)
     proj = layer.gate_up_proj if swiglu else layer.down_proj
@@ -232,20 +240,24 @@ def test_every_output_element_is_written(swiglu):
     x_div = 2 if swiglu else 1
     x = mx.random.normal((indices.size // x_div, k)).astype(mx.bfloat16)  # one row per x_div pairs
     arrays = QuantizedArrays.of(proj)
-    outs, warps = kernels.GATE_UP_TILING if swiglu else kernels.down_tiling_for(proj)
-    nan = float("nan")
-    out = kernels.gather_qmv(
-        x,
-        arrays,
-        indices,
-        activation=SWIGLU_ACT if swiglu else None,
-        x_div=x_div,
-        init_value=nan,
-        outs=outs,
-        warps=warps,
-    )
+
+    def run(outs, warps):
+        return kernels.gather_qmv(
+            x,
+            arrays,
+            indices,
+            activation=SWIGLU_ACT if swiglu else None,
+            x_div=x_div,
+            init_value=float("nan"),
+            outs=outs,
+            warps=warps,
+        )
+
+    out = run(*tiling)
     assert out.shape == (6, proj.weight.shape[-2] // (2 if swiglu else 1))
     assert not mx.isnan(out).any().item()
+    installed = kernels.GATE_UP_TILING if swiglu else kernels.down_tiling_for(proj)
+    assert mx.array_equal(out, run(*installed)).item()
 
 
 @needs_cuda

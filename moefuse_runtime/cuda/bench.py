@@ -20,6 +20,16 @@ One run measures, variants interleaved round by round, medians:
   tensor-core path). Three 48-layer copies: on an 80 GB GPU run it in a
   process of its own (after ``model`` in the same process it ran out of
   memory on the H100).
+* ``stream``: single-stream decode of the same model with mlx-lm's own
+  loop (``generate_step``, which builds step n + 1 while the GPU runs step
+  n): unfused, fused (kernels and compiled MoE blocks, as install()
+  selects), fused with the blocks uncompiled, and the FFN-free bound with
+  the blocks uncompiled (the bound as defined before blocks compiled) and
+  compiled.
+
+``model`` and ``stream`` time the fused model with its MoE blocks compiled
+(``fused``) and uncompiled (``fused_uncompiled_blocks``), the blocks
+switched between rounds by their class (`use_blocks`).
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from .. import bench
+from .. import bench, blocks
 from ..install import find_switch_glus, install
 
 LAYER_SHAPES = {"qwen3-30b-a3b": (2048, 128, 8, 768), "mixtral-8x7b": (4096, 8, 2, 14336)}
@@ -42,6 +52,8 @@ PAIR_SWEEP_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 81
 DECODE_CONTEXT = 128
 FIDELITY_TOKENS = 512
 CONTEXT_CHUNK = 32
+STREAM_TOKENS = 96
+STREAM_PROMPT = 32
 
 
 def seconds_of(fn: Callable[[], object], inner: int = 1) -> float:
@@ -90,6 +102,14 @@ def use_kernels(layers: list, chosen: list) -> None:
         layer.kernels = kernels
 
 
+def use_blocks(compiled: list, on: bool) -> None:
+    """Switch the fused model's compiled MoE blocks on or off (their class),
+    keeping the graphs each has traced."""
+    for block in compiled:
+        base = getattr(type(block), "uncompiled_class", type(block))
+        block.__class__ = blocks.compiled_class_for(base) if on else base
+
+
 def decode_cache(model, batch: int):
     """A prompt cache holding a DECODE_CONTEXT-token context of ``batch``
     sequences, filled CONTEXT_CHUNK tokens per call: mlx-lm's gather_qmm
@@ -123,60 +143,110 @@ def bench_model(layers: int, rounds: int, log: Callable[[str], None],
 
     plain, fused = build(), build()
     report = install(fused, reserve_bytes=0)
-    fused_layers = [layer for _, layer in find_switch_glus(fused)]
-    kernels = [layer.kernels for layer in fused_layers]
-    free = BroadcastFFN()
+    setup = _Variants(plain, fused)
 
     def trunk(model, tokens, cache):
         return model.model(tokens, cache=cache)  # hidden states of every layer
 
     result = {"layers": layers, "paths": sorted({r.compute_path for r in report.layers}),
-              "prefill": [], "decode": []}  # fmt: skip
-    variants = {"unfused": (plain, None), "fused": (fused, kernels),
-                "bound": (fused, [free] * len(kernels))}  # fmt: skip
+              "notes": list(report.notes), "prefill": [], "decode": []}  # fmt: skip
+    prefill_variants = ("unfused", "fused", "bound")  # no prompt runs compiled blocks
 
-    def prefill_fn(model, chosen, prompt):
+    def prefill_fn(name, prompt):
         def run():
-            if chosen is not None:
-                use_kernels(fused_layers, chosen)
+            model = setup.use(name)
             return trunk(model, prompt, make_prompt_cache(model))
 
         return run
 
     for n in prefill_tokens:
         prompt = mx.random.randint(0, 1000, (1, n))
-        times = interleaved({k: prefill_fn(m, c, prompt) for k, (m, c) in variants.items()},
-                            rounds)  # fmt: skip
+        times = interleaved({k: prefill_fn(k, prompt) for k in prefill_variants}, rounds)
         row = {"tokens": n, "tok_s": {k: n / statistics.median(v) for k, v in times.items()
                                       if isinstance(v, list)},
                "speedup": _ratios(times), "failures": _failures(times)}  # fmt: skip
         result["prefill"].append(row)
         log(f"prefill {n}: " + _format(row["tok_s"], "tok/s") + _format_ratios(row["speedup"]))
-    use_kernels(fused_layers, kernels)
     for batch in decode_batches:
         caches = {}  # the last batch's caches go before this batch's are built
-        for name, (model, chosen) in variants.items():
-            if chosen is not None:
-                use_kernels(fused_layers, chosen)
-            caches[name] = decode_cache(model, batch)
+        for name in setup.DECODE:
+            caches[name] = decode_cache(setup.use(name), batch)
         step = mx.random.randint(0, 1000, (batch, 1))
 
-        def decode_fn(name, model, chosen, step=step, caches=caches):
+        def decode_fn(name, step=step, caches=caches):
             def run():
-                if chosen is not None:
-                    use_kernels(fused_layers, chosen)
-                return model(step, cache=caches[name])  # logits, as a server's step
+                return setup.use(name)(step, cache=caches[name])  # logits, as a server's step
 
             return run
 
-        times = interleaved({k: decode_fn(k, m, c) for k, (m, c) in variants.items()}, rounds)
+        times = interleaved({k: decode_fn(k) for k in setup.DECODE}, rounds)
         row = {"sequences": batch, "step_ms": {k: 1e3 * statistics.median(v)
                                                for k, v in times.items() if isinstance(v, list)},
                "speedup": _ratios(times), "failures": _failures(times)}  # fmt: skip
         result["decode"].append(row)
         log(f"decode step, {batch} sequences: " + _format(row["step_ms"], "ms")
             + _format_ratios(row["speedup"]))  # fmt: skip
-    use_kernels(fused_layers, kernels)
+    setup.use("fused")
+    bench.free(plain, fused)
+    return result
+
+
+class _Variants:
+    """One unfused and one fused model, and the variants timed on them: the
+    fused model's kernels and compiled blocks are switched per variant."""
+
+    DECODE = ("unfused", "fused", "fused_uncompiled_blocks", "bound",
+              "bound_compiled_blocks")  # fmt: skip
+
+    def __init__(self, plain, fused) -> None:
+        self.plain, self.fused = plain, fused
+        self.layers = [layer for _, layer in find_switch_glus(fused)]  # found once
+        self.kernels = [layer.kernels for layer in self.layers]
+        self.free = [BroadcastFFN()] * len(self.layers)
+        self.blocks = [m for m in blocks.modules_of(fused) if blocks.is_compiled(m)]
+
+    def use(self, name: str):
+        """Set the fused model up as variant ``name``; the model to call."""
+        if name == "unfused":
+            return self.plain
+        use_kernels(self.layers, self.free if name.startswith("bound") else self.kernels)
+        use_blocks(self.blocks, name in ("fused", "bound_compiled_blocks"))
+        return self.fused
+
+
+def bench_stream(layers: int, rounds: int, log: Callable[[str], None],
+                 tokens: int = STREAM_TOKENS, preset: str = "qwen3-30b-a3b",
+                 dtype: mx.Dtype = mx.bfloat16) -> dict:  # fmt: skip
+    """Single-stream decode with mlx-lm's own loop, variants interleaved per
+    round: tok/s of each round (tokens after the first over their seconds)
+    and of its median interval; ratios paired per round against unfused."""
+    from ..demo import build_demo_model, decode_intervals
+
+    def build():
+        return build_demo_model(preset, layers=layers, dtype=dtype)
+
+    plain, fused = build(), build()
+    plain.eval(), fused.eval()  # as mlx_lm.load leaves a model
+    report = install(fused, reserve_bytes=0)
+    setup = _Variants(plain, fused)
+    prompt = mx.random.randint(0, 1000, (STREAM_PROMPT,)).astype(mx.uint32)
+    seconds = {k: [] for k in setup.DECODE}  # mean seconds per token, per round
+    median = {k: [] for k in setup.DECODE}
+    for r in range(rounds + 1):  # round 0 warms up (kernels, traces)
+        for name in setup.DECODE:
+            _, gaps = decode_intervals(setup.use(name), prompt, tokens)
+            if r:
+                seconds[name].append(sum(gaps) / len(gaps))
+                median[name].append(statistics.median(gaps))
+    result = {"layers": layers, "tokens": tokens, "rounds": rounds,
+              "paths": sorted({r.compute_path for r in report.layers}),
+              "notes": list(report.notes),
+              "tok_s": {k: 1 / statistics.median(v) for k, v in seconds.items()},
+              "speedup": _ratios(seconds), "speedup_median_interval": _ratios(median),
+              "seconds_per_token": seconds}  # fmt: skip
+    log(f"single-stream decode, {layers} layers, {tokens} tokens: "
+        + _format(result["tok_s"], "tok/s") + _format_ratios(result["speedup"]))  # fmt: skip
+    setup.use("fused")
     bench.free(plain, fused)
     return result
 
@@ -346,6 +416,7 @@ class _Only:
 
 def run(out_dir: str, *, layers: int = 48, rounds: int = 7, parts=("layers", "model", "pairs"),
         prefill_tokens=PREFILL_TOKENS, decode_batches=DECODE_BATCHES,
+        stream_tokens: int = STREAM_TOKENS,
         log: Callable[[str], None] = lambda _: None) -> dict:  # fmt: skip
     """The CUDA suite; writes ``cuda.json`` (after each part) and ``cuda.png``."""
     import json
@@ -363,6 +434,8 @@ def run(out_dir: str, *, layers: int = 48, rounds: int = 7, parts=("layers", "mo
             result["pairs"] = bench_pairs(rounds, log)
         elif part == "fidelity":
             result["fidelity"] = bench_fidelity(layers, FIDELITY_TOKENS, log)
+        elif part == "stream":
+            result["stream"] = bench_stream(layers, rounds, log, stream_tokens)
         with open(os.path.join(out_dir, "cuda.json"), "w") as f:  # a later crash keeps it
             json.dump(result, f, indent=1)
         plot(result, os.path.join(out_dir, "cuda.png"))

@@ -10,6 +10,17 @@ records MLX's kernels too), unfused (mlx-lm's gather_qmm) and fused (the
 path install() picks), at one token (the decode kernels: fraction of the
 streaming bandwidth, reading the routed experts' bytes) and at 512 tokens
 (the tensor cores: TFLOP/s). Writes OUT_DIR/formats.json.
+
+Two references per case at one token, in the same run:
+
+* ``read_floor``: GPU time of two MLX reductions over contiguous buffers of
+  the routed experts' gate_up and down bytes (two launches, as the decode
+  kernels): what reading these bytes costs at this size, where a launch's
+  ramp and DRAM latency weigh against a few MB.
+* ``gate_up_tilings``: the decode gate_up kernel alone in each candidate
+  tiling (outputs per warp, warps per block; decode.py), its GPU time and
+  whether its output is bitwise the installed tiling's (the per-row
+  arithmetic does not depend on the tiling).
 """
 
 import json
@@ -24,8 +35,19 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
 import moefuse_runtime
 from moefuse_runtime import bench
+from moefuse_runtime.cuda import decode
+from moefuse_runtime.cuda.formats import QuantizedArrays
 
 REPEATS = 20
+GATE_UP_TILINGS = [(1, 8), (1, 4), (2, 4), (2, 8)]
+TILING_CASES = (
+    "qwen3 affine 4-bit g64",
+    "qwen3 affine 8-bit g64",
+    "qwen3 affine 3-bit g64",
+    "qwen3 mxfp4",
+    "gpt-oss-120b mxfp4 bias oai",
+    "mixtral affine 4-bit g64",
+)
 QWEN3 = (2048, 128, 8, 768)  # hidden, experts, top-k, width
 CASES = [
     *((f"qwen3 affine {b}-bit g64", QWEN3, ("affine", b, 64), {}) for b in (2, 3, 4, 5, 6, 8)),
@@ -92,6 +114,35 @@ def expert_bytes(layer, name) -> float:
     return sum(v.nbytes for k, v in proj.parameters().items() if hasattr(v, "nbytes")) / experts
 
 
+def read_floor_us(split: tuple[float, float], distinct: int) -> float:
+    """GPU time of reading the routed experts' bytes (gate_up's and down's,
+    per expert) in two reductions."""
+    buffers = [mx.ones((int(b * distinct) // 4,), dtype=mx.uint32) for b in split]
+    mx.eval(buffers)
+    return gpu_us(lambda: [mx.max(b) for b in buffers])
+
+
+def gate_up_tilings(layer, x, indices) -> dict:
+    """The fused layer's decode gate_up kernel in each tiling: GPU us, and
+    whether it gives the installed tiling's output bitwise."""
+    kernels = layer.kernels.decode
+    arrays = QuantizedArrays.of(layer.gate_up_proj)
+    flat = decode.flat_uint32(indices)
+    rows = x.reshape(-1, x.shape[-1])
+
+    def run(outs, warps):
+        return decode.gather_qmv(rows, arrays, flat, activation=kernels.activation,
+                                 x_div=indices.shape[-1], outs=outs, warps=warps)  # fmt: skip
+
+    reference = run(*kernels.gate_up_tiling)
+    result = {}
+    for tiling in GATE_UP_TILINGS:
+        same = mx.array_equal(run(*tiling), reference).item()
+        result[f"{tiling[0]}x{tiling[1]}"] = {"gpu_us": gpu_us(lambda t=tiling: run(*t)),
+                                             "bitwise_as_installed": same}  # fmt: skip
+    return result
+
+
 def main(out: str) -> int:
     os.makedirs(out, exist_ok=True)
     stream = bench.streaming_bandwidth()
@@ -100,7 +151,9 @@ def main(out: str) -> int:
     for label, shape, quant, extra in CASES:
         hidden, experts, top_k, width = shape
         layer = make_layer(shape, quant, **extra)
-        per_expert = sum(expert_bytes(layer, n) for n in ("gate_proj", "up_proj", "down_proj"))
+        split = (expert_bytes(layer, "gate_proj") + expert_bytes(layer, "up_proj"),
+                 expert_bytes(layer, "down_proj"))  # fmt: skip
+        per_expert = sum(split)
         inputs = {}
         for tokens in (1, 512):
             x = mx.random.normal((tokens, hidden)).astype(mx.bfloat16)
@@ -119,11 +172,21 @@ def main(out: str) -> int:
                     "stream_fraction": distinct * per_expert / (us * 1e-6) / stream,
                     "tflops": flops / (us * 1e-6) / 1e12,
                 }
+        x1, indices1, distinct1 = inputs[1]
+        floor = read_floor_us(split, distinct1)
+        row["read_floor_1"] = {
+            "gpu_us": floor,
+            "stream_fraction": distinct1 * per_expert / (floor * 1e-6) / stream,
+        }
+        if label in TILING_CASES and layer.kernels is not None:
+            row["gate_up_tilings"] = gate_up_tilings(layer, x1, indices1)
+            print(f"  gate_up tilings: {row['gate_up_tilings']}", flush=True)
         rows.append(row)
         one, many = row["fused_1"], row["fused_512"]
         print(
             f"{label}: 1 token {one['gpu_us']:.1f} us ({one['stream_fraction']:.0%} of stream; "
-            f"gather_qmm {row['unfused_1']['gpu_us']:.1f}); 512 tokens {many['gpu_us']:.0f} us "
+            f"gather_qmm {row['unfused_1']['gpu_us']:.1f}; read floor {floor:.1f} us, "
+            f"{row['read_floor_1']['stream_fraction']:.0%}); 512 tokens {many['gpu_us']:.0f} us "
             f"{many['tflops']:.0f} TFLOP/s (gather_qmm {row['unfused_512']['tflops']:.1f}); "
             f"{row['compute_path']}",
             flush=True,

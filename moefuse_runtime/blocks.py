@@ -1,0 +1,240 @@
+"""MoE blocks replayed as one compiled graph on decode steps.
+
+At one token a MoE block (router, softmax, top-k, the fused layer, the
+weighted sum) is a dozen small ops. On CUDA, with the fused layer on the
+kernels, their host work (Python, graph building, launches) costs more than
+their GPU time, and single-stream decode waits on the host
+(docs/kernels.md). `compile_blocks` rebinds the class of each module that
+holds a fused SwitchGLU to a twin, ``Compiled<Class>``, whose calls of up to
+`COMPILED_TOKENS` tokens run the block's own forward under ``mx.compile``:
+the first call of a shape traces it, later ones replay the graph without
+Python per op, and MLX fuses its elementwise ops into fewer kernels. The
+block's arrays are the compiled call's inputs (``inputs=``), read afresh at
+every call, so weights that change stay live.
+
+The forward stays the block's own; what compiling needs of it is checked,
+and a block that does not qualify keeps running its forward as before:
+
+* at `compile_blocks`: it holds no distributed group (a sharded block's
+  collectives stay outside compiled graphs);
+* at each call: eval mode, positional array arguments only (no cache, mask
+  or keyword), at most `COMPILED_TOKENS` tokens;
+* when traced: it returns one array, raises nothing (reading an array's
+  value does), and leaves every module of the block as it found it (an
+  attribute set during a trace would hold a tracer). A block that fails
+  here runs uncompiled from then on, with the reason logged once.
+
+The compiled graphs of a block are kept per kernel choice of its fused
+layers (a benchmark that swaps a layer's kernels gets a graph of its own).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+
+logger = logging.getLogger(__name__)
+
+COMPILED_TOKENS = 16
+"""Calls of up to this many tokens run compiled: decode steps of up to 16
+sequences, short speculative blocks. Each new shape costs a trace, and
+host work matters only where the GPU work is small."""
+
+STATE = "_moefuse_compiled"
+IGNORED = frozenset({"_moefuse_pending"})
+"""Attributes a fused layer may set during a forward and clear again (halves.PENDING)."""
+
+
+class CompiledBlock:
+    """What every compiled block twin adds to its class (a mixin); instances
+    are live blocks whose ``__class__`` was rebound (`compile_blocks`)."""
+
+    uncompiled_class: type
+
+    def __call__(self, *args, **kwargs):
+        forward = self.uncompiled_class.__call__
+        state = self.__dict__.get(STATE)
+        if state is None or kwargs or self.training or not _small(args):
+            return forward(self, *args, **kwargs)
+        return state.run(self, forward, args)
+
+
+class _Compiled:
+    """One block's compiled forwards, per kernel choice of its fused layers.
+
+    Not copied: a deep copy of the block starts with none (they capture the
+    block they were made for) and compiles its own on first use.
+    """
+
+    def __init__(self, layer_keys: tuple[str, ...]) -> None:
+        self.layer_keys = layer_keys
+        self.graphs: list[tuple[tuple, Callable]] = []
+        self.failure: str | None = None
+
+    def __deepcopy__(self, memo) -> _Compiled:
+        return _Compiled(self.layer_keys)
+
+    def __reduce__(self):
+        return (_Compiled, (self.layer_keys,))
+
+    def run(self, block: nn.Module, forward: Callable, args: tuple):
+        if self.failure is not None:
+            return forward(block, *args)
+        choice = tuple(block[k].__dict__.get("kernels") for k in self.layer_keys)
+        graph = next((g for c, g in self.graphs if _same(c, choice)), None)
+        if graph is None:
+            graph = _compile(block, forward, self)
+            self.graphs.append((choice, graph))
+        out = graph(*args)
+        if self.failure is None:
+            return out
+        self.graphs.clear()  # the failed trace goes with its compiled function
+        logger.warning("%s runs uncompiled: %s", _name(block), self.failure)
+        return forward(block, *args)
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return all(x is y for x, y in zip(a, b, strict=True))
+
+
+def _small(args: tuple) -> bool:
+    if not args or not all(isinstance(a, mx.array) for a in args):
+        return False
+    x = args[0]
+    return x.ndim >= 1 and x.size <= COMPILED_TOKENS * x.shape[-1]
+
+
+def _compile(block: nn.Module, forward: Callable, state: _Compiled) -> Callable:
+    """``forward`` under mx.compile with the block's arrays as inputs; a trace
+    that breaks a rule records it in ``state.failure`` and returns a stand-in,
+    so that MLX still puts the block's own arrays back."""
+
+    def traced(*args):
+        before = _snapshot(block)
+        try:
+            out = forward(block, *args)
+        except Exception as error:  # noqa: BLE001 - any trace failure means uncompiled
+            out, state.failure = None, f"tracing failed ({type(error).__name__}: {error})"
+        changed = _restore(block, before)
+        if state.failure is None and changed:
+            state.failure = f"its forward sets {', '.join(changed)}"
+        if state.failure is None and not isinstance(out, mx.array):
+            state.failure = f"its forward returns {type(out).__name__}, not one array"
+        return out if state.failure is None else args[0]
+
+    return mx.compile(traced, inputs=block)
+
+
+def modules_of(module: nn.Module) -> Iterator[nn.Module]:
+    yield module
+    for child in module.children().values():
+        yield from _flat_modules(child)
+
+
+def _flat_modules(value) -> Iterator[nn.Module]:
+    if isinstance(value, nn.Module):
+        yield from modules_of(value)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _flat_modules(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _flat_modules(v)
+
+
+def _snapshot(block: nn.Module) -> list[tuple[nn.Module, dict, dict]]:
+    """Each module's attributes and entries, to check a trace changed none."""
+    return [(m, dict(m.__dict__), dict(m)) for m in modules_of(block)]
+
+
+def _restore(block: nn.Module, before: list) -> list[str]:
+    """Put back what a traced forward changed; the names it changed."""
+    changed = []
+    for module, attributes, entries in before:
+        for now, then, restore in (
+            (module.__dict__, attributes, module.__dict__),
+            (dict(module), entries, module),
+        ):
+            names = {k for k in now.keys() | then.keys() if k not in IGNORED}
+            diff = sorted(k for k in names if now.get(k, _MISSING) is not then.get(k, _MISSING))
+            for name in diff:
+                if name in then:
+                    restore[name] = then[name]
+                else:
+                    del restore[name]
+            changed += [f"{_name(module)}.{name}" for name in diff]
+    return changed
+
+
+def _name(module: nn.Module) -> str:
+    return getattr(type(module), "uncompiled_class", type(module)).__name__
+
+
+_MISSING = object()
+
+_COMPILED_CLASSES: dict[type, type] = {}
+
+
+def compiled_class_for(cls: type) -> type:
+    if cls not in _COMPILED_CLASSES:
+        _COMPILED_CLASSES[cls] = type(
+            f"Compiled{cls.__name__}",
+            (CompiledBlock, cls),
+            {"uncompiled_class": cls, "__module__": __name__},
+        )
+    return _COMPILED_CLASSES[cls]
+
+
+def is_compiled(block: nn.Module) -> bool:
+    return isinstance(block, CompiledBlock)
+
+
+def _blocks(model: nn.Module, is_layer: Callable[[nn.Module], bool]):
+    """(block, keys of its fused layers) for every module holding one."""
+    for module in modules_of(model):
+        keys = tuple(k for k, v in module.items() if isinstance(v, nn.Module) and is_layer(v))
+        if keys:
+            yield module, keys
+
+
+def why_not_compilable(block: nn.Module) -> str | None:
+    """Why this block must keep running uncompiled, or None."""
+    for module in modules_of(block):
+        for name, value in vars(module).items():
+            if isinstance(value, mx.distributed.Group):
+                return f"sharded ({_name(module)}.{name}): collectives stay outside compiled graphs"
+    return None
+
+
+def compile_blocks(model: nn.Module, is_layer: Callable[[nn.Module], bool]) -> list[str]:
+    """Compile, for decode steps, every block holding a layer ``is_layer``
+    accepts; afresh where already compiled. Returns what it did, for the
+    report: one line per reason a block was left as it was."""
+    compiled, left = 0, {}
+    for block, keys in _blocks(model, is_layer):
+        reason = why_not_compilable(block)
+        if reason is not None:
+            uncompile(block)
+            left[reason] = left.get(reason, 0) + 1
+            continue
+        block.__dict__[STATE] = _Compiled(keys)
+        block.__class__ = compiled_class_for(getattr(type(block), "uncompiled_class", type(block)))
+        compiled += 1
+    notes = [f"MoE blocks: {compiled} compiled for calls of <= {COMPILED_TOKENS} tokens"]
+    notes += [f"MoE blocks: {n} not compiled, {why}" for why, n in left.items()]
+    return notes[0 if compiled else 1 :]
+
+
+def uncompile(block: nn.Module) -> None:
+    block.__dict__.pop(STATE, None)
+    if is_compiled(block):
+        block.__class__ = type(block).uncompiled_class
+
+
+def uncompile_blocks(model: nn.Module) -> None:
+    """The inverse of `compile_blocks` for the whole model."""
+    for module in modules_of(model):
+        uncompile(module)
