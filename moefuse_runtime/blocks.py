@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from functools import cache
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -175,17 +176,12 @@ def _name(module: nn.Module) -> str:
 
 _MISSING = object()
 
-_COMPILED_CLASSES: dict[type, type] = {}
 
-
+@cache
 def compiled_class_for(cls: type) -> type:
-    if cls not in _COMPILED_CLASSES:
-        _COMPILED_CLASSES[cls] = type(
-            f"Compiled{cls.__name__}",
-            (CompiledBlock, cls),
-            {"uncompiled_class": cls, "__module__": __name__},
-        )
-    return _COMPILED_CLASSES[cls]
+    """The compiled twin of a block class (one per class, made once)."""
+    return type(f"Compiled{cls.__name__}", (CompiledBlock, cls),
+                {"uncompiled_class": cls, "__module__": __name__})  # fmt: skip
 
 
 def is_compiled(block: nn.Module) -> bool:

@@ -122,18 +122,24 @@ def _logits(output) -> mx.array:
 METAL_ONLY = "No Metal back-end"
 
 
+def logits_or_skip(model: nn.Module, family: str) -> list[mx.array]:
+    """`logits_sequence`, or the test skipped where the family's forward
+    needs a Metal-only kernel."""
+    import pytest
+
+    try:
+        return logits_sequence(model)
+    except RuntimeError as error:
+        if METAL_ONLY in str(error):
+            pytest.skip(f"{family}'s forward uses a Metal-only kernel")
+        raise
+
+
 def install_keeps_logits(family: str, quantized: bool, **options) -> moefuse_runtime.FuseReport:
     """A family's tiny model: install(**options) must leave every logit of the
     prompt and the decode steps bitwise the same. Skips Metal-only forwards."""
-    import pytest
-
     model = build_family(family, quantized)
-    try:
-        reference = logits_sequence(model)
-    except RuntimeError as error:
-        if METAL_ONLY in str(error):
-            pytest.skip(f"{family}'s forward uses a Metal-only kernel of mlx-lm")
-        raise
+    reference = logits_or_skip(model, family)
     report = moefuse_runtime.install(model, reserve_bytes=0, **options)
     fused = logits_sequence(model)
     for step, (a, b) in enumerate(zip(reference, fused, strict=True)):

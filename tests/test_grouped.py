@@ -29,6 +29,7 @@ from kernel_checks import (  # kernels_on: autouse, MOEFUSE_KERNEL=1
     relative_error,
 )
 from mlx_lm.models.activations import SwigluOAI
+from mlx_lm.models.deepseek_v41 import DeepseekV41SwiGLU
 
 import moefuse_runtime
 from moefuse_runtime import cuda
@@ -134,6 +135,37 @@ def test_pairs_pick_the_path(as_cuda):
     assert layer.kernels.pick(layer, x, mx.zeros((1, 9, 4), mx.uint32)) is layer.kernels.grouped
     # an input in another dtype than the scales keeps gather_qmm
     assert layer.kernels.pick(layer, x.astype(mx.float16), mx.zeros((1, 9, 4), mx.uint32)) is None
+
+
+CHECKPOINTS = {
+    # issue 13's targets at their layer dimensions (hidden, width), one
+    # expert: the expert count moves only the decode range
+    "Qwen3-30B-A3B 4-bit": ((2048, 768), {"bits": 4}, None, "swiglu"),
+    "Qwen3-30B-A3B 8-bit": ((2048, 768), {"bits": 8}, None, "swiglu"),
+    "Qwen3-30B-A3B 3-bit": ((2048, 768), {"bits": 3}, None, "swiglu"),
+    "Qwen3-30B-A3B 5-bit": ((2048, 768), {"bits": 5}, None, "swiglu"),
+    "Qwen3-30B-A3B 6-bit": ((2048, 768), {"bits": 6}, None, "swiglu"),
+    "GPT-OSS-120B mxfp4, biases": ((2880, 2880), {"mode": "mxfp4", "bias": True}, SwigluOAI(),
+                                   "swiglu oai"),
+    "DeepSeek-V3 mxfp4, clamped": ((7168, 2048), {"mode": "mxfp4"}, DeepseekV41SwiGLU(10.0),
+                                   "limited swiglu"),
+    "Mixtral-8x7B 4-bit": ((4096, 14336), {"bits": 4}, None, "swiglu"),
+    "nvfp4, down global scale": ((2048, 768), {"mode": "nvfp4", "global_scale": True}, None,
+                                 "swiglu"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_issue_checkpoints_take_both_kernel_paths(name, as_cuda):
+    (hidden, width), quant, activation, act_name = CHECKPOINTS[name]
+    layer = quantized_layer(hidden, width, 1, **quant)
+    if activation is not None:
+        layer.activation = activation
+    report = moefuse_runtime.install(layer, reserve_bytes=0)
+    assert report.layers[0].compute_path == (
+        f"cuda kernels <= 32 pairs (gate_up+{act_name}, down: kernel); "
+        "tensor cores above (down: kernel)"
+    )
 
 
 def test_pre_ampere_gpus_keep_gather_qmm_above_decode(as_cuda):

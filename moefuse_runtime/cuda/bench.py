@@ -443,22 +443,18 @@ def run(out_dir: str, *, layers: int = 48, rounds: int = 7, parts=("layers", "mo
 
 
 def plot(result: dict, path: str) -> None:
-    """Per-layer time against pairs per path, and the model ratios."""
+    """Per-layer time against pairs per path (or, for a stream-only run,
+    each round's ms per token per variant), and the model ratios."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    rows = result.get("pairs", [])
-    for path_name in ("unfused", "fused_gather_qmm", "decode_kernels", "tensor_cores", "installed"):
-        points = [(r["pairs"], r["ms"][path_name]) for r in rows if path_name in r["ms"]]
-        if points:
-            left.plot(*zip(*points, strict=True), marker="o", label=path_name)
-    left.set(xscale="log", yscale="log", xlabel="(token, expert) pairs", ylabel="ms per layer",
-             title="Qwen3-30B-A3B MoE layer, 4-bit, per path")  # fmt: skip
-    if rows:
-        left.legend(fontsize=7)
+    if result.get("pairs") or "stream" not in result:
+        _plot_pairs(left, result.get("pairs", []))
+    else:
+        _plot_stream_rounds(left, result["stream"])
     model = result.get("model", {})
     labels, fused, bound = [], [], []
     for r in model.get("prefill", []):
@@ -469,13 +465,37 @@ def plot(result: dict, path: str) -> None:
         labels.append(f"decode x{r['sequences']}")
         fused.append(r["speedup"].get("fused", 0))
         bound.append(r["speedup"].get("bound", 0))
+    if "stream" in result:
+        labels.append("single stream")
+        fused.append(result["stream"]["speedup"].get("fused", 0))
+        bound.append(result["stream"]["speedup"].get("bound", 0))
     if labels:
         pos = range(len(labels))
         right.bar([p - 0.2 for p in pos], fused, width=0.4, label="fused (kernels)")
         right.bar([p + 0.2 for p in pos], bound, width=0.4, label="FFN-free bound")
         right.set_xticks(list(pos), labels, rotation=30, fontsize=7)
-        right.set(yscale="log", ylabel="speed-up over unfused",
-                  title=f"{model.get('layers')}-layer model")  # fmt: skip
+        layers = model.get("layers") or result.get("stream", {}).get("layers")
+        right.set(ylabel="speed-up over unfused (median of paired rounds)",
+                  title=f"{layers}-layer model")  # fmt: skip
         right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _plot_pairs(ax, rows: list[dict]) -> None:
+    for path_name in ("unfused", "fused_gather_qmm", "decode_kernels", "tensor_cores", "installed"):
+        points = [(r["pairs"], r["ms"][path_name]) for r in rows if path_name in r["ms"]]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=path_name)
+    ax.set(xscale="log", yscale="log", xlabel="(token, expert) pairs", ylabel="ms per layer",
+           title="Qwen3-30B-A3B MoE layer, 4-bit, per path")  # fmt: skip
+    if rows:
+        ax.legend(fontsize=7)
+
+
+def _plot_stream_rounds(ax, stream: dict) -> None:
+    for name, seconds in stream["seconds_per_token"].items():
+        ax.plot(range(1, len(seconds) + 1), [1e3 * s for s in seconds], marker="o", label=name)
+    ax.set(xlabel="round", ylabel="ms per token (mean over the round)",
+           title=f"single-stream decode, {stream['tokens']} tokens per round")  # fmt: skip
+    ax.legend(fontsize=7)
