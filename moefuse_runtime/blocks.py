@@ -170,8 +170,13 @@ def _restore(block: nn.Module, before: list) -> list[str]:
     return changed
 
 
+def own_class(module: nn.Module) -> type:
+    """The module's class as its model made it, compiled twin or not."""
+    return getattr(type(module), "uncompiled_class", type(module))
+
+
 def _name(module: nn.Module) -> str:
-    return getattr(type(module), "uncompiled_class", type(module)).__name__
+    return own_class(module).__name__
 
 
 _MISSING = object()
@@ -217,7 +222,7 @@ def compile_blocks(model: nn.Module, is_layer: Callable[[nn.Module], bool]) -> l
             left[reason] = left.get(reason, 0) + 1
             continue
         block.__dict__[STATE] = _Compiled(keys)
-        block.__class__ = compiled_class_for(getattr(type(block), "uncompiled_class", type(block)))
+        block.__class__ = compiled_class_for(own_class(block))
         compiled += 1
     notes = [f"MoE blocks: {compiled} compiled for calls of <= {COMPILED_TOKENS} tokens"]
     notes += [f"MoE blocks: {n} not compiled, {why}" for why, n in left.items()]
@@ -227,7 +232,7 @@ def compile_blocks(model: nn.Module, is_layer: Callable[[nn.Module], bool]) -> l
 def uncompile(block: nn.Module) -> None:
     block.__dict__.pop(STATE, None)
     if is_compiled(block):
-        block.__class__ = type(block).uncompiled_class
+        block.__class__ = own_class(block)
 
 
 def uncompile_blocks(model: nn.Module) -> None:

@@ -66,12 +66,15 @@ def seconds_of(fn: Callable[[], object], inner: int = 1) -> float:
     return (time.perf_counter() - start) / inner
 
 
-def interleaved(variants: dict[str, Callable[[], object]], rounds: int) -> dict[str, list]:
-    """Seconds per variant per round, variants alternating; one warm-up round."""
+def interleaved(variants: dict[str, Callable[[], object]], rounds: int,
+                prepare: Callable[[str], object] = lambda _: None) -> dict[str, list]:  # fmt: skip
+    """Seconds per variant per round, variants alternating; one warm-up round.
+    ``prepare(name)`` runs before each variant's call, outside the timing."""
     times: dict[str, list] = {k: [] for k in variants}
     for r in range(rounds + 1):
         for name, fn in variants.items():
             try:
+                prepare(name)
                 seconds = seconds_of(fn)
             except Exception as error:  # noqa: BLE001 - a variant that fails is recorded
                 times[name] = f"failed: {type(error).__name__}: {error}"[:300]
@@ -106,7 +109,7 @@ def use_blocks(compiled: list, on: bool) -> None:
     """Switch the fused model's compiled MoE blocks on or off (their class),
     keeping the graphs each has traced."""
     for block in compiled:
-        base = getattr(type(block), "uncompiled_class", type(block))
+        base = blocks.own_class(block)
         block.__class__ = blocks.compiled_class_for(base) if on else base
 
 
@@ -154,14 +157,15 @@ def bench_model(layers: int, rounds: int, log: Callable[[str], None],
 
     def prefill_fn(name, prompt):
         def run():
-            model = setup.use(name)
+            model = setup.model(name)
             return trunk(model, prompt, make_prompt_cache(model))
 
         return run
 
     for n in prefill_tokens:
         prompt = mx.random.randint(0, 1000, (1, n))
-        times = interleaved({k: prefill_fn(k, prompt) for k in prefill_variants}, rounds)
+        times = interleaved({k: prefill_fn(k, prompt) for k in prefill_variants}, rounds,
+                            prepare=setup.use)  # fmt: skip
         row = {"tokens": n, "tok_s": {k: n / statistics.median(v) for k, v in times.items()
                                       if isinstance(v, list)},
                "speedup": _ratios(times), "failures": _failures(times)}  # fmt: skip
@@ -175,11 +179,11 @@ def bench_model(layers: int, rounds: int, log: Callable[[str], None],
 
         def decode_fn(name, step=step, caches=caches):
             def run():
-                return setup.use(name)(step, cache=caches[name])  # logits, as a server's step
+                return setup.model(name)(step, cache=caches[name])  # logits, as a server's step
 
             return run
 
-        times = interleaved({k: decode_fn(k) for k in setup.DECODE}, rounds)
+        times = interleaved({k: decode_fn(k) for k in setup.DECODE}, rounds, prepare=setup.use)
         row = {"sequences": batch, "step_ms": {k: 1e3 * statistics.median(v)
                                                for k, v in times.items() if isinstance(v, list)},
                "speedup": _ratios(times), "failures": _failures(times)}  # fmt: skip
@@ -205,13 +209,17 @@ class _Variants:
         self.free = [BroadcastFFN()] * len(self.layers)
         self.blocks = [m for m in blocks.modules_of(fused) if blocks.is_compiled(m)]
 
+    def model(self, name: str):
+        """The model variant ``name`` calls."""
+        return self.plain if name == "unfused" else self.fused
+
     def use(self, name: str):
-        """Set the fused model up as variant ``name``; the model to call."""
-        if name == "unfused":
-            return self.plain
-        use_kernels(self.layers, self.free if name.startswith("bound") else self.kernels)
-        use_blocks(self.blocks, name in ("fused", "bound_compiled_blocks"))
-        return self.fused
+        """Set the fused model up as variant ``name`` (outside timed calls);
+        the model to call."""
+        if name != "unfused":
+            use_kernels(self.layers, self.free if name.startswith("bound") else self.kernels)
+            use_blocks(self.blocks, name in ("fused", "bound_compiled_blocks"))
+        return self.model(name)
 
 
 def bench_stream(layers: int, rounds: int, log: Callable[[str], None],
@@ -226,7 +234,8 @@ def bench_stream(layers: int, rounds: int, log: Callable[[str], None],
         return build_demo_model(preset, layers=layers, dtype=dtype)
 
     plain, fused = build(), build()
-    plain.eval(), fused.eval()  # as mlx_lm.load leaves a model
+    for model in (plain, fused):
+        model.eval()  # as mlx_lm.load leaves a model
     report = install(fused, reserve_bytes=0)
     setup = _Variants(plain, fused)
     prompt = mx.random.randint(0, 1000, (STREAM_PROMPT,)).astype(mx.uint32)
