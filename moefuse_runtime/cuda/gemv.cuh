@@ -18,19 +18,27 @@ namespace moefuse {
 // Dot product of one unit of float-format codes (E2M1 or E4M3) with the
 // plain x values it covers, in GROUPS partial sums (nvfp4's 16-value groups
 // split a 32-value unit in two), to be scaled per group by the caller.
+// Codes are decoded two at a time (common.cuh: e2m1_pair, e4m3_pair): value
+// i and value i + PAIRS of each word.
 template <int BITS, int GROUPS>
 __device__ __forceinline__ void float_dot(const unsigned* words, const float* xs,
                                          float (&part)[GROUPS]) {
-  constexpr int VALS = Packing<BITS>::UNIT_VALS, PER_GROUP = VALS / GROUPS;
+  constexpr int WORDS = Packing<BITS>::UNIT_WORDS, PAIRS = 16 / BITS;
 #pragma unroll
   for (int i = 0; i < GROUPS; ++i) {
     part[i] = 0.f;
   }
 #pragma unroll
-  for (int v = 0; v < VALS; ++v) {
-    const unsigned code = code_at<BITS>(words, v);
-    const float w = BITS == 4 ? e2m1(code) : e4m3(code);
-    part[v / PER_GROUP] = fmaf(xs[v], w, part[v / PER_GROUP]);
+  for (int w = 0; w < WORDS; ++w) {
+    float& sum = part[w * GROUPS / WORDS];
+    const float* x = xs + w * 2 * PAIRS;
+#pragma unroll
+    for (int i = 0; i < PAIRS; ++i) {
+      const unsigned v = words[w] >> (BITS * i);
+      const float2 code = __half22float2(BITS == 4 ? e2m1_pair(v) : e4m3_pair(v));
+      sum = fmaf(x[i], code.x, sum);
+      sum = fmaf(x[i + PAIRS], code.y, sum);
+    }
   }
 }
 

@@ -1,6 +1,6 @@
 """The format table of issue 13: GPU time per format and kernel path (CUPTI).
 
-    python3 docs/kernels/tools/profile_formats.py OUT_DIR
+    python3 docs/kernels/tools/profile_formats.py OUT_DIR [--only TEXT ...] [--no-tilings]
 
 For each checkpoint format (Qwen3-30B-A3B dimensions in every affine width
 and float format; GPT-OSS-120B with mxfp4, biases and SwigluOAI; DeepSeek-V3
@@ -23,6 +23,7 @@ Two references per case at one token, in the same run:
   arithmetic does not depend on the tiling).
 """
 
+import argparse
 import json
 import os
 import sys
@@ -143,12 +144,19 @@ def gate_up_tilings(layer, x, indices) -> dict:
     return result
 
 
-def main(out: str) -> int:
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out")
+    parser.add_argument("--only", nargs="*", default=[], help="cases whose label has any of these")
+    parser.add_argument("--no-tilings", action="store_true", help="skip the gate_up tiling A/B")
+    args = parser.parse_args()
+    out = args.out
     os.makedirs(out, exist_ok=True)
     stream = bench.streaming_bandwidth()
     print(f"streaming bandwidth {stream / 1e9:.0f} GB/s", flush=True)
     rows = []
-    for label, shape, quant, extra in CASES:
+    cases = [c for c in CASES if not args.only or any(o in c[0] for o in args.only)]
+    for label, shape, quant, extra in cases:
         hidden, experts, top_k, width = shape
         layer = make_layer(shape, quant, **extra)
         split = (expert_bytes(layer, "gate_proj") + expert_bytes(layer, "up_proj"),
@@ -178,7 +186,7 @@ def main(out: str) -> int:
             "gpu_us": floor,
             "stream_fraction": distinct1 * per_expert / (floor * 1e-6) / stream,
         }
-        if label in TILING_CASES and layer.kernels is not None:
+        if label in TILING_CASES and layer.kernels is not None and not args.no_tilings:
             row["gate_up_tilings"] = gate_up_tilings(layer, x1, indices1)
             print(f"  gate_up tilings: {row['gate_up_tilings']}", flush=True)
         rows.append(row)
@@ -199,4 +207,4 @@ def main(out: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main())
