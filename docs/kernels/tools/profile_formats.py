@@ -17,6 +17,10 @@ Two references per case at one token, in the same run:
   the routed experts' gate_up and down bytes (two launches, as the decode
   kernels): what reading these bytes costs at this size, where a launch's
   ramp and DRAM latency weigh against a few MB.
+* ``decode_kernels``: the fused layer at one token with each decode kernel,
+  the tensor-core GEMV (``mma``) and the warp-per-row one, three
+  alternating rounds, the median GPU time of each and their outputs'
+  relative difference.
 * ``gate_up_tilings``: the decode gate_up kernel alone in each candidate
   tiling (outputs per warp, warps per block; decode.py), its GPU time and
   whether its output is bitwise the installed tiling's (the per-row
@@ -24,8 +28,10 @@ Two references per case at one token, in the same run:
 """
 
 import argparse
+import dataclasses
 import json
 import os
+import statistics
 import sys
 from collections import defaultdict
 
@@ -123,6 +129,26 @@ def read_floor_us(split: tuple[float, float], distinct: int) -> float:
     return gpu_us(lambda: [mx.max(b) for b in buffers])
 
 
+def decode_kernels(layer, x, indices) -> dict:
+    """The fused layer at one token on each decode kernel (interleaved)."""
+    installed = layer.kernels
+    variants = {}
+    for mma in (True, False):
+        decode = dataclasses.replace(installed.decode, mma=mma)
+        variants["mma" if mma else "warp_per_row"] = dataclasses.replace(installed, decode=decode)
+    times, outputs = defaultdict(list), {}
+    for _ in range(3):
+        for name, kernels in variants.items():
+            layer.kernels = kernels
+            times[name].append(gpu_us(lambda: layer(x, indices)))
+            outputs[name] = layer(x, indices)
+    layer.kernels = installed
+    a, b = (outputs[k].astype(mx.float32) for k in ("mma", "warp_per_row"))
+    difference = (mx.linalg.norm(a - b) / mx.linalg.norm(b)).item()
+    result = {name: statistics.median(t) for name, t in times.items()}
+    return {"gpu_us": result, "relative_difference": difference}
+
+
 def gate_up_tilings(layer, x, indices) -> dict:
     """The fused layer's decode gate_up kernel in each tiling: GPU us, and
     whether it gives the installed tiling's output bitwise."""
@@ -149,6 +175,7 @@ def main() -> int:
     parser.add_argument("out")
     parser.add_argument("--only", nargs="*", default=[], help="cases whose label has any of these")
     parser.add_argument("--no-tilings", action="store_true", help="skip the gate_up tiling A/B")
+    parser.add_argument("--decode-only", action="store_true", help="one token only, no 512")
     args = parser.parse_args()
     out = args.out
     os.makedirs(out, exist_ok=True)
@@ -163,7 +190,7 @@ def main() -> int:
                  expert_bytes(layer, "down_proj"))  # fmt: skip
         per_expert = sum(split)
         inputs = {}
-        for tokens in (1, 512):
+        for tokens in (1,) if args.decode_only else (1, 512):
             x = mx.random.normal((tokens, hidden)).astype(mx.bfloat16)
             indices = routing(tokens, experts, top_k)
             inputs[tokens] = (x, indices, len(set(indices.reshape(-1).tolist())))
@@ -186,19 +213,24 @@ def main() -> int:
             "gpu_us": floor,
             "stream_fraction": distinct1 * per_expert / (floor * 1e-6) / stream,
         }
+        if layer.kernels is not None:
+            row["decode_kernels"] = decode_kernels(layer, x1, indices1)
+            print(f"  decode kernels: {row['decode_kernels']}", flush=True)
         if label in TILING_CASES and layer.kernels is not None and not args.no_tilings:
             row["gate_up_tilings"] = gate_up_tilings(layer, x1, indices1)
             print(f"  gate_up tilings: {row['gate_up_tilings']}", flush=True)
         rows.append(row)
-        one, many = row["fused_1"], row["fused_512"]
-        print(
+        one = row["fused_1"]
+        line = (
             f"{label}: 1 token {one['gpu_us']:.1f} us ({one['stream_fraction']:.0%} of stream; "
             f"gather_qmm {row['unfused_1']['gpu_us']:.1f}; read floor {floor:.1f} us, "
-            f"{row['read_floor_1']['stream_fraction']:.0%}); 512 tokens {many['gpu_us']:.0f} us "
-            f"{many['tflops']:.0f} TFLOP/s (gather_qmm {row['unfused_512']['tflops']:.1f}); "
-            f"{row['compute_path']}",
-            flush=True,
+            f"{row['read_floor_1']['stream_fraction']:.0%})"
         )
+        if "fused_512" in row:
+            many = row["fused_512"]
+            line += f"; 512 tokens {many['gpu_us']:.0f} us {many['tflops']:.0f} TFLOP/s "
+            line += f"(gather_qmm {row['unfused_512']['tflops']:.1f})"
+        print(f"{line}; {row['compute_path']}", flush=True)
         del layer
         mx.clear_cache()
         with open(os.path.join(out, "formats.json"), "w") as f:
