@@ -258,3 +258,166 @@ __device__ void gemv(const T* x, const unsigned* w, const S* scales, const S* bi
 }
 
 }  // namespace moefuse
+
+namespace moefuse {
+
+// ---- the tensor-core GEMV ----------------------------------------------------
+//
+// The same product with the multiply-adds on the tensor cores. The
+// warp-per-row gemv above spends two conversions and two fmaf per weight pair
+// after dequantizing it, and a warp reduction per row: at one token its
+// schedulers issue in 56-70% of cycles while DRAM runs at 8-35% of peak
+// (docs/kernels.md). Here a block computes 8 weight rows (down: 8 outputs;
+// gate_up: 4 outputs' gate rows, then their up rows) as the B operand of
+// m16n8k16 mma's with x as A, every row of A the same x (any row of D is the
+// answer); its warps split the rows' length (k), each a contiguous run of
+// steps, so that as many loads are in flight as with a warp per row. Lane
+// (r, t) = (lane / 4, lane % 4) loads unit 4 s + t of row r at step s (a quad
+// reads 4 adjacent units) and dequantizes it to T pairs, as the tensor-core
+// path does. A sum over k does not care about order, so mma j of a unit
+// takes its pairs 2j and 2j + 1 as B's k = 2t, 2t + 1 and 2t + 8, 2t + 9,
+// and x's same two pairs as A's. D then holds each row's partial sum (lane
+// t's columns: rows 2t and 2t + 1); the warps' partials meet in shared
+// memory. x comes through L1, read by every warp of the block.
+
+// Pair p (values 2p, 2p + 1) of one lane's unit of packed words, as T.
+template <typename T, int MODE, int BITS>
+__device__ __forceinline__ unsigned unit_pair(const unsigned* words, int p,
+                                              GroupScale<T, MODE> scale) {
+  if constexpr (MODE == AFFINE && Packing<BITS>::WORDWISE) {
+    return affine_pair<T>(code_at<BITS>(words, 2 * p), code_at<BITS>(words, 2 * p + 1), scale);
+  } else {
+    constexpr int PAIRS_PER_WORD = 16 / BITS;
+    return dequant_pair_any<T, MODE, BITS>(words[p / PAIRS_PER_WORD], p % PAIRS_PER_WORD, scale);
+  }
+}
+
+// Template parameters and arguments as gemv's (OUTS is fixed: 4 outputs per
+// block for gate_up, 8 for down); SPLIT: warps per block, splitting k. Grid:
+// (32 * SPLIT * blocks, pairs); no dynamic shared memory.
+template <typename T, int MODE, int BITS, int GROUP, int K, int N, bool GATE_UP, int ACT,
+          int ACT_P, int ACT_Q, int X_DIV, int SPLIT, typename S>
+__device__ void gemv_mma(const T* x, const unsigned* w, const S* scales, const S* biases,
+                         const T* bias, const float* global_scale, const unsigned* indices,
+                         T* out) {
+  using Packed = Packing<BITS>;
+  constexpr int UNIT_WORDS = Packed::UNIT_WORDS;
+  constexpr int VALS = Packed::UNIT_VALS;            // weights per unit (one lane's load)
+  constexpr int PAIRS = VALS / 2;                    // T pairs per unit
+  constexpr int VECS = K / VALS;                     // units per row
+  constexpr int STEPS = (VECS + 3) / 4;              // a quad reads 4 units per step
+  constexpr int PER_WARP = (STEPS + SPLIT - 1) / SPLIT;  // steps per warp
+  constexpr int BATCH = PER_WARP < 8 ? PER_WARP : 8;  // units in flight per lane
+  constexpr int GROUPS = K / GROUP;
+  constexpr int LOAD_GROUPS = VALS > GROUP ? VALS / GROUP : 1;  // scale groups per unit
+  constexpr int OUTS = GATE_UP ? 4 : 8;              // outputs per block
+  constexpr int ROWS = GATE_UP ? 2 * N : N;          // weight rows per expert
+  using Scale = GroupScale<T, MODE>;
+  __shared__ float partial[SPLIT][8];
+
+  const int pair = blockIdx.y;
+  const T* x_row = x + (size_t)(pair / X_DIV) * K;
+  const int lane = threadIdx.x & 31, r = lane >> 2, t = lane & 3;
+  const int warp = threadIdx.x / 32;
+  const int n0 = blockIdx.x * OUTS;
+  if (n0 >= N) {
+    return;  // the whole block
+  }
+  const unsigned expert = indices[pair];
+  const size_t expert_row = (size_t)expert * ROWS;
+  const float global = MODE == NVFP4 ? global_factor(global_scale, expert) : 1.f;
+  // Row r of the block's 8: gate_up's gate rows n0..n0+3, then their up rows.
+  const int n = min(n0 + (GATE_UP ? (r & 3) : r), N - 1);
+  const size_t row = expert_row + (GATE_UP ? (size_t)(r >> 2) * N : 0) + n;
+  const unsigned* w_row = w + row * VECS * UNIT_WORDS;
+  const int first = warp * PER_WARP, last = min(first + PER_WARP, STEPS);
+
+  float acc[2][4] = {};  // two mma chains, summed at the end
+#pragma unroll 1
+  for (int base = first; base < last; base += BATCH) {
+    unsigned q[BATCH][UNIT_WORDS];
+    Scale scale[BATCH][LOAD_GROUPS];
+#pragma unroll
+    for (int b = 0; b < BATCH; ++b) {
+      const int v = 4 * (base + b) + t;
+      if (base + b < last && (VECS % 4 == 0 || v < VECS)) {
+        load_unit<BITS>(q[b], w_row + v * UNIT_WORDS);
+#pragma unroll
+        for (int i = 0; i < LOAD_GROUPS; ++i) {
+          scale[b][i] = group_scale<T, MODE>(scales, biases, row * GROUPS + v * VALS / GROUP + i,
+                                             global);
+        }
+      } else {  // past the run: zero weights (and zero x below)
+#pragma unroll
+        for (int i = 0; i < UNIT_WORDS; ++i) {
+          q[b][i] = 0u;
+        }
+#pragma unroll
+        for (int i = 0; i < LOAD_GROUPS; ++i) {
+          scale[b][i] = zero_scale<T, MODE>();
+        }
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < BATCH; ++b) {
+      if (base + b >= last) {
+        break;  // uniform across the warp
+      }
+      const int v = 4 * (base + b) + t;
+      unsigned xs[PAIRS];
+      if (VECS % 4 == 0 || v < VECS) {
+        const uint4* src = reinterpret_cast<const uint4*>(x_row + v * VALS);
+#pragma unroll
+        for (int j = 0; j < PAIRS / 4; ++j) {
+          const uint4 u = __ldg(src + j);
+          xs[4 * j] = u.x, xs[4 * j + 1] = u.y, xs[4 * j + 2] = u.z, xs[4 * j + 3] = u.w;
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < PAIRS; ++j) {
+          xs[j] = 0u;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < PAIRS / 2; ++j) {
+        const Scale s = scale[b][4 * j * LOAD_GROUPS / VALS];  // values 4j..4j+3: one group
+        const unsigned a[4] = {xs[2 * j], xs[2 * j], xs[2 * j + 1], xs[2 * j + 1]};
+        mma_16816<T>(acc[j & 1], a, unit_pair<T, MODE, BITS>(q[b], 2 * j, s),
+                     unit_pair<T, MODE, BITS>(q[b], 2 * j + 1, s));
+      }
+    }
+  }
+  if (lane < 4) {  // rows 2t, 2t + 1
+    partial[warp][2 * lane] = acc[0][0] + acc[1][0];
+    partial[warp][2 * lane + 1] = acc[0][1] + acc[1][1];
+  }
+  __syncthreads();
+  if (warp != 0 || lane >= 8) {
+    return;
+  }
+  float sum = 0.f;  // row `lane` of the block's 8
+#pragma unroll
+  for (int i = 0; i < SPLIT; ++i) {
+    sum += partial[i][lane];
+  }
+  // Rounded where the gather_qmm path rounds, as gemv's epilogue.
+  if constexpr (GATE_UP) {
+    const float up_sum = __shfl_down_sync(0xffu, sum, 4);  // lanes 4-7 hold the up rows
+    const int o = n0 + lane;
+    if (lane < 4 && o < N) {
+      const float gate = with_bias<T>(sum, bias, expert_row + o);
+      const float up = with_bias<T>(up_sum, bias, expert_row + N + o);
+      if constexpr (ACT == NONE) {
+        out[(size_t)pair * 2 * N + o] = static_cast<T>(gate);
+        out[(size_t)pair * 2 * N + N + o] = static_cast<T>(up);
+      } else {
+        out[(size_t)pair * N + o] = static_cast<T>(activate<T, ACT, ACT_P, ACT_Q>(gate, up));
+      }
+    }
+  } else if (n0 + lane < N) {
+    out[(size_t)pair * N + n0 + lane] =
+        static_cast<T>(with_bias<T>(sum, bias, expert_row + n0 + lane));
+  }
+}
+
+}  // namespace moefuse
