@@ -71,18 +71,17 @@ def variants():
 
 
 def gemv_units():
-    for (dtype, proj, act), mma in itertools.product(variants(), (False, True)):
+    for dtype, proj, act in variants():
         gate_up = act is not None
         names, arrays, args = proj.inputs()
         inputs = [("x", dtype), *zip(names, (a.dtype for a in arrays), strict=True)]
         params = grouped.kernel_params([*inputs, ("indices", mx.uint32)], dtype)
         template = [*proj.template(mx.zeros((1, 2880), dtype), 768, gate_up),
                     *(act or activations.KernelActivation(0)).template(),
-                    ("X_DIV", 8), ("SPLIT", 4) if mma else ("OUTS", 2)]  # fmt: skip
-        label = f"gemv{' mma' if mma else ''} {DTYPES[dtype]} {proj.mode} {proj.bits}-bit "
-        label += f"g{proj.group_size} act={act.name if act else 'down'} "
-        label += f"bias={proj.bias is not None}"
-        body = (decode.MMA_SOURCE if mma else decode.GEMV_SOURCE).format(args=args)
+                    ("X_DIV", 8), ("OUTS", 2)]  # fmt: skip
+        label = f"gemv {DTYPES[dtype]} {proj.mode} {proj.bits}-bit g{proj.group_size} "
+        label += f"act={act.name if act else 'down'} bias={proj.bias is not None}"
+        body = decode.GEMV_SOURCE.format(args=args)
         yield label, translation_unit("custom_kernel_gemv", source.header("gemv.cuh"), params,
                                       template, body)  # fmt: skip
 

@@ -27,14 +27,7 @@ import mlx.nn as nn
 from ..config import KERNEL_ENV, env_flag
 from ..memory import backend
 from .activations import kernel_activation
-from .decode import (
-    DOWN_TILING,
-    MMA,
-    DecodeKernels,
-    down_tiling_for,
-    max_pairs_for,
-    why_not_kernel,
-)
+from .decode import DOWN_TILING, DecodeKernels, down_tiling_for, max_pairs_for, why_not_kernel
 from .formats import KERNEL_DTYPES, QuantizedArrays
 from .grouped import GroupedKernels, why_not_grouped
 
@@ -111,9 +104,8 @@ def kernels_for(layer: nn.Module, why_not_forward: str | None) -> tuple[LayerKer
     else:
         why_not_tensor_cores = why_not_grouped(layer)
     max_pairs = max_pairs_for(experts, tensor_cores=why_not_tensor_cores is None)
-    mma = MMA and arch_number(arch) >= MIN_TENSOR_CORE_ARCH
     decode = DecodeKernels(
-        down, max_pairs, down_tiling=tiling, activation=activation, dtypes=dtypes, mma=mma
+        down, max_pairs, down_tiling=tiling, activation=activation, dtypes=dtypes
     )
     if why_not_tensor_cores is None:
         grouped = GroupedKernels(down, decode.max_pairs, arch, activation=activation, dtypes=dtypes)

@@ -66,11 +66,6 @@ warp: 9.1-9.3 us instead of 10.1. Long rows keep one per warp: Mixtral's
 down took 130 us with four, 52 us with one."""
 
 
-MMA = False
-"""Whether installed layers take the tensor-core GEMV (gemv_mma) rather than
-the warp-per-row one: measured in docs/kernels.md."""
-
-
 def down_tiling_for(down: nn.Module) -> tuple[int, int]:
     """The down kernel's tiling for this projection's rows."""
     loads_per_row = down["weight"].shape[-1] // 4  # 4 packed uint32 per 16-byte load
@@ -90,26 +85,16 @@ GEMV_SOURCE = (
     "moefuse::gemv<T, MODE, BITS, GROUP, K, N, GATE_UP, ACT, ACT_P, ACT_Q, X_DIV, OUTS>"
     "(x, {args}, indices, out);"
 )
-MMA_SOURCE = (
-    "moefuse::gemv_mma<T, MODE, BITS, GROUP, K, N, GATE_UP, ACT, ACT_P, ACT_Q, X_DIV, SPLIT>"
-    "(x, {args}, indices, out);"
-)
-"""The kernels' bodies (warp per row, tensor cores); {args}: the weight
-arguments (`QuantizedArrays.inputs`)."""
-
-MMA_OUTS = {True: 4, False: 8}
-"""Outputs per block of the tensor-core GEMV, gate_up (True) and down: 8
-weight rows, an mma's N; the block's warps split k."""
+"""The kernels' body; {args}: the weight arguments (`QuantizedArrays.inputs`)."""
 
 
 @cache
-def _kernel(gate_up: bool, mma: bool, shared: int, names: tuple[str, ...], args: str):
-    name = "moefuse_gate_up" if gate_up else "moefuse_down"
+def _kernel(gate_up: bool, shared: int, names: tuple[str, ...], args: str):
     return mx.fast.cuda_kernel(
-        name=f"{name}_mma" if mma else name,
+        name="moefuse_gate_up" if gate_up else "moefuse_down",
         input_names=["x", *names, "indices"],
         output_names=["out"],
-        source=(MMA_SOURCE if mma else GEMV_SOURCE).format(args=args),
+        source=GEMV_SOURCE.format(args=args),
         header=source.kernel_header("gemv.cuh"),
         shared_memory=shared,
     )
@@ -135,7 +120,6 @@ def gather_qmv(
     init_value: float | None = None,
     outs: int = 1,
     warps: int = 8,
-    mma: bool = False,
 ) -> mx.array:
     """``out[p] = proj(x[p // x_div])`` for expert ``indices[p]``, one row per pair.
 
@@ -143,27 +127,23 @@ def gather_qmv(
     ``act(gate, up)`` (half its outputs), or with NONE both halves. ``x``
     is (rows, K), ``indices`` flat uint32; returns (pairs, outputs).
     ``init_value`` pre-fills the output (tests poison it with NaN to prove
-    every element is written). ``mma``: the tensor-core GEMV (gemv.cuh:
-    gemv_mma), whose blocks compute `MMA_OUTS` outputs, their ``warps``
-    splitting k (``outs`` is then not used). x rows are read in 16-byte loads: MLX passes
+    every element is written). x rows are read in 16-byte loads: MLX passes
     row-contiguous copies, whose rows start 16-byte aligned since
     ``why_not_kernel`` asks K to fill whole loads.
     """
     k = x.shape[-1]
     gate_up = activation is not None
     n, written = columns(proj, activation)
-    # the tensor-core GEMV's warps split k: a block computes MMA_OUTS outputs
-    blocks = math.ceil(n / MMA_OUTS[gate_up]) if mma else math.ceil(n / (warps * outs))
+    blocks = math.ceil(n / (warps * outs))
     names, arrays, args = proj.inputs()
     act = activation or KernelActivation(NONE)
-    shared = 0 if mma else shared_bytes(k)
-    (out,) = _kernel(gate_up, mma, shared, tuple(names), args)(
+    (out,) = _kernel(gate_up, shared_bytes(k), tuple(names), args)(
         inputs=[x, *arrays, indices],
         template=[
             *proj.template(x, n, gate_up),
             *act.template(),
             ("X_DIV", x_div),
-            ("SPLIT", warps) if mma else ("OUTS", outs),
+            ("OUTS", outs),
         ],  # fmt: skip
         grid=(32 * warps * blocks, indices.size, 1),
         threadgroup=(32 * warps, 1, 1),
@@ -194,8 +174,7 @@ class DecodeKernels:
     ``activation`` is gate_up's epilogue (NONE: the layer's own module runs
     between the kernels); ``dtypes`` the activation dtypes both projections'
     formats take. A tiling is (outputs per warp, warps per block), see
-    `gather_qmv`; ``mma``, the tensor-core GEMV (its warps per block from
-    the tiling). With both kernels and a known activation the call runs
+    `gather_qmv`. With both kernels and a known activation the call runs
     under mx.compile (``compiled``): at decode sizes the layer's wall time is
     mostly host work per op, and a compiled call replays its graph without
     running Python per op (docs/kernels.md).
@@ -207,7 +186,6 @@ class DecodeKernels:
     down_tiling: tuple[int, int] = DOWN_TILING
     compiled: bool = True
     activation: KernelActivation = KernelActivation(SWIGLU)
-    mma: bool = MMA
     dtypes: tuple = (mx.bfloat16,)
 
     def takes(self, layer: nn.Module, x: mx.array, indices: mx.array) -> bool:
@@ -234,9 +212,8 @@ class DecodeKernels:
         outs, warps = self.gate_up_tiling
         x = x.reshape(-1, x.shape[-1])
         h = gather_qmv(
-            x, gate_up, flat, activation=self.activation, x_div=top_k, outs=outs, warps=warps,
-            mma=self.mma,
-        )  # fmt: skip
+            x, gate_up, flat, activation=self.activation, x_div=top_k, outs=outs, warps=warps
+        )
         return h if module is None else apply_module(module, h)
 
     def ffn(
@@ -247,9 +224,7 @@ class DecodeKernels:
         flat = flat_uint32(indices)
         h = self.gate_up(x, flat, indices.shape[-1], gate_up, module)
         outs, warps = self.down_tiling
-        y = gather_qmv(
-            h, down, flat, activation=None, x_div=1, outs=outs, warps=warps, mma=self.mma
-        )
+        y = gather_qmv(h, down, flat, activation=None, x_div=1, outs=outs, warps=warps)
         return y.reshape(*indices.shape, y.shape[-1])
 
 

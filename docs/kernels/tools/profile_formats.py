@@ -1,6 +1,7 @@
 """The format table of issue 13: GPU time per format and kernel path (CUPTI).
 
     python3 docs/kernels/tools/profile_formats.py OUT_DIR [--only TEXT ...] [--no-tilings]
+        [--decode-only]
 
 For each checkpoint format (Qwen3-30B-A3B dimensions in every affine width
 and float format; GPT-OSS-120B with mxfp4, biases and SwigluOAI; DeepSeek-V3
@@ -17,10 +18,6 @@ Two references per case at one token, in the same run:
   the routed experts' gate_up and down bytes (two launches, as the decode
   kernels): what reading these bytes costs at this size, where a launch's
   ramp and DRAM latency weigh against a few MB.
-* ``decode_kernels``: the fused layer at one token with each decode kernel,
-  the tensor-core GEMV (``mma``) and the warp-per-row one, three
-  alternating rounds, the median GPU time of each and their outputs'
-  relative difference.
 * ``gate_up_tilings``: the decode gate_up kernel alone in each candidate
   tiling (outputs per warp, warps per block; decode.py), its GPU time and
   whether its output is bitwise the installed tiling's (the per-row
@@ -28,10 +25,8 @@ Two references per case at one token, in the same run:
 """
 
 import argparse
-import dataclasses
 import json
 import os
-import statistics
 import sys
 from collections import defaultdict
 
@@ -129,35 +124,6 @@ def read_floor_us(split: tuple[float, float], distinct: int) -> float:
     return gpu_us(lambda: [mx.max(b) for b in buffers])
 
 
-DECODE_VARIANTS = {"warp_per_row": (False, None), "mma_split4": (True, (1, 4)),
-                   "mma_split8": (True, (1, 8))}  # fmt: skip
-
-
-def decode_kernels(layer, x, indices) -> dict:
-    """The fused layer at one token on each decode kernel (interleaved): the
-    warp-per-row GEMV as installed, the tensor-core GEMV with 4 and 8 warps
-    splitting k; GPU us and each output's relative difference to the first."""
-    installed = layer.kernels
-    variants = {}
-    for name, (mma, tiling) in DECODE_VARIANTS.items():
-        decode = dataclasses.replace(installed.decode, mma=mma)
-        if tiling:
-            decode = dataclasses.replace(decode, gate_up_tiling=tiling, down_tiling=tiling)
-        variants[name] = dataclasses.replace(installed, decode=decode)
-    times, outputs = defaultdict(list), {}
-    for _ in range(3):
-        for name, kernels in variants.items():
-            layer.kernels = kernels
-            times[name].append(gpu_us(lambda: layer(x, indices)))
-            outputs[name] = layer(x, indices).astype(mx.float32)
-    layer.kernels = installed
-    base = outputs["warp_per_row"]
-    difference = {name: (mx.linalg.norm(out - base) / mx.linalg.norm(base)).item()
-                  for name, out in outputs.items()}  # fmt: skip
-    result = {name: statistics.median(t) for name, t in times.items()}
-    return {"gpu_us": result, "relative_difference": difference}
-
-
 def gate_up_tilings(layer, x, indices) -> dict:
     """The fused layer's decode gate_up kernel in each tiling: GPU us, and
     whether it gives the installed tiling's output bitwise."""
@@ -222,9 +188,6 @@ def main() -> int:
             "gpu_us": floor,
             "stream_fraction": distinct1 * per_expert / (floor * 1e-6) / stream,
         }
-        if layer.kernels is not None:
-            row["decode_kernels"] = decode_kernels(layer, x1, indices1)
-            print(f"  decode kernels: {row['decode_kernels']}", flush=True)
         if label in TILING_CASES and layer.kernels is not None and not args.no_tilings:
             row["gate_up_tilings"] = gate_up_tilings(layer, x1, indices1)
             print(f"  gate_up tilings: {row['gate_up_tilings']}", flush=True)
