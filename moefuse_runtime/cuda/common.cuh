@@ -231,8 +231,8 @@ struct pick_type<false, A, B> {
 // the half reads 2^-14 (E2M1) or 2^-8 (E4M3) times the code's value, its
 // subnormals included (a half's are exact); one HMUL2 scales both back.
 // Four bit operations and a multiply per pair, against a table lookup and
-// an fmaf per code. (An E4M3 NaN byte reads as 480, as MLX's does not
-// matter here: checkpoints hold none.)
+// an fmaf per code. An E4M3 NaN byte (S.1111.111) reads as +-480, as e4m3()
+// below reads it: quantized weights hold none.
 __device__ __forceinline__ __half2 e2m1_pair(unsigned v) {
   const unsigned bits = ((v << 12) & 0x80008000u) | ((v << 9) & 0x0E000E00u);
   return __hmul2(*reinterpret_cast<const __half2*>(&bits), __half2half2(__ushort_as_half(0x7400)));

@@ -1,7 +1,8 @@
 """Fused MoE layers of profile_formats.py's cases at one token, for Nsight Compute.
 
-    ncu --kernel-name regex:gemv --section SpeedOfLight --section Occupancy \\
+    ncu --kernel-name regex:moefuse --section SpeedOfLight --section Occupancy \\
         --section LaunchStats --section WarpStateStats --section SchedulerStats \\
+        --section MemoryWorkloadAnalysis \\
         python3 docs/kernels/tools/ncu_formats.py "qwen3 affine 4-bit g64" "qwen3 mxfp4"
 
 Each named case (a label of profile_formats.CASES): one warm-up call and one
