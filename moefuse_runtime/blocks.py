@@ -17,8 +17,11 @@ and a block that does not qualify keeps running its forward as before:
 
 * at `compile_blocks`: it holds no distributed group (a sharded block's
   collectives stay outside compiled graphs);
-* at each call: eval mode, positional array arguments only (no cache, mask
-  or keyword), at most `COMPILED_TOKENS` tokens;
+* at each call: eval mode, at most `COMPILED_TOKENS` tokens, and arguments
+  that are arrays or None, positional or keyword (mlx-vlm's ernie4_5_moe_vl
+  passes ``token_type_ids=``). Any other value (a cache, an int) keeps the
+  call uncompiled: mx.compile would make each value a constant of its
+  graph, a new trace for every new value;
 * when traced: it returns one array, raises nothing (reading an array's
   value does), and leaves every module of the block as it found it (an
   attribute set during a trace would hold a tracer). A block that fails
@@ -58,9 +61,9 @@ class CompiledBlock:
     def __call__(self, *args, **kwargs):
         forward = self.uncompiled_class.__call__
         state = self.__dict__.get(STATE)
-        if state is None or kwargs or self.training or not _small(args):
+        if state is None or self.training or not _compilable_call(args, kwargs):
             return forward(self, *args, **kwargs)
-        return state.run(self, forward, args)
+        return state.run(self, forward, args, kwargs)
 
 
 class _Compiled:
@@ -81,28 +84,32 @@ class _Compiled:
     def __reduce__(self):
         return (_Compiled, (self.layer_keys,))
 
-    def run(self, block: nn.Module, forward: Callable, args: tuple):
+    def run(self, block: nn.Module, forward: Callable, args: tuple, kwargs: dict):
         if self.failure is not None:
-            return forward(block, *args)
+            return forward(block, *args, **kwargs)
         choice = tuple(block[k].__dict__.get("kernels") for k in self.layer_keys)
         graph = next((g for c, g in self.graphs if _same(c, choice)), None)
         if graph is None:
             graph = _compile(block, forward, self)
             self.graphs.append((choice, graph))
-        out = graph(*args)
+        out = graph(*args, **kwargs)
         if self.failure is None:
             return out
         self.graphs.clear()  # the failed trace goes with its compiled function
         logger.warning("%s runs uncompiled: %s", _name(block), self.failure)
-        return forward(block, *args)
+        return forward(block, *args, **kwargs)
 
 
 def _same(a: tuple, b: tuple) -> bool:
     return all(x is y for x, y in zip(a, b, strict=True))
 
 
-def _small(args: tuple) -> bool:
-    if not args or not all(isinstance(a, mx.array) for a in args):
+def _compilable_call(args: tuple, kwargs: dict) -> bool:
+    """x (the first argument) of at most COMPILED_TOKENS tokens, and every
+    other argument an array or None."""
+    if not args or not isinstance(args[0], mx.array):
+        return False
+    if not all(a is None or isinstance(a, mx.array) for a in (*args, *kwargs.values())):
         return False
     x = args[0]
     return x.ndim >= 1 and x.size <= COMPILED_TOKENS * x.shape[-1]
@@ -113,10 +120,10 @@ def _compile(block: nn.Module, forward: Callable, state: _Compiled) -> Callable:
     that breaks a rule records it in ``state.failure`` and returns a stand-in,
     so that MLX still puts the block's own arrays back."""
 
-    def traced(*args):
+    def traced(*args, **kwargs):
         before = _snapshot(block)
         try:
-            out = forward(block, *args)
+            out = forward(block, *args, **kwargs)
         except Exception as error:  # noqa: BLE001 - any trace failure means uncompiled
             out, state.failure = None, f"tracing failed ({type(error).__name__}: {error})"
         changed = _restore(block, before)

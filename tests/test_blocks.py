@@ -32,10 +32,6 @@ def compiled_states(model: nn.Module) -> list:
     return [m.__dict__[blocks.STATE] for m in blocks.modules_of(model) if blocks.is_compiled(m)]
 
 
-KEYWORD_CALLS = {"ernie4_5_moe_vl": "its decoder layer passes token_type_ids= to the block"}
-"""Families whose blocks are only called with keywords, which run uncompiled."""
-
-
 def compiled_keeps_logits(model: nn.Module, family: str) -> None:
     """Fuse, then compile every block: the logits must not change, and the
     decode steps (2 tokens) must have run compiled."""
@@ -48,7 +44,7 @@ def compiled_keeps_logits(model: nn.Module, family: str) -> None:
         assert mx.array_equal(a, b).item(), f"step {step} differs"
     states = compiled_states(model)
     assert states and not [s.failure for s in states if s.failure]
-    assert any(s.graphs for s in states) == (family not in KEYWORD_CALLS)
+    assert any(s.graphs for s in states)
 
 
 @pytest.mark.parametrize("family", families.discover())
@@ -70,8 +66,10 @@ class Block(nn.Module):
         self.switch_mlp = switch_glu(64, 32, 8, quant={"group_size": 32, "bits": 4})
         self.rule = rule
 
-    def __call__(self, x: mx.array) -> mx.array:
-        scores = mx.softmax(self.router(x), axis=-1)
+    def __call__(self, x: mx.array, bias: mx.array | None = None, scale: float = 1.0):
+        scores = mx.softmax(self.router(x) * scale, axis=-1)
+        if bias is not None:
+            scores = scores + bias
         indices = mx.argpartition(scores, kth=-2, axis=-1)[..., -2:]
         y = self.switch_mlp(x, indices)
         weighted = (y * mx.take_along_axis(scores, indices, axis=-1)[..., None]).sum(axis=-2)
@@ -130,6 +128,27 @@ def test_calls_outside_the_rules_run_uncompiled():
     block.eval()
     block(mx.random.normal((1, blocks.COMPILED_TOKENS, 64)))
     assert len(state.graphs) == 1
+
+
+def test_array_and_none_arguments_compile_other_values_do_not():
+    # Keyword and positional arrays (mlx-vlm's ernie4_5_moe_vl passes
+    # token_type_ids=) and None are inputs of the compiled call; a Python
+    # value would be a constant of the graph, so it keeps the call uncompiled.
+    block = fused_block()
+    x, bias = mx.random.normal((1, 2, 64)), mx.random.uniform(shape=(8,))
+    expected = [block(x, bias=bias), block(x, bias), block(x, bias=None), block(x, scale=2.0)]
+    blocks.compile_blocks(block, is_fused)
+    state = block.__dict__[blocks.STATE]
+    got = [block(x, bias=bias), block(x, bias), block(x, bias=None)]
+    assert len(state.graphs) == 1 and state.failure is None
+
+    def not_compiled(*_):
+        raise AssertionError("a call with a Python value ran compiled")
+
+    state.run = not_compiled
+    got.append(block(x, scale=2.0))
+    for a, b in zip(got, expected, strict=True):
+        assert mx.array_equal(a, b).item()
 
 
 def test_compiled_block_reads_its_weights_at_every_call():
