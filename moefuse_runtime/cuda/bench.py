@@ -139,13 +139,7 @@ def bench_model(layers: int, rounds: int, log: Callable[[str], None],
     """Prefill tok/s and batched decode steps: unfused, fused, bound."""
     from mlx_lm.models.cache import make_prompt_cache  # prefill: an empty cache
 
-    from ..demo import build_demo_model
-
-    def build():
-        return build_demo_model("qwen3-30b-a3b", layers=layers, dtype=mx.bfloat16)
-
-    plain, fused = build(), build()
-    report = install(fused, reserve_bytes=0)
+    plain, fused, report = _model_pair(layers)
     setup = _Variants(plain, fused)
 
     def trunk(model, tokens, cache):
@@ -195,6 +189,19 @@ def bench_model(layers: int, rounds: int, log: Callable[[str], None],
     return result
 
 
+def _model_pair(layers: int, preset: str = "qwen3-30b-a3b", dtype: mx.Dtype = mx.bfloat16):
+    """An unfused and an installed copy of the demo model, both in eval mode
+    as mlx_lm.load leaves a model (in training mode the MoE blocks would run
+    uncompiled, and ``fused`` would time the same as
+    ``fused_uncompiled_blocks``); with the install report."""
+    from ..demo import build_demo_model
+
+    plain, fused = (build_demo_model(preset, layers=layers, dtype=dtype) for _ in range(2))
+    for model in (plain, fused):
+        model.eval()
+    return plain, fused, install(fused, reserve_bytes=0)
+
+
 class _Variants:
     """One unfused and one fused model, and the variants timed on them: the
     fused model's kernels and compiled blocks are switched per variant."""
@@ -228,15 +235,9 @@ def bench_stream(layers: int, rounds: int, log: Callable[[str], None],
     """Single-stream decode with mlx-lm's own loop, variants interleaved per
     round: tok/s of each round (tokens after the first over their seconds)
     and of its median interval; ratios paired per round against unfused."""
-    from ..demo import build_demo_model, decode_intervals
+    from ..demo import decode_intervals
 
-    def build():
-        return build_demo_model(preset, layers=layers, dtype=dtype)
-
-    plain, fused = build(), build()
-    for model in (plain, fused):
-        model.eval()  # as mlx_lm.load leaves a model
-    report = install(fused, reserve_bytes=0)
+    plain, fused, report = _model_pair(layers, preset, dtype)
     setup = _Variants(plain, fused)
     prompt = mx.random.randint(0, 1000, (STREAM_PROMPT,)).astype(mx.uint32)
     seconds = {k: [] for k in setup.DECODE}  # mean seconds per token, per round
