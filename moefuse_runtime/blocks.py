@@ -34,7 +34,7 @@ layers (a benchmark that swaps a layer's kernels gets a graph of its own).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import cache
 
 import mlx.core as mx
@@ -136,26 +136,9 @@ def _compile(block: nn.Module, forward: Callable, state: _Compiled) -> Callable:
     return mx.compile(traced, inputs=block)
 
 
-def modules_of(module: nn.Module) -> Iterator[nn.Module]:
-    yield module
-    for child in module.children().values():
-        yield from _flat_modules(child)
-
-
-def _flat_modules(value) -> Iterator[nn.Module]:
-    if isinstance(value, nn.Module):
-        yield from modules_of(value)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _flat_modules(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _flat_modules(v)
-
-
 def _snapshot(block: nn.Module) -> list[tuple[nn.Module, dict, dict]]:
     """Each module's attributes and entries, to check a trace changed none."""
-    return [(m, dict(m.__dict__), dict(m)) for m in modules_of(block)]
+    return [(m, dict(m.__dict__), dict(m)) for m in block.modules()]
 
 
 def _restore(block: nn.Module, before: list) -> list[str]:
@@ -202,7 +185,7 @@ def is_compiled(block: nn.Module) -> bool:
 
 def _blocks(model: nn.Module, is_layer: Callable[[nn.Module], bool]):
     """(block, keys of its fused layers) for every module holding one."""
-    for module in modules_of(model):
+    for module in model.modules():
         keys = tuple(k for k, v in module.items() if isinstance(v, nn.Module) and is_layer(v))
         if keys:
             yield module, keys
@@ -210,7 +193,7 @@ def _blocks(model: nn.Module, is_layer: Callable[[nn.Module], bool]):
 
 def why_not_compilable(block: nn.Module) -> str | None:
     """Why this block must keep running uncompiled, or None."""
-    for module in modules_of(block):
+    for module in block.modules():
         for name, value in vars(module).items():
             if isinstance(value, mx.distributed.Group):
                 return f"sharded ({_name(module)}.{name}): collectives stay outside compiled graphs"
@@ -244,5 +227,5 @@ def uncompile(block: nn.Module) -> None:
 
 def uncompile_blocks(model: nn.Module) -> None:
     """The inverse of `compile_blocks` for the whole model."""
-    for module in modules_of(model):
+    for module in model.modules():
         uncompile(module)

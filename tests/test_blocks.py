@@ -29,7 +29,7 @@ from moefuse_runtime.memory import backend
 
 
 def compiled_states(model: nn.Module) -> list:
-    return [m.__dict__[blocks.STATE] for m in blocks.modules_of(model) if blocks.is_compiled(m)]
+    return [m.__dict__[blocks.STATE] for m in model.modules() if blocks.is_compiled(m)]
 
 
 def compiled_keeps_logits(model: nn.Module, family: str) -> None:
@@ -203,7 +203,7 @@ def test_install_compiles_blocks_only_around_kernel_layers(monkeypatch):
     assert mx.array_equal(logits_sequence(copied)[-1], logits_sequence(model)[-1]).item()
     moefuse_runtime.uninstall(model)
     assert not any(blocks.is_compiled(m) or blocks.STATE in m.__dict__
-                   for m in blocks.modules_of(model))  # fmt: skip
+                   for m in model.modules())  # fmt: skip
 
 
 @pytest.mark.skipif(backend() != "cuda", reason="the CUDA kernels: lent GPU")
@@ -231,7 +231,7 @@ def test_kernel_blocks_compile_bitwise_on_the_gpu(sequences, monkeypatch):
 
     compiled = steps()
     assert all(s.graphs and s.failure is None for s in states)
-    for block in blocks.modules_of(model):
+    for block in model.modules():
         blocks.uncompile(block)
     for a, b in zip(steps(), compiled, strict=True):
         assert mx.array_equal(a, b).item()

@@ -214,7 +214,7 @@ class _Variants:
         self.layers = [layer for _, layer in find_switch_glus(fused)]  # found once
         self.kernels = [layer.kernels for layer in self.layers]
         self.free = [BroadcastFFN()] * len(self.layers)
-        self.blocks = [m for m in blocks.modules_of(fused) if blocks.is_compiled(m)]
+        self.blocks = [m for m in fused.modules() if blocks.is_compiled(m)]
 
     def model(self, name: str):
         """The model variant ``name`` calls."""
