@@ -183,7 +183,7 @@ def is_compiled(block: nn.Module) -> bool:
     return isinstance(block, CompiledBlock)
 
 
-def _blocks(model: nn.Module, is_layer: Callable[[nn.Module], bool]):
+def blocks_holding(model: nn.Module, is_layer: Callable[[nn.Module], bool]):
     """(block, keys of its fused layers) for every module holding one."""
     for module in model.modules():
         keys = tuple(k for k, v in module.items() if isinstance(v, nn.Module) and is_layer(v))
@@ -205,7 +205,7 @@ def compile_blocks(model: nn.Module, is_layer: Callable[[nn.Module], bool]) -> l
     accepts; afresh where already compiled. Returns what it did, for the
     report: one line per reason a block was left as it was."""
     compiled, left = 0, {}
-    for block, keys in _blocks(model, is_layer):
+    for block, keys in blocks_holding(model, is_layer):
         reason = why_not_compilable(block)
         if reason is not None:
             uncompile(block)

@@ -10,6 +10,9 @@ ENABLE_ENV = "EXO_FUSED_MOE"
 KERNEL_ENV = "MOEFUSE_KERNEL"
 """`0`/`false`/`off` keeps fused layers on gather_qmm on CUDA (default: kernels on)."""
 
+CACHE_ENV = "MOEFUSE_CACHE_DIR"
+"""Where compiled CUDA kernels are kept (default: ``$XDG_CACHE_HOME/moefuse_runtime``)."""
+
 RESERVE_ENV = "MOEFUSE_RESERVE_GB"
 """Memory (in GB, 10**9 bytes) that fusing must leave free on the device."""
 

@@ -19,6 +19,7 @@ import mlx.nn as nn
 
 from . import blocks, projections
 from .config import ENABLE_ENV, env_flag
+from .cuda import prepare_kernels
 from .dense import DENSE_MLP
 from .dense import is_candidate as is_dense_candidate
 from .first_forward import disarm
@@ -103,11 +104,20 @@ def install(
     report = _run("install", model, dense, fuser)
     if report.fused or report.already_fused:
         guard_shard(model)  # a later model.shard(group) must still work
-        notes = blocks.compile_blocks(model, has_kernels)
+        notes = [*blocks.compile_blocks(model, has_kernels), *_prepare_kernels(model)]
         if notes:
             report = dataclasses.replace(report, notes=(*report.notes, *notes))
             logger.info("%s", "; ".join(notes))
     return report
+
+
+def _prepare_kernels(model: nn.Module) -> tuple[str, ...]:
+    """Every CUDA kernel variant the fused layers can launch, compiled (or found
+    compiled) now rather than on a request."""
+    holders = list(blocks.blocks_holding(model, has_kernels))
+    if not holders:
+        return ()
+    return prepare_kernels(holders)
 
 
 def plan(model: nn.Module, *, reserve_bytes: int | None = None, dense: bool = False) -> FuseReport:

@@ -19,6 +19,22 @@ def gather_path(monkeypatch):
     monkeypatch.setenv("MOEFUSE_KERNEL", "0")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def kernel_caches(tmp_path_factory):
+    """The compiled-kernel caches (this package's store and MLX's) of a test
+    session live in its temporary folder, never in the user's."""
+    root = tmp_path_factory.mktemp("kernel-caches")
+    saved = {k: os.environ.get(k) for k in ("MOEFUSE_CACHE_DIR", "MLX_PTX_CACHE_DIR")}
+    os.environ["MOEFUSE_CACHE_DIR"] = str(root / "moefuse")
+    os.environ["MLX_PTX_CACHE_DIR"] = str(root / "mlx")
+    yield root
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture
 def cpu_device():
     """Run a test on MLX's CPU device, whatever the machine has: for tests of

@@ -194,6 +194,9 @@ def test_install_compiles_blocks_only_around_kernel_layers(monkeypatch):
         def pick(self, layer, x, indices):
             return None
 
+        def variants(self, layer, block):
+            return []
+
     monkeypatch.setattr("moefuse_runtime.layer.kernels_for", lambda *_: (NoPath(), "test"))
     report = moefuse_runtime.install(model, reserve_bytes=0)
     assert report.already_fused and len(compiled_states(model)) == 2

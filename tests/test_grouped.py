@@ -33,7 +33,7 @@ from mlx_lm.models.deepseek_v41 import DeepseekV41SwiGLU
 
 import moefuse_runtime
 from moefuse_runtime import cuda
-from moefuse_runtime.cuda import activations, grouped, source
+from moefuse_runtime.cuda import activations, grouped, jit, source
 from moefuse_runtime.cuda.formats import QuantizedArrays
 from moefuse_runtime.layer import kernel_paths
 
@@ -502,8 +502,9 @@ def test_header_inlines_common_once():
 def test_kernel_header_includes_the_file_on_disk():
     # MLX hashes a kernel's whole source per launch: the launchers pass one
     # #include line naming the shipped file, which inlines to `header`.
-    line = source.kernel_header("grouped_gemm.cuh")
-    path = Path(line.removeprefix('#include "').removesuffix('"\n'))
+    line, stamp = source.kernel_header("grouped_gemm.cuh", "sm_90a").splitlines()
+    path = Path(line.removeprefix('#include "').removesuffix('"'))
+    assert stamp == f"// moefuse_runtime kernels {source.digest()} for sm_90a"
     assert line.startswith('#include "/') and path.is_absolute()
     assert path.read_text() == source.read("grouped_gemm.cuh")  # what `header` inlines
     assert '"common.cuh"' in path.read_text() and (path.parent / "common.cuh").is_file()
@@ -513,7 +514,8 @@ def test_kernel_header_inlines_where_the_files_are_not_on_disk(monkeypatch):
     monkeypatch.setattr(source, "on_disk", lambda name: None)
     source.kernel_header.cache_clear()
     try:
-        assert source.kernel_header("gemv.cuh") == source.header("gemv.cuh")
+        text = source.kernel_header("gemv.cuh", "sm_80")
+        assert text.startswith(source.header("gemv.cuh")) and text.endswith("for sm_80\n")
     finally:
         source.kernel_header.cache_clear()
 
@@ -531,14 +533,15 @@ def test_launch_bounds_declare_the_kernel_mlx_generates():
     # MLX names a custom kernel custom_kernel_<name><template hash> (seen in an
     # NVRTC error on the H100: ..._bfloat16_t_4_32_2048_768_t_8_16_128_1_4_4)
     # and passes the inputs as const pointers in order, then the output.
-    template = [("T", mx.bfloat16), ("BITS", 4), ("GROUP", 32), ("K", 2048), ("N", 768),
+    template = (("T", mx.bfloat16), ("BITS", 4), ("GROUP", 32), ("K", 2048), ("N", 768),
                 ("SWIGLU", True), ("TOP_K", 8), ("BM", 16), ("BN", 128), ("WARPS_M", 1),
-                ("WARPS_N", 4), ("STAGES", 4), ("B_REGS", True)]  # fmt: skip
+                ("WARPS_N", 4), ("STAGES", 4), ("B_REGS", True))  # fmt: skip
     tiling = grouped.Tiling(16, 128, 1, 4, 4, min_blocks=3, b_regs=True)
-    inputs = [("x", mx.bfloat16), ("w", mx.uint32), ("scales", mx.uint8),
-              ("global_scale", mx.float32), ("order", mx.uint32), ("tiles", mx.int32)]  # fmt: skip
-    params = grouped.kernel_params(inputs, mx.bfloat16)
-    text = grouped._launch_bounds("moefuse_grouped_gemm", template, tiling, params)
+    inputs = (("x", mx.bfloat16, 2), ("w", mx.uint32, 3), ("scales", mx.uint8, 3),
+              ("global_scale", mx.float32, 1), ("order", mx.uint32, 1),
+              ("tiles", mx.int32, 2))  # fmt: skip
+    spec = jit.KernelSpec("moefuse_grouped_gemm", inputs, (("out", mx.bfloat16),), template, "", "")
+    text = grouped._launch_bounds(spec, tiling)
     assert (
         "__global__ void __launch_bounds__(128, 3) custom_kernel_moefuse_grouped_gemm_"
         "bfloat16_t_4_32_2048_768_t_8_16_128_1_4_4_t(const __nv_bfloat16* x, const uint32_t* w, "

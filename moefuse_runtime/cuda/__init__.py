@@ -19,10 +19,12 @@ else between the kernels. Everything else keeps ``gather_qmm``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from ..config import KERNEL_ENV, env_flag
 from ..memory import backend
@@ -30,6 +32,7 @@ from .activations import kernel_activation
 from .decode import DOWN_TILING, DecodeKernels, down_tiling_for, max_pairs_for, why_not_kernel
 from .formats import KERNEL_DTYPES, QuantizedArrays
 from .grouped import GroupedKernels, why_not_grouped
+from .jit import BuildReport, KernelSpec, arch_number, device_arch, kernel_arch, prepare_all
 
 MIN_TENSOR_CORE_ARCH = 80
 """mma.sync m16n8k16 with bf16, ldmatrix and cp.async need sm_80 (Ampere) or newer."""
@@ -49,6 +52,25 @@ class LayerKernels:
                 return kernels
         return None
 
+    def specs(self, layer: nn.Module, dtype: mx.Dtype, top_k: int) -> Iterator[KernelSpec]:
+        """Every kernel variant a call of this layer can launch, at activations
+        of ``dtype`` and ``top_k`` experts per token."""
+        gate_up = QuantizedArrays.of(layer.gate_up_proj)
+        down = QuantizedArrays.of(layer.down_proj)
+        yield from self.decode.specs(gate_up, down, dtype, top_k)
+        if self.grouped is not None:
+            yield from self.grouped.specs(gate_up, down, dtype, top_k)
+
+    def variants(self, layer: nn.Module, block: nn.Module) -> list[KernelSpec] | None:
+        """`specs` for the layer as its MoE block calls it: the block's top-k
+        and activation dtype (`top_k_of`, `activation_dtypes`); None when the
+        block does not say its top-k."""
+        top_k = top_k_of(block)
+        if top_k is None:
+            return None
+        dtypes = activation_dtypes(block, self.decode.dtypes)
+        return [spec for dtype in dtypes for spec in self.specs(layer, dtype, top_k)]
+
     @property
     def path(self) -> str:
         down = "kernel" if self.decode.down else "gather_qmm"
@@ -60,16 +82,6 @@ class LayerKernels:
         act = self.decode.activation.name
         decode = f"cuda kernels <= {self.decode.max_pairs} pairs (gate_up+{act}, down: {down})"
         return f"{decode}; {above}"
-
-
-def device_arch() -> str:
-    """'sm_90' and the like, as MLX reports the default GPU."""
-    return str(mx.device_info().get("architecture", ""))
-
-
-def arch_number(arch: str) -> int:
-    digits = arch.removeprefix("sm_").rstrip("a")
-    return int(digits) if digits.isdigit() else 0
 
 
 def kernels_for(layer: nn.Module, why_not_forward: str | None) -> tuple[LayerKernels | None, str]:
@@ -119,3 +131,48 @@ def _dtypes(proj: nn.Module) -> set:
     """The activation dtypes the kernels can read this projection with."""
     arrays = QuantizedArrays.of(proj)
     return {d for d in KERNEL_DTYPES if arrays.takes(d)}
+
+
+TOP_K_NAMES = ("top_k", "num_experts_per_tok", "topk", "k")
+"""Where MoE blocks of mlx-lm and mlx-vlm keep their experts per token."""
+
+
+def top_k_of(block: nn.Module) -> int | None:
+    """Experts per token of a MoE block (or of its router), if it says."""
+    for module in block.modules():
+        for name in TOP_K_NAMES:
+            value = module.__dict__.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def activation_dtypes(block: nn.Module, taken: tuple[mx.Dtype, ...]) -> tuple[mx.Dtype, ...]:
+    """The activation dtypes a fused layer of this block will see: the dtype of
+    the block's first parameter of a ``taken`` dtype (the router's, or affine
+    scales), else every taken dtype."""
+    for _, value in tree_flatten(block.parameters()):
+        if value.dtype in taken:
+            return (value.dtype,)
+    return taken
+
+
+def prepare_kernels(blocks: Iterable[tuple[nn.Module, tuple[str, ...]]]) -> tuple[str, ...]:
+    """Compile (or find compiled) every kernel variant that the fused layers of
+    these (block, layer keys) can launch, so that no call compiles one. What
+    it did, for the report: one line, and one per layer it could not foresee."""
+    specs: list[KernelSpec] = []
+    unknown = 0
+    for block, keys in blocks:
+        for key in keys:
+            variants = block[key].kernels.variants(block[key], block)
+            unknown += variants is None
+            specs += variants or []
+    if not specs and not unknown:
+        return ()
+    build: BuildReport = prepare_all(specs, kernel_arch())
+    notes = [build.summary()]
+    if unknown:
+        notes.append(f"CUDA kernels: {unknown} layers' blocks name no top-k; "
+                     "they compile at their first calls")  # fmt: skip
+    return tuple(notes)

@@ -27,13 +27,14 @@ formats and other backends keep ``gather_qmm``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import source
+from . import jit, source
 from .activations import NONE, SWIGLU, KernelActivation
 from .formats import QuantizedArrays, unit_values, why_not_format
 
@@ -91,13 +92,16 @@ GEMV_SOURCE = (
 @cache
 def _kernel(gate_up: bool, shared: int, names: tuple[str, ...], args: str):
     return mx.fast.cuda_kernel(
-        name="moefuse_gate_up" if gate_up else "moefuse_down",
+        name=GEMV_NAMES[gate_up],
         input_names=["x", *names, "indices"],
         output_names=["out"],
         source=GEMV_SOURCE.format(args=args),
-        header=source.kernel_header("gemv.cuh"),
+        header=source.kernel_header("gemv.cuh", jit.kernel_arch()),
         shared_memory=shared,
     )
+
+
+GEMV_NAMES = {True: "moefuse_gate_up", False: "moefuse_down"}
 
 
 def columns(proj: QuantizedArrays, activation: KernelActivation | None) -> tuple[int, int]:
@@ -108,6 +112,26 @@ def columns(proj: QuantizedArrays, activation: KernelActivation | None) -> tuple
     if activation is None:
         return rows, rows
     return rows // 2, rows if activation.kind == NONE else rows // 2
+
+
+def gemv_spec(
+    proj: QuantizedArrays, dtype: mx.Dtype, k: int, activation: KernelActivation | None,
+    x_div: int, outs: int,
+) -> jit.KernelSpec:  # fmt: skip
+    """The kernel variant `gather_qmv` launches for these weights and inputs
+    (x of ``dtype``, width ``k``): what install compiles ahead of the call."""
+    *_, args = proj.inputs()
+    n, _ = columns(proj, activation)
+    act = activation or KernelActivation(NONE)
+    return jit.KernelSpec(
+        name=GEMV_NAMES[activation is not None],
+        inputs=(("x", dtype, 2), *proj.input_specs(), ("indices", mx.uint32, 1)),
+        outputs=(("out", dtype),),
+        template=(*proj.template(dtype, k, n, activation is not None), *act.template(),
+                  ("X_DIV", x_div), ("OUTS", outs)),  # fmt: skip
+        header=source.kernel_header("gemv.cuh", jit.kernel_arch()),
+        source=GEMV_SOURCE.format(args=args),
+    )
 
 
 def gather_qmv(
@@ -132,19 +156,16 @@ def gather_qmv(
     ``why_not_kernel`` asks K to fill whole loads.
     """
     k = x.shape[-1]
-    gate_up = activation is not None
     n, written = columns(proj, activation)
     blocks = math.ceil(n / (warps * outs))
     names, arrays, args = proj.inputs()
-    act = activation or KernelActivation(NONE)
-    (out,) = _kernel(gate_up, shared_bytes(k), tuple(names), args)(
+    spec = gemv_spec(proj, x.dtype, k, activation, x_div, outs)
+    kernel = _kernel(activation is not None, shared_bytes(k), tuple(names), args)
+    (out,) = jit.launch(
+        spec,
+        kernel,
         inputs=[x, *arrays, indices],
-        template=[
-            *proj.template(x, n, gate_up),
-            *act.template(),
-            ("X_DIV", x_div),
-            ("OUTS", outs),
-        ],  # fmt: skip
+        template=list(spec.template),
         grid=(32 * warps * blocks, indices.size, 1),
         threadgroup=(32 * warps, 1, 1),
         output_shapes=[(indices.size, written)],
@@ -203,6 +224,17 @@ class DecodeKernels:
             return self.ffn(x, indices, gate_up, down, module)
         ffn = _compiled_ffn(self, gate_up.layout, down.layout)
         return ffn(x, indices, gate_up.arrays, down.arrays)
+
+    def specs(
+        self, gate_up: QuantizedArrays, down: QuantizedArrays, dtype: mx.Dtype, top_k: int
+    ) -> Iterator[jit.KernelSpec]:
+        """The kernel variants this path launches for a layer of these weights
+        at activations of ``dtype`` and ``top_k`` experts per token."""
+        hidden = gate_up.weight.shape[-1] * 32 // gate_up.bits
+        yield gemv_spec(gate_up, dtype, hidden, self.activation, top_k, self.gate_up_tiling[0])
+        if self.down:
+            width = gate_up.weight.shape[-2] // 2  # the activation's output
+            yield gemv_spec(down, dtype, width, None, 1, self.down_tiling[0])
 
     def gate_up(
         self, x: mx.array, flat: mx.array, top_k: int, gate_up: QuantizedArrays, module=None

@@ -96,11 +96,16 @@ class QuantizedArrays(NamedTuple):
             return False
         return dtype in KERNEL_DTYPES and (self.bias is None or self.bias.dtype == dtype)
 
-    def template(self, x: mx.array, n: int, gate_up: bool) -> list[tuple[str, object]]:
-        """The template constants both kernels take for this format and shape."""
-        return [("T", x.dtype), ("MODE", MODES[self.mode]), ("BITS", self.bits),
-                ("GROUP", self.group_size), ("K", x.shape[-1]), ("N", n),
-                ("GATE_UP", gate_up)]  # fmt: skip
+    def template(self, dtype: mx.Dtype, k: int, n: int, gate_up: bool) -> tuple:
+        """The template constants both kernels take for this format and shape
+        (activations of ``dtype``, ``k`` inputs and ``n`` outputs per row)."""
+        return (("T", dtype), ("MODE", MODES[self.mode]), ("BITS", self.bits),
+                ("GROUP", self.group_size), ("K", k), ("N", n), ("GATE_UP", gate_up))  # fmt: skip
+
+    def input_specs(self) -> tuple[tuple[str, mx.Dtype, int], ...]:
+        """(name, dtype, ndim) of the kernel inputs `inputs` passes (jit.KernelSpec)."""
+        names, arrays, _ = self.inputs()
+        return tuple((n, a.dtype, a.ndim) for n, a in zip(names, arrays, strict=True))
 
     def inputs(self) -> tuple[list[str], list[mx.array], str]:
         """Kernel input names and arrays after x, and the argument list the

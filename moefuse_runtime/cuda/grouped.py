@@ -20,14 +20,16 @@ a 64-sequence decode step x1.61-1.66.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache, lru_cache
 
 import mlx.core as mx
 
-from . import source
+from . import jit, source
 from .activations import NONE, SWIGLU, KernelActivation
 from .decode import apply_module, columns, flat_uint32
 from .formats import QuantizedArrays
@@ -130,17 +132,30 @@ def max_tiles(pairs: int, experts: int, bm: int) -> int:
 
 
 ROUTE_THREADS = 1024
+ROUTE_NAME = "moefuse_route"
 ROUTE_SOURCE = "moefuse::route<E, BM_A, BM_B>(experts, experts_shape[0], order, tiles_a, tiles_b);"
 
 
 @cache
 def _route_kernel():
     return mx.fast.cuda_kernel(
-        name="moefuse_route",
+        name=ROUTE_NAME,
         input_names=["experts"],
         output_names=["order", "tiles_a", "tiles_b"],
         source=ROUTE_SOURCE,
-        header=source.kernel_header("grouped_gemm.cuh"),
+        header=source.kernel_header("grouped_gemm.cuh", jit.kernel_arch()),
+    )
+
+
+def route_spec(experts: int, bms: tuple[int, int]) -> jit.KernelSpec:
+    """The route kernel variant for this many experts and these two BMs."""
+    return jit.KernelSpec(
+        name=ROUTE_NAME,
+        inputs=(("experts", mx.uint32, 1),),
+        outputs=(("order", mx.uint32), ("tiles_a", mx.int32), ("tiles_b", mx.int32)),
+        template=(("E", experts), ("BM_A", bms[0]), ("BM_B", bms[1])),
+        header=source.kernel_header("grouped_gemm.cuh", jit.kernel_arch()),
+        source=ROUTE_SOURCE,
     )
 
 
@@ -152,13 +167,16 @@ def route(flat_indices: mx.array, experts: int, bms: tuple[int, int]) -> tuple[m
     per BM of ``bms`` a (max_tiles, 4) int32 schedule: expert, first sorted
     row, end row, 0; -1 = empty. One block counts, places and schedules the
     pairs: MLX's argsort, a gather and a schedule per kernel took three to
-    six launches (about 50 us at 2,048 tokens, `profile-layer-2048.txt`).
+    six launches.
     """
     pairs = flat_indices.size
+    spec = route_spec(experts, bms)
     return tuple(
-        _route_kernel()(
+        jit.launch(
+            spec,
+            _route_kernel(),
             inputs=[flat_indices],
-            template=[("E", experts), ("BM_A", bms[0]), ("BM_B", bms[1])],
+            template=list(spec.template),
             grid=(ROUTE_THREADS, 1, 1),
             threadgroup=(ROUTE_THREADS, 1, 1),
             output_shapes=[(pairs,), *((max_tiles(pairs, experts, bm), 4) for bm in bms)],
@@ -167,63 +185,71 @@ def route(flat_indices: mx.array, experts: int, bms: tuple[int, int]) -> tuple[m
     )
 
 
-_CUDA_TYPES = {mx.bfloat16: "__nv_bfloat16", mx.float16: "__half", mx.uint8: "uint8_t",
-               mx.float32: "float", mx.uint32: "uint32_t", mx.int32: "int32_t"}  # fmt: skip
-_HASH_TYPES = {mx.bfloat16: "bfloat16_t", mx.float16: "float16_t"}
+GEMM_NAME = "moefuse_grouped_gemm"
 GEMM_SOURCE = (
     "moefuse::grouped_gemm<T, MODE, BITS, GROUP, K, N, GATE_UP, ACT, ACT_P, ACT_Q, TOP_K, BM, "
     "BN, WARPS_M, WARPS_N, STAGES, B_REGS>(x, {args}, order, tiles, out);"
 )
 
 
-def kernel_name(name: str, template: list[tuple[str, object]]) -> str:
-    """The ``__global__`` function MLX generates for ``name`` with these
-    template constants (mlx/backend/cuda/custom_kernel.cpp)."""
-    suffix = "".join(
-        f"_{_HASH_TYPES[v]}" if k == "T" else ("_t" if v else "_f") if isinstance(v, bool)
-        else f"_{v}" for k, v in template
-    )  # fmt: skip
-    return f"custom_kernel_{name}{suffix}"
+def kernel_params(spec: jit.KernelSpec) -> str:
+    """The parameter list MLX gives a kernel of these inputs and outputs
+    (mlx/backend/cuda/custom_kernel.cpp; the GEMM reads no shapes)."""
+    params = [f"const {jit.CUDA_TYPES[dtype]}* {name}" for name, dtype, _ in spec.inputs]
+    params += [f"{jit.CUDA_TYPES[dtype]}* {name}" for name, dtype in spec.outputs]
+    return ", ".join(params)
 
 
-def kernel_params(inputs: list[tuple[str, mx.Dtype]], out_dtype: mx.Dtype) -> str:
-    """The parameter list MLX gives a custom kernel with these inputs and
-    one output (mlx/backend/cuda/custom_kernel.cpp)."""
-    params = [f"const {_CUDA_TYPES[dtype]}* {name}" for name, dtype in inputs]
-    return ", ".join([*params, f"{_CUDA_TYPES[out_dtype]}* out"])
-
-
-def _launch_bounds(name: str, template: list, tiling: Tiling, params: str) -> str:
+def _launch_bounds(spec: jit.KernelSpec, tiling: Tiling) -> str:
     """A declaration of the kernel MLX will generate, with __launch_bounds__.
 
     MLX writes the ``__global__`` function itself and takes no attributes; a
     prior declaration of the same function with launch bounds caps its
-    registers (checked with nvcc by scripts/check_kernel_source.py). The
-    parameters follow mlx/backend/cuda/custom_kernel.cpp (`kernel_params`).
+    registers (checked with nvcc by scripts/check_kernel_source.py).
     """
     return (
         "namespace mlx::core::cu {\n"
         f"__global__ void __launch_bounds__({tiling.threads}, {tiling.min_blocks}) "
-        f"{kernel_name(name, template)}({params});\n"
+        f"{spec.kernel_name}({kernel_params(spec)});\n"
         "}\n"
     )
 
 
-GEMM_NAME = "moefuse_grouped_gemm"
+def gemm_spec(
+    proj: QuantizedArrays, dtype: mx.Dtype, k: int, activation: KernelActivation | None,
+    top_k: int, tiling: Tiling,
+) -> jit.KernelSpec:  # fmt: skip
+    """The grouped GEMM variant `grouped_gemm` launches for these weights,
+    inputs (x of ``dtype``, width ``k``) and tiling."""
+    n, _ = columns(proj, activation)
+    act = activation or KernelActivation(NONE)
+    *_, args = proj.inputs()
+    spec = jit.KernelSpec(
+        name=GEMM_NAME,
+        inputs=(("x", dtype, 2), *proj.input_specs(), ("order", mx.uint32, 1),
+                ("tiles", mx.int32, 2)),  # fmt: skip
+        outputs=(("out", dtype),),
+        template=(
+            *proj.template(dtype, k, n, activation is not None), *act.template(),
+            ("TOP_K", top_k), ("BM", tiling.bm), ("BN", tiling.bn), ("WARPS_M", tiling.warps_m),
+            ("WARPS_N", tiling.warps_n), ("STAGES", tiling.stages), ("B_REGS", tiling.b_regs),
+        ),  # fmt: skip
+        header=source.kernel_header("grouped_gemm.cuh", jit.kernel_arch()),
+        source=GEMM_SOURCE.format(args=args),
+    )
+    if tiling.min_blocks > 1:
+        spec = dataclasses.replace(spec, header=spec.header + _launch_bounds(spec, tiling))
+    return spec
 
 
 @cache
-def _gemm_kernel(template: tuple, tiling: Tiling, shared: int, inputs: tuple, args: str):
-    """The grouped GEMM for these template constants and (name, dtype) inputs."""
-    header = source.kernel_header("grouped_gemm.cuh")
-    if tiling.min_blocks > 1:
-        params = kernel_params(list(inputs), dict(template)["T"])
-        header += _launch_bounds(GEMM_NAME, list(template), tiling, params)
+def _gemm_kernel(header: str, shared: int, names: tuple[str, ...], body: str):
+    """The grouped GEMM of this header (launch bounds included) and inputs."""
     return mx.fast.cuda_kernel(
         name=GEMM_NAME,
-        input_names=[name for name, _ in inputs],
+        input_names=list(names),
         output_names=["out"],
-        source=GEMM_SOURCE.format(args=args),
+        source=body,
         header=header,
         shared_memory=shared,
     )
@@ -249,28 +275,17 @@ def grouped_gemm(
     NaN to prove every element is written).
     """
     gate_up = activation is not None
-    act = activation or KernelActivation(NONE)
     n, written = columns(proj, activation)
     cols = tiling.bn // 2 if gate_up else tiling.bn
     blocks = tiles.shape[0] * math.ceil(n / cols)
-    template = (
-        *proj.template(x, n, gate_up),
-        *act.template(),
-        ("TOP_K", top_k),
-        ("BM", tiling.bm),
-        ("BN", tiling.bn),
-        ("WARPS_M", tiling.warps_m),
-        ("WARPS_N", tiling.warps_n),
-        ("STAGES", tiling.stages),
-        ("B_REGS", tiling.b_regs),
-    )
-    names, arrays, args = proj.inputs()
-    arrays = [x, *arrays, order, tiles]
-    inputs = tuple(zip(["x", *names, "order", "tiles"], (a.dtype for a in arrays), strict=True))
-    kernel = _gemm_kernel(template, tiling, tiling.shared_bytes(proj.bits), inputs, args)
-    (out,) = kernel(
-        inputs=arrays,
-        template=list(template),
+    spec = gemm_spec(proj, x.dtype, x.shape[-1], activation, top_k, tiling)
+    names = tuple(name for name, _, _ in spec.inputs)
+    kernel = _gemm_kernel(spec.header, tiling.shared_bytes(proj.bits), names, spec.source)
+    (out,) = jit.launch(
+        spec,
+        kernel,
+        inputs=[x, *proj.arrays, order, tiles],
+        template=list(spec.template),
         grid=(tiling.threads * blocks, 1, 1),
         threadgroup=(tiling.threads, 1, 1),
         output_shapes=[(order.size, written)],
@@ -329,6 +344,38 @@ class GroupedKernels:
             return self.ffn(x, indices, gate_up, down, tilings, self.activation, module)
         ffn = _compiled_ffn(gate_up.layout, down.layout, tilings, self.activation)
         return ffn(x, indices, gate_up.arrays, down.arrays)
+
+    def reachable_tilings(
+        self, experts: int, bits: tuple[int, int | None]
+    ) -> list[tuple[Tiling, Tiling | None]]:
+        """Every (gate_up, down) tiling pair some call can pick: the table's
+        entries at one row per expert (the fewest a call has), at each of
+        its thresholds, just past each, and past them all."""
+        table = _table().get(self.arch, _table()["default"])
+        limits = {e["max_rows_per_expert"] for entries in table.values() for e in entries}
+        thresholds = sorted(t for t in limits if t is not None and t >= 1)
+        rows = [1.0, *thresholds, *(t + 0.5 for t in thresholds), float(2**31)]
+        pairs = {
+            (tiling_for(self.arch, r, True, bits[0]),
+             None if bits[1] is None else tiling_for(self.arch, r, False, bits[1]))
+            for r in rows
+        }  # fmt: skip
+        return sorted(pairs, key=str)
+
+    def specs(
+        self, gate_up: QuantizedArrays, down: QuantizedArrays, dtype: mx.Dtype, top_k: int
+    ) -> Iterator[jit.KernelSpec]:
+        """The kernel variants this path launches for a layer of these weights
+        at activations of ``dtype`` and ``top_k`` experts per token."""
+        experts = gate_up.weight.shape[0]
+        hidden = gate_up.weight.shape[-1] * 32 // gate_up.bits
+        width = gate_up.weight.shape[-2] // 2  # the activation's output
+        bits = (gate_up.bits, down.bits if self.down else None)
+        for gate_up_tiling, down_tiling in self.reachable_tilings(experts, bits):
+            yield route_spec(experts, (gate_up_tiling.bm, (down_tiling or gate_up_tiling).bm))
+            yield gemm_spec(gate_up, dtype, hidden, self.activation, top_k, gate_up_tiling)
+            if down_tiling is not None:
+                yield gemm_spec(down, dtype, width, None, 1, down_tiling)
 
     @staticmethod
     def ffn(x, indices, gate_up, down, tilings, activation, module=None, down_proj=None):

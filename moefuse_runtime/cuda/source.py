@@ -7,18 +7,20 @@
   scripts/check_kernel_source.py compiles with nvcc as MLX would;
 * `kernel_header`, what the launchers pass: one ``#include`` of the file by
   its absolute path (NVRTC reads it, and its own includes beside it, from
-  disk). MLX hashes a custom kernel's whole source at every launch to find
-  its compiled module (mlx/backend/cuda/custom_kernel.cpp: ``std::hash`` of
-  the source for the module name): 31 KB inlined cost 4-15 us of host time
-  per launch, three launches per layer and step
-  (docs/kernels/h100-tc/host-cost-source-forms.json). Inlined when the
-  package's files are not plain files on disk (a zip import).
+  disk), and a line naming a digest of every kernel file and the GPU
+  architecture. MLX hashes a custom kernel's whole source at every launch
+  to find its compiled module (mlx/backend/cuda/custom_kernel.cpp:
+  ``std::hash`` of the source for the module name), so a short source
+  keeps that cheap, and the digest line makes the module name change
+  whenever a kernel file or the GPU does (cached modules, jit.py). Inlined
+  when the package's files are not plain files on disk (a zip import).
 
 The sources stay ordinary CUDA files that an editor and nvcc read as they are.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from functools import cache
 from importlib import resources
@@ -48,12 +50,26 @@ def header(name: str) -> str:
     return expand(name)
 
 
+KERNEL_FILES = ("common.cuh", "gemv.cuh", "grouped_gemm.cuh")
+
+
 @cache
-def kernel_header(name: str) -> str:
+def digest() -> str:
+    """SHA-256 of the kernel files, in order: what a compiled module was built from."""
+    sha = hashlib.sha256()
+    for file in KERNEL_FILES:
+        sha.update(read(file).encode())
+    return sha.hexdigest()[:32]
+
+
+@cache
+def kernel_header(name: str, arch: str) -> str:
     """What a launcher passes to MLX: an #include of the file where it lies
-    on disk, else the inlined `header`."""
+    on disk, else the inlined `header`, and the line naming what the
+    compiled module depends on."""
     path = on_disk(name)
-    return f'#include "{path}"\n' if path is not None else header(name)
+    text = f'#include "{path}"\n' if path is not None else header(name)
+    return f"{text}// moefuse_runtime kernels {digest()} for {arch}\n"
 
 
 def on_disk(name: str) -> Path | None:
