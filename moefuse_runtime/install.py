@@ -114,10 +114,12 @@ def install(
 def _prepare_kernels(model: nn.Module) -> tuple[str, ...]:
     """Every CUDA kernel variant the fused layers can launch, compiled (or found
     compiled) now rather than on a request."""
-    holders = list(blocks.blocks_holding(model, has_kernels))
-    if not holders:
-        return ()
-    return prepare_kernels(holders)
+    try:
+        holders = list(blocks.blocks_holding(model, has_kernels))
+        return prepare_kernels(holders) if holders else ()
+    except Exception as error:  # noqa: BLE001 - the kernels then compile at first use
+        logger.exception("CUDA kernels not prepared ahead")
+        return (f"CUDA kernels: not prepared ahead ({type(error).__name__}: {error})",)
 
 
 def plan(model: nn.Module, *, reserve_bytes: int | None = None, dense: bool = False) -> FuseReport:

@@ -56,7 +56,7 @@ class LayerKernels:
         """Every kernel variant a call of this layer can launch, at activations
         of ``dtype`` and ``top_k`` experts per token."""
         gate_up = QuantizedArrays.of(layer.gate_up_proj)
-        down = QuantizedArrays.of(layer.down_proj)
+        down = QuantizedArrays.of(layer.down_proj) if self.decode.down else None
         yield from self.decode.specs(gate_up, down, dtype, top_k)
         if self.grouped is not None:
             yield from self.grouped.specs(gate_up, down, dtype, top_k)

@@ -226,13 +226,13 @@ class DecodeKernels:
         return ffn(x, indices, gate_up.arrays, down.arrays)
 
     def specs(
-        self, gate_up: QuantizedArrays, down: QuantizedArrays, dtype: mx.Dtype, top_k: int
+        self, gate_up: QuantizedArrays, down: QuantizedArrays | None, dtype: mx.Dtype, top_k: int
     ) -> Iterator[jit.KernelSpec]:
         """The kernel variants this path launches for a layer of these weights
         at activations of ``dtype`` and ``top_k`` experts per token."""
         hidden = gate_up.weight.shape[-1] * 32 // gate_up.bits
         yield gemv_spec(gate_up, dtype, hidden, self.activation, top_k, self.gate_up_tiling[0])
-        if self.down:
+        if down is not None:
             width = gate_up.weight.shape[-2] // 2  # the activation's output
             yield gemv_spec(down, dtype, width, None, 1, self.down_tiling[0])
 

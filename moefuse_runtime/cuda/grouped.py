@@ -363,18 +363,18 @@ class GroupedKernels:
         return sorted(pairs, key=str)
 
     def specs(
-        self, gate_up: QuantizedArrays, down: QuantizedArrays, dtype: mx.Dtype, top_k: int
+        self, gate_up: QuantizedArrays, down: QuantizedArrays | None, dtype: mx.Dtype, top_k: int
     ) -> Iterator[jit.KernelSpec]:
         """The kernel variants this path launches for a layer of these weights
         at activations of ``dtype`` and ``top_k`` experts per token."""
         experts = gate_up.weight.shape[0]
         hidden = gate_up.weight.shape[-1] * 32 // gate_up.bits
         width = gate_up.weight.shape[-2] // 2  # the activation's output
-        bits = (gate_up.bits, down.bits if self.down else None)
+        bits = (gate_up.bits, None if down is None else down.bits)
         for gate_up_tiling, down_tiling in self.reachable_tilings(experts, bits):
             yield route_spec(experts, (gate_up_tiling.bm, (down_tiling or gate_up_tiling).bm))
             yield gemm_spec(gate_up, dtype, hidden, self.activation, top_k, gate_up_tiling)
-            if down_tiling is not None:
+            if down is not None and down_tiling is not None:
                 yield gemm_spec(down, dtype, width, None, 1, down_tiling)
 
     @staticmethod
