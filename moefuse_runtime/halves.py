@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 FUSED_NAME = "gate_up_proj"
+HALF_NAMES = ("gate_proj", "up_proj")
 PENDING = "_moefuse_pending"
 _CALL = re.compile(r"self\.(gate_proj|up_proj)\(([^()]*)\)")
 
@@ -41,7 +42,10 @@ class Half:
         self.index = index
 
     def __call__(self, *args, **kwargs) -> mx.array:
-        return self.share(args, kwargs, lambda: self.owner[FUSED_NAME](*args, **kwargs))
+        stacked = self.owner.get(FUSED_NAME)
+        if stacked is None:  # unfused since this half was looked up: gate or up is back
+            return self.owner[HALF_NAMES[self.index]](*args, **kwargs)
+        return self.share(args, kwargs, lambda: stacked(*args, **kwargs))
 
     def share(self, args: tuple, kwargs: dict, stacked: Callable[[], mx.array | None]):
         """This half of ``stacked()``: computed once for the two halves when
@@ -81,18 +85,26 @@ def is_split(module: nn.Module) -> bool:
 
 
 def split_into_halves(module: nn.Module, fused_projection: nn.Module) -> None:
-    """Swap in the stacked projection and the two halves (dict assignments only)."""
+    """Swap in the stacked projection and the two halves (dict assignments only).
+
+    In an order that a forward running meanwhile in another thread never
+    notices: each ``self.gate_proj`` it looks up is the old projection or a
+    half of a stacked projection that is already there (an attribute in
+    ``__dict__`` wins over the module's entry of the same name).
+    """
     module[FUSED_NAME] = fused_projection
+    for index, name in enumerate(HALF_NAMES):
+        object.__setattr__(module, name, Half(module, index))
     del module["gate_proj"], module["up_proj"]
-    object.__setattr__(module, "gate_proj", Half(module, 0))
-    object.__setattr__(module, "up_proj", Half(module, 1))
 
 
 def join_halves(module: nn.Module, gate: nn.Module, up: nn.Module) -> None:
-    """The inverse of `split_into_halves`."""
-    for name in ("gate_proj", "up_proj", PENDING):
-        module.__dict__.pop(name, None)
+    """The inverse of `split_into_halves`, in the reverse order: gate and up
+    are back before the halves go, and the halves before the stacked
+    projection (a half looked up earlier then falls back to its own)."""
     module["gate_proj"], module["up_proj"] = gate, up
+    for name in (*HALF_NAMES, PENDING):
+        module.__dict__.pop(name, None)
     del module[FUSED_NAME]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -92,13 +93,35 @@ def install(
         for a layer: any failure leaves that layer unfused and working.
 
     Where fused layers run on the CUDA kernels, the MoE blocks holding them
-    also run compiled on decode steps (`blocks`; a note in the report).
+    also run compiled on decode steps (`blocks`; a note in the report), and
+    every kernel variant they can launch is compiled now, or found compiled
+    by an earlier process (`cuda.jit`; a note says how long it took).
+
+    Thread-safe: installs and uninstalls take turns (`SWAPS`), so a second
+    caller finds the layers already fused; a forward running meanwhile in
+    another thread computes with each layer as it was or as it becomes.
     """
+    with SWAPS:
+        return _install(model, enabled, reserve_bytes, group, dense)
+
+
+SWAPS = threading.RLock()
+"""Held by `install`, `uninstall` and `plan`: one of them at a time."""
+
+
+def _install(
+    model: nn.Module,
+    enabled: bool | None,
+    reserve_bytes: int | None,
+    group: mx.distributed.Group | None,
+    dense: bool,
+) -> FuseReport:
     disarm(model)  # fusing now supersedes fusing on the first forward
     if enabled is False:
         return _disabled_report(model, dense, "disabled by enabled=False")
     if enabled is None and not env_flag(ENABLE_ENV, default=True):
         return _disabled_report(model, dense, f"disabled by {ENABLE_ENV}=0")
+    start = time.perf_counter()
     reserve = default_reserve_bytes() if reserve_bytes is None else int(reserve_bytes)
     fuser = _Fuser(reserve, *_agreeing_group(model, group, dense))
     report = _run("install", model, dense, fuser)
@@ -106,8 +129,9 @@ def install(
         guard_shard(model)  # a later model.shard(group) must still work
         notes = [*blocks.compile_blocks(model, has_kernels), *_prepare_kernels(model)]
         if notes:
-            report = dataclasses.replace(report, notes=(*report.notes, *notes))
             logger.info("%s", "; ".join(notes))
+        seconds = time.perf_counter() - start  # the kernels' preparation included
+        report = dataclasses.replace(report, notes=(*report.notes, *notes), seconds=seconds)
     return report
 
 
@@ -129,7 +153,8 @@ def plan(model: nn.Module, *, reserve_bytes: int | None = None, dense: bool = Fa
     the memory free now) is reported with outcome ``would fuse``/``skipped``.
     """
     reserve = default_reserve_bytes() if reserve_bytes is None else int(reserve_bytes)
-    return _run("plan", model, dense, _Fuser(reserve, None, (), dry_run=True))
+    with SWAPS:
+        return _run("plan", model, dense, _Fuser(reserve, None, (), dry_run=True))
 
 
 def uninstall(model: nn.Module) -> FuseReport:
@@ -138,9 +163,10 @@ def uninstall(model: nn.Module) -> FuseReport:
     The arrays come back bitwise identical and the layer regains its
     original class, so the model saves and loads as an ordinary mlx-lm model.
     """
-    disarm(model)
-    blocks.uncompile_blocks(model)
-    return _run("uninstall", model, True, _Unfuser())
+    with SWAPS:
+        disarm(model)
+        blocks.uncompile_blocks(model)
+        return _run("uninstall", model, True, _Unfuser())
 
 
 def _disabled_report(model: nn.Module, dense: bool, why: str) -> FuseReport:

@@ -98,10 +98,13 @@ class FusedSwitchGLU:
     """`cuda.LayerKernels` on CUDA when the layer qualifies, else None."""
 
     def __call__(self, x: mx.array, indices: mx.array, *args, **kwargs) -> mx.array:
-        if self.kernels is not None:
-            kernel_path = self.kernels.pick(self, x, indices)
+        # Each attribute read once: an uninstall in another thread meanwhile
+        # leaves this call computing with the layer as it was when read.
+        kernels, gate_up = self.kernels, self.get(FUSED_NAME)
+        if kernels is not None and gate_up is not None:
+            kernel_path = kernels.pick(self, x, indices)
             if kernel_path is not None:
-                routed = kernel_path(self, x, indices)
+                routed = kernel_path(self, gate_up, x, indices)
                 return self.flavour.finish(self, routed, *args, **kwargs)
         return self.unfused_class.__call__(self, x, indices, *args, **kwargs)
 
@@ -152,7 +155,7 @@ def fuse_layer(layer: nn.Module, fused_projection: nn.Module) -> None:
     if twin.flavour is not None:
         twin.flavour.prepare()
     split_into_halves(layer, fused_projection)
-    layer.__class__ = twin
+    layer.__class__ = twin  # kernels, if any, come after (select_path)
 
 
 def kernel_paths(layer: FusedSwitchGLU):
@@ -181,7 +184,8 @@ def _why_not_kernel_forward(layer: FusedSwitchGLU) -> str | None:
 
 
 def unfuse_layer(layer: FusedSwitchGLU, gate: nn.Module, up: nn.Module) -> None:
-    """The inverse of `fuse_layer`."""
+    """The inverse of `fuse_layer`: the kernels go first, then the halves
+    (`join_halves`), then the twin class."""
     layer.__dict__.pop("kernels", None)
     join_halves(layer, gate, up)
     layer.__class__ = type(layer).unfused_class

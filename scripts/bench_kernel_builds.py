@@ -7,7 +7,9 @@ it, then call one fused layer at each size class twice, timing each call
 
 * ``mlx_compiles``: empty caches, kernel preparation off: MLX compiles each
   variant at its first launch (the behaviour before cuda/jit.py);
-* ``first``: empty caches: install compiles every variant;
+* ``first_threads``: empty caches: install compiles every variant in
+  threads of its own process (NVRTC in-process), for comparison;
+* ``first``: empty caches: install compiles every variant (worker processes);
 * ``second``, ``third``: the caches ``first`` left.
 
 Reports per process: install seconds and its kernel note, and per size class
@@ -29,7 +31,22 @@ import time
 from pathlib import Path
 
 SIZES = (1, 16, 512, 885, 4096)
-PROCESSES = ("mlx_compiles", "first", "second", "third")
+PROCESSES = ("mlx_compiles", "first_threads", "first", "second", "third")
+FRESH = ("mlx_compiles", "first_threads")
+"""Processes with caches of their own; the others share one."""
+
+
+def in_process_compile(spec, arch: str):
+    """`jit.compile_spec` with NVRTC called in this process (threads share it)."""
+    import ctypes
+
+    from moefuse_runtime.cuda import jit, nvrtc
+
+    compiler = nvrtc.Nvrtc(ctypes.CDLL(jit.nvrtc_library()))
+    headers = {"mlx/backend/cuda/device/utils.cuh": jit.UTILS_STAND_IN}
+    binary, mangled = compiler.compile(spec.mlx_source(), f"mlx::core::cu::{spec.kernel_name}",
+                                       jit.compile_options(arch), headers)  # fmt: skip
+    return jit.Module(binary, mangled)
 
 
 def child(out: Path, name: str, layers: int) -> None:
@@ -42,6 +59,8 @@ def child(out: Path, name: str, layers: int) -> None:
 
     if name == "mlx_compiles":
         jit.prepare = lambda *args, **kwargs: jit.FAILED  # MLX compiles at first launch
+    if name == "first_threads":
+        jit.compile_spec = in_process_compile
     start = time.perf_counter()
     model = build_demo_model("qwen3-30b-a3b", layers=layers, dtype=mx.bfloat16)
     built = time.perf_counter() - start
@@ -93,7 +112,7 @@ def main() -> int:
     caches = Path(tempfile.mkdtemp(prefix="moefuse-cold-"))
     results = {}
     for name in PROCESSES:
-        fresh = caches / ("mlx_compiles" if name == "mlx_compiles" else "shared")
+        fresh = caches / (name if name in FRESH else "shared")
         env = {**os.environ, "MOEFUSE_CACHE_DIR": str(fresh / "moefuse"),
                "MLX_PTX_CACHE_DIR": str(fresh / "mlx")}  # fmt: skip
         start = time.perf_counter()

@@ -309,3 +309,11 @@ def test_the_stand_in_header_covers_what_the_kernels_use():
 
 def test_tests_keep_the_kernel_caches_out_of_the_users_home():
     assert os.environ["MOEFUSE_CACHE_DIR"] != str(jit.Path.home() / ".cache" / "moefuse_runtime")
+
+
+def test_the_compile_worker_reports_its_failure(monkeypatch, tmp_path):
+    # the worker runs as a plain script in a process of its own; a library it
+    # cannot load is an NvrtcError with the loader's words, not a hang or a crash
+    monkeypatch.setattr(jit, "nvrtc_library", lambda: str(tmp_path / "libnvrtc.so.99"))
+    with pytest.raises(jit.NvrtcError, match="libnvrtc.so.99"):
+        jit.compile_spec(grouped.route_spec(128, (16, 64)), "sm_90a")

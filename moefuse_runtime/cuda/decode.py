@@ -212,8 +212,12 @@ class DecodeKernels:
     def takes(self, layer: nn.Module, x: mx.array, indices: mx.array) -> bool:
         return indices.size <= self.max_pairs and x.dtype in self.dtypes
 
-    def __call__(self, layer: nn.Module, x: mx.array, indices: mx.array) -> mx.array:
-        gate_up = QuantizedArrays.of(layer.gate_up_proj)
+    def __call__(
+        self, layer: nn.Module, gate_up_proj: nn.Module, x: mx.array, indices: mx.array
+    ) -> mx.array:
+        """The layer's routed output for this call; ``gate_up_proj`` is its
+        stacked projection as the layer's forward read it."""
+        gate_up = QuantizedArrays.of(gate_up_proj)
         module = layer.activation if self.activation.kind == NONE else None
         if not self.down:
             h = self.gate_up(x, flat_uint32(indices), indices.shape[-1], gate_up, module)

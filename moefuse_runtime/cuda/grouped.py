@@ -330,8 +330,10 @@ class GroupedKernels:
         projections' bits (None: down is not on the kernel), from tiles.json."""
         return _tilings(self.arch, pairs, experts, bits)
 
-    def __call__(self, layer, x: mx.array, indices: mx.array) -> mx.array:
-        gate_up = QuantizedArrays.of(layer.gate_up_proj)
+    def __call__(self, layer, gate_up_proj, x: mx.array, indices: mx.array) -> mx.array:
+        """The layer's routed output for this call; ``gate_up_proj`` is its
+        stacked projection as the layer's forward read it."""
+        gate_up = QuantizedArrays.of(gate_up_proj)
         experts = gate_up.weight.shape[0]
         module = layer.activation if self.activation.kind == NONE else None
         if not self.down:

@@ -33,12 +33,14 @@ this module.
 
 from __future__ import annotations
 
-import ctypes
+import base64
 import hashlib
 import json
 import logging
 import os
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -50,6 +52,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..config import CACHE_ENV
+from . import nvrtc
+from .nvrtc import NvrtcError
 
 logger = logging.getLogger(__name__)
 
@@ -309,60 +313,6 @@ def in_mlx_cache(spec: KernelSpec, module: Module | None = None) -> bool:
 # -- NVRTC --------------------------------------------------------------------
 
 
-class NvrtcError(RuntimeError):
-    pass
-
-
-class Nvrtc:
-    """The NVRTC library MLX itself loaded, through ctypes."""
-
-    def __init__(self, library: ctypes.CDLL) -> None:
-        self.lib = library
-        self.lib.nvrtcGetErrorString.restype = ctypes.c_char_p
-
-    def _check(self, result: int, what: str) -> None:
-        if result != 0:
-            raise NvrtcError(f"{what}: {self.lib.nvrtcGetErrorString(result).decode()}")
-
-    def version(self) -> tuple[int, int]:
-        major, minor = ctypes.c_int(), ctypes.c_int()
-        self._check(self.lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "nvrtcVersion")
-        return major.value, minor.value
-
-    def compile(
-        self, source: str, kernel: str, options: list[str], headers: dict[str, str]
-    ) -> Module:
-        """Compile ``source`` to a cubin and look up ``kernel``'s lowered name."""
-        lib, prog = self.lib, ctypes.c_void_p()
-        texts = (ctypes.c_char_p * len(headers))(*(t.encode() for t in headers.values()))
-        names = (ctypes.c_char_p * len(headers))(*(n.encode() for n in headers))
-        created = lib.nvrtcCreateProgram(
-            ctypes.byref(prog), source.encode(), b"moefuse.cu", len(headers), texts, names
-        )
-        self._check(created, "nvrtcCreateProgram")
-        try:
-            self._check(lib.nvrtcAddNameExpression(prog, kernel.encode()), "nvrtcAddNameExpression")
-            args = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
-            result = lib.nvrtcCompileProgram(prog, len(options), args)
-            if result != 0:
-                size = ctypes.c_size_t()
-                lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-                log = ctypes.create_string_buffer(size.value + 1)
-                lib.nvrtcGetProgramLog(prog, log)
-                raise NvrtcError(f"compile failed: {log.value.decode(errors='replace')[-2000:]}")
-            lowered = ctypes.c_char_p()
-            self._check(lib.nvrtcGetLoweredName(prog, kernel.encode(), ctypes.byref(lowered)),
-                        "nvrtcGetLoweredName")  # fmt: skip
-            mangled = (lowered.value or b"").decode()
-            size = ctypes.c_size_t()
-            self._check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
-            binary = ctypes.create_string_buffer(size.value)
-            self._check(lib.nvrtcGetCUBIN(prog, binary), "nvrtcGetCUBIN")
-            return Module(binary.raw, mangled)
-        finally:
-            lib.nvrtcDestroyProgram(ctypes.byref(prog))
-
-
 def _loaded_library(fragment: str) -> str | None:
     """The path of a shared library this process has mapped, by name fragment."""
     try:
@@ -377,17 +327,10 @@ def _loaded_library(fragment: str) -> str | None:
 
 
 @cache
-def nvrtc() -> Nvrtc | None:
-    """MLX's NVRTC (mapped into this process by mlx's CUDA backend), or None."""
-    path = _loaded_library("libnvrtc.so")
-    candidates = [path] if path else []
-    candidates += ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]
-    for candidate in candidates:
-        try:
-            return Nvrtc(ctypes.CDLL(candidate))
-        except OSError:
-            continue
-    return None
+def nvrtc_library() -> str:
+    """MLX's NVRTC: the copy mlx's CUDA backend mapped into this process, else
+    the one the loader finds by its soname."""
+    return _loaded_library("libnvrtc.so") or "libnvrtc.so.13"
 
 
 def mlx_root() -> Path:
@@ -412,14 +355,31 @@ def compile_options(arch: str) -> list[str]:
     return ["--device-as-default-execution-space", f"--gpu-architecture={arch}", *includes]
 
 
+COMPILE_TIMEOUT_S = 600
+
+
 def compile_spec(spec: KernelSpec, arch: str) -> Module:
-    """Compile a variant here as MLX would; raises NvrtcError on failure."""
-    compiler = nvrtc()
-    if compiler is None:
-        raise NvrtcError("no NVRTC library found")
-    headers = {"mlx/backend/cuda/device/utils.cuh": UTILS_STAND_IN}
-    kernel = f"mlx::core::cu::{spec.kernel_name}"
-    return compiler.compile(spec.mlx_source(), kernel, compile_options(arch), headers)
+    """Compile a variant as MLX would, in a worker process (`nvrtc.py`: NVRTC
+    compiles one program at a time per process, so processes run side by
+    side where threads would queue); raises NvrtcError on failure."""
+    request = {
+        "library": nvrtc_library(),
+        "source": spec.mlx_source(),
+        "kernel": f"mlx::core::cu::{spec.kernel_name}",
+        "options": compile_options(arch),
+        "headers": {"mlx/backend/cuda/device/utils.cuh": UTILS_STAND_IN},
+    }
+    try:
+        done = subprocess.run(
+            [sys.executable, "-I", "-S", nvrtc.__file__], input=json.dumps(request).encode(),
+            capture_output=True, timeout=COMPILE_TIMEOUT_S,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise NvrtcError(f"compile worker: {error}") from None
+    if done.returncode != 0:
+        raise NvrtcError(done.stderr.decode(errors="replace").strip()[-2000:] or "compile failed")
+    reply = json.loads(done.stdout)
+    return Module(base64.b64decode(reply["cubin"]), reply["mangled"])
 
 
 # -- preparing variants -------------------------------------------------------
@@ -492,6 +452,10 @@ class BuildReport:
         return f"CUDA kernels: {self.total} variants in {self.seconds:.1f} s ({parts})"
 
 
+MAX_WORKERS = 8
+"""Compiles at once: each takes a core and some hundreds of MB."""
+
+
 def prepare_all(
     specs: Iterable[KernelSpec], arch: str, workers: int | None = None,
     compiler: Compiler = compile_spec,
@@ -499,7 +463,7 @@ def prepare_all(
     """`prepare` every distinct variant, in parallel."""
     start = time.perf_counter()
     unique = list(dict.fromkeys(specs))
-    workers = workers or min(32, max(1, os.cpu_count() or 1))
+    workers = workers or min(MAX_WORKERS, max(1, os.cpu_count() or 1))
     counts = dict.fromkeys((READY, FROM_STORE, COMPILED, FAILED), 0)
     if unique:
         with ThreadPoolExecutor(max_workers=min(workers, len(unique))) as pool:
