@@ -5,19 +5,40 @@
     print(report.summary())
 
 See README.md for what is fused, what is skipped and why.
+
+Importing the package imports neither MLX nor mlx-lm: the API below is
+loaded on first use, so that ``moefuse run`` and a process that never
+loads a model pay nothing for it.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+from typing import TYPE_CHECKING
 
 from .config import ENABLE_ENV, RESERVE_ENV, env_flag
 from .hooks import autopatch, is_patched, unpatch
-from .install import find_switch_glus, install, plan, uninstall
-from .layer import FusedSwitchGLU, is_fused
-from .report import FuseReport, LayerResult, Outcome
+
+if TYPE_CHECKING:
+    from .installer import find_switch_glus, install, plan, uninstall
+    from .layer import FusedSwitchGLU, is_fused
+    from .report import FuseReport, LayerResult, Outcome
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "install": "installer",
+    "uninstall": "installer",
+    "plan": "installer",
+    "find_switch_glus": "installer",
+    "FusedSwitchGLU": "layer",
+    "is_fused": "layer",
+    "FuseReport": "report",
+    "LayerResult": "report",
+    "Outcome": "report",
+}
+"""Public names, and the module each lives in (imported on first use)."""
 
 __all__ = [
     "ENABLE_ENV",
@@ -35,6 +56,19 @@ __all__ = [
     "uninstall",
     "unpatch",
 ]
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
 
 
 def _autopatch_if_asked() -> None:

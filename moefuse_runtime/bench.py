@@ -20,23 +20,8 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from . import projections
-from .install import install
-
-# (hidden, experts, top-k, expert width) of public MoE models.
-LAYER_SHAPES: dict[str, tuple[int, int, int, int]] = {
-    "qwen3-30b-a3b": (2048, 128, 8, 768),
-    "mixtral-8x7b": (4096, 8, 2, 14336),
-    "gpt-oss-120b": (2880, 128, 4, 2880),
-    "deepseek-v3-scaled": (7168, 64, 8, 2048),  # 256 experts scaled to 64 to fit
-}
-TOKENS = (1, 4, 16, 128, 512)
-
-# (hidden, intermediate) of dense gated MLPs: a dense model's, and shared experts.
-DENSE_SHAPES: dict[str, tuple[int, int]] = {
-    "llama3-8b-mlp": (4096, 14336),
-    "deepseek-v3-shared-expert": (7168, 2048),
-    "deepseek-v2-lite-shared": (2048, 2816),
-}
+from .installer import install
+from .presets import DENSE_SHAPES, LAYER_SHAPES, TOKENS
 
 
 def sync() -> None:

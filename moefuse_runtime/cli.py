@@ -3,6 +3,9 @@
 Errors a user can make (a missing folder, a folder that is not a model, a
 model without MoE layers, a command that does not exist) end with one line on
 stderr and a non-zero exit code, never a traceback.
+
+Each subcommand imports what it needs when it runs: ``run`` execs its
+command having imported nothing but this module and the standard library.
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from . import bench, demo
 from .config import ENABLE_ENV, env_flag
+from .presets import DENSE_SHAPES, LAYER_SHAPES, PRESETS, TOKENS
 
 SITECUSTOMIZE_DIR = Path(__file__).resolve().parent / "_sitecustomize"
 
@@ -59,7 +62,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Dry run: load lazily, say per SwitchGLU what install would do, change nothing."""
     from mlx_lm.utils import load_model
 
-    from .install import plan
+    from .installer import plan
     from .memory import default_reserve_bytes, format_bytes, headroom
 
     folder = _model_dir(args.model, "inspect")
@@ -86,6 +89,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_make_demo_model(args: argparse.Namespace) -> int:
+    from . import demo
+
     folder = Path(args.dir)
     if folder.exists() and any(folder.iterdir()) and not args.force:
         raise UsageError(f"moefuse make-demo-model: {folder} is not empty (use --force)")
@@ -96,6 +101,8 @@ def cmd_make_demo_model(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
     result = demo.run_demo(args.preset, args.steps, args.rounds, log=print)
     print(f"\nunfused tokens: {result.unfused_tokens[:16]} ...")
     print(f"fused tokens:   {result.fused_tokens[:16]} ...")
@@ -125,6 +132,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        log=print)  # fmt: skip
         print(f"wrote {args.out}/cuda.json and {args.out}/cuda.png")
         return 0
+    from . import bench
+
     if args.quick:
         args.shapes, args.kinds, args.tokens = ["qwen3-30b-a3b"], ["4bit"], [1, 16]
         args.layers, args.rounds, args.scale = 2, 3, 16
@@ -180,27 +189,27 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_make_demo_model)
 
     p = commands.add_parser("demo", help="fuse the built-in demo model and compare outputs")
-    p.add_argument("--preset", choices=sorted(demo.PRESETS), default="tiny")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     p.add_argument("--steps", type=int, default=64, help="tokens to decode")
     p.add_argument("--rounds", type=int, default=3, help="interleaved A/B rounds")
     p.set_defaults(handler=cmd_demo)
 
     p = commands.add_parser("bench", help="benchmark fused vs unfused; JSON + PNG")
     p.add_argument("--out", default="bench-results", help="output folder")
-    p.add_argument("--shapes", nargs="+", default=list(bench.LAYER_SHAPES),
-                   choices=list(bench.LAYER_SHAPES))  # fmt: skip
+    p.add_argument("--shapes", nargs="+", default=list(LAYER_SHAPES),
+                   choices=list(LAYER_SHAPES))  # fmt: skip
     p.add_argument("--kinds", nargs="+", default=["4bit", "bf16"],
                    help="4bit, 8bit, bf16 or fp32 (the CPU backend has fp32 only)")  # fmt: skip
-    p.add_argument("--tokens", nargs="+", type=int, default=list(bench.TOKENS))
+    p.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
     p.add_argument("--layers", type=int, default=4, help="distinct layers per shape")
     p.add_argument("--rounds", type=int, default=20, help="A/B rounds per point")
     p.add_argument("--scale", type=int, default=1,
                    help="divide experts and width by this (to fit small machines)")  # fmt: skip
-    p.add_argument("--model-preset", default="qwen3-30b-a3b", choices=sorted(demo.PRESETS))
+    p.add_argument("--model-preset", default="qwen3-30b-a3b", choices=sorted(PRESETS))
     p.add_argument("--model-layers", type=int, default=8)
     p.add_argument("--model-rounds", type=int, default=5)
     p.add_argument("--decode-tokens", type=int, default=64)
-    p.add_argument("--dense-shapes", nargs="*", default=[], choices=list(bench.DENSE_SHAPES),
+    p.add_argument("--dense-shapes", nargs="*", default=[], choices=list(DENSE_SHAPES),
                    help="dense gated MLP shapes to time too")  # fmt: skip
     p.add_argument("--model-dense", action="store_true",
                    help="the fused model copy also fuses its dense MLPs")  # fmt: skip

@@ -64,7 +64,7 @@ def arm(model: nn.Module) -> int:
 
     Returns how many layers were armed. Never raises into the loader.
     """
-    from .install import find_switch_glus
+    from .installer import find_switch_glus
     from .layer import is_fused
     from .sharding import guard_shard
 
@@ -89,7 +89,7 @@ def arm(model: nn.Module) -> int:
 
 def disarm(model: nn.Module) -> None:
     """Give every armed layer in ``model`` its own class back."""
-    from .install import find_switch_glus
+    from .installer import find_switch_glus
 
     for _, layer in find_switch_glus(model):
         layer.__dict__.pop(ROOT, None)
@@ -97,6 +97,6 @@ def disarm(model: nn.Module) -> None:
 
 
 def is_armed(model: nn.Module) -> bool:
-    from .install import find_switch_glus
+    from .installer import find_switch_glus
 
     return any(ROOT in layer.__dict__ for _, layer in find_switch_glus(model))

@@ -47,7 +47,7 @@ class Target:
 
 def install_quietly(model: object, group: object = None) -> None:
     """`install`, logging instead of raising: the host must keep serving."""
-    from .install import install
+    from .installer import install
 
     try:
         install(model, group=group)

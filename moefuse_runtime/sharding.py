@@ -46,7 +46,7 @@ def guard_shard(model: nn.Module) -> bool:
 
 
 def _refuse_around_shard(wrapped, instance, args, kwargs):
-    from .install import find_targets, install, uninstall
+    from .installer import find_targets, install, uninstall
 
     if instance is None:
         return wrapped(*args, **kwargs)

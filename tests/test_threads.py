@@ -47,8 +47,8 @@ def run_threads(targets) -> list[BaseException]:
 def test_installs_that_race_fuse_once(capfd):
     for _ in range(ROUNDS):
         model = build_family("qwen3_moe", quantized=True)
-        reports = []
-        errors = run_threads([lambda: reports.append(moefuse_runtime.install(model))] * 4)
+        reports: list = []
+        errors = run_threads([lambda m=model, r=reports: r.append(moefuse_runtime.install(m))] * 4)
         assert errors == []
         layers = len(reports[0].layers)
         assert sorted(len(r.fused) for r in reports) == [0, 0, 0, layers]
@@ -60,8 +60,10 @@ def test_uninstalls_that_race_unfuse_once():
     for _ in range(ROUNDS):
         model = build_family("qwen3_moe", quantized=True)
         moefuse_runtime.install(model)
-        reports = []
-        errors = run_threads([lambda: reports.append(moefuse_runtime.uninstall(model))] * 4)
+        reports: list = []
+        errors = run_threads(
+            [lambda m=model, r=reports: r.append(moefuse_runtime.uninstall(m))] * 4
+        )
         assert errors == [] and sorted(len(r.unfused) for r in reports)[-1] > 0
         assert sum(len(r.unfused) for r in reports) == len(reports[0].layers)
 
