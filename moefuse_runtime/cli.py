@@ -21,6 +21,9 @@ from .presets import DENSE_SHAPES, LAYER_SHAPES, PRESETS, TOKENS
 SITECUSTOMIZE_DIR = Path(__file__).resolve().parent / "_sitecustomize"
 
 
+SERVER_ARGS = ["--decode-concurrency", "32", "--prompt-concurrency", "8"]
+
+
 class UsageError(Exception):
     """A mistake of the user's: reported in one line, exit code 2."""
 
@@ -117,6 +120,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.server:
+        from . import server_bench
+
+        if args.server_rounds < 1:
+            raise UsageError("moefuse bench: --server-rounds must be at least 1")
+        server_bench.run(args.out, preset=args.server_preset, layers=args.server_layers,
+                         rounds=args.server_rounds, smoke=args.quick,
+                         server_args=args.server_args, log=print)  # fmt: skip
+        print(f"wrote {args.out}/server.json and {args.out}/server.png")
+        return 0
     if args.cuda:
         from .cuda import bench as cuda_bench
         from .memory import backend
@@ -234,6 +247,16 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         default=[4, 16, 32, 64],
         help="--cuda model: sequences per batched decode step",
     )
+    p.add_argument("--server", action="store_true",
+                   help="a real mlx_lm.server, plain and under `moefuse run`, on a model "
+                   "directory it writes: start-up, first request, single, concurrent and "
+                   "long-prompt workloads (with --quick: a tiny smoke run)")  # fmt: skip
+    p.add_argument("--server-preset", default="qwen3-30b-a3b", choices=sorted(PRESETS))
+    p.add_argument("--server-layers", type=int, default=None, help="--server: model layers")
+    p.add_argument("--server-rounds", type=int, default=2,
+                   help="--server: rounds of two fresh servers each")  # fmt: skip
+    p.add_argument("--server-args", nargs="*", default=SERVER_ARGS,
+                   help="--server: arguments to mlx_lm.server")  # fmt: skip
     p.set_defaults(handler=cmd_bench)
     return parser
 

@@ -177,20 +177,26 @@ def build_tokenizer(vocab_size: int):
     return tokenizer
 
 
-def write_demo_model(path: str | os.PathLike, preset: str = "tiny") -> Path:
+def write_demo_model(
+    path: str | os.PathLike,
+    preset: str = "tiny",
+    layers: int | None = None,
+    dtype: mx.Dtype = mx.float32,
+) -> Path:
     """A real mlx-lm model directory: config, 4-bit safetensors, tokenizer.
 
     Loadable by ``mlx_lm.load`` and servable by ``mlx_lm.server`` offline.
+    ``layers`` and ``dtype`` as in `build_demo_model`.
     """
     from mlx_lm.utils import save_model
 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    config = demo_config(preset)
+    config = demo_config(preset, layers)
     tokenizer = build_tokenizer(config["vocab_size"])
     eos_id = tokenizer.token_to_id("<|im_end|>")
     config["eos_token_id"] = eos_id
-    save_model(folder, build_demo_model(preset))
+    save_model(folder, build_demo_model(preset, layers=layers, dtype=dtype))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save(str(folder / "tokenizer.json"))
     tokenizer_config = {

@@ -22,8 +22,10 @@ def gather_path(monkeypatch):
 @pytest.fixture(autouse=True, scope="session")
 def kernel_caches(tmp_path_factory):
     """The compiled-kernel caches (this package's store and MLX's) of a test
-    session live in its temporary folder, never in the user's."""
-    root = tmp_path_factory.mktemp("kernel-caches")
+    session live in its temporary folder, never in the user's
+    (``MOEFUSE_TEST_CACHE_ROOT`` names one that parallel shards share)."""
+    shared = os.environ.get("MOEFUSE_TEST_CACHE_ROOT")
+    root = Path(shared) if shared else tmp_path_factory.mktemp("kernel-caches")
     saved = {k: os.environ.get(k) for k in ("MOEFUSE_CACHE_DIR", "MLX_PTX_CACHE_DIR")}
     os.environ["MOEFUSE_CACHE_DIR"] = str(root / "moefuse")
     os.environ["MLX_PTX_CACHE_DIR"] = str(root / "mlx")

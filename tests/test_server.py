@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import run
 
 BIN = Path(sys.executable).parent
 PROMPTS = [
@@ -109,3 +110,24 @@ def test_fused_server_answers_exactly_like_a_plain_one(program, demo_model, tmp_
     assert len(set(plain_answers)) > 1  # the prompts matter: not a constant reply
     assert "fused 4/4 SwitchGLU layers" in (tmp_path / "fused.log").read_text()
     assert "fused" not in (tmp_path / "plain.log").read_text().lower()
+
+
+def test_the_server_benchmark_runs_real_servers(tmp_path):
+    # `moefuse bench --server --quick`: a plain and a fused mlx_lm.server on the
+    # tiny demo model, every workload streamed; the figures exist and agree
+    out = tmp_path / "bench"
+    done = run(["moefuse", "bench", "--server", "--quick", "--server-preset", "tiny",
+                    "--server-rounds", "1", "--out", str(out)])  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads((out / "server.json").read_text())
+    summary = result["summary"]
+    assert summary["start_s"]["plain"] > 0 and summary["start_s"]["fused"] > 0
+    for workload in ("single", "concurrent", "long_prompts"):
+        row = summary[workload]
+        assert row["tok_per_s"]["plain"] > 0 and row["tok_per_s"]["fused"] > 0
+        assert row["ttft_p99_s"]["fused"] >= row["ttft_p50_s"]["fused"] > 0
+        done_requests, total = map(int, row["greedy_identical"].split("/"))
+        assert done_requests == total > 0  # the CPU path is bitwise
+    fused_log = result["runs"][0]["fused"]["install_log"]
+    assert any("fused 4/4 SwitchGLU layers" in line for line in fused_log)
+    assert (out / "server.png").stat().st_size > 0

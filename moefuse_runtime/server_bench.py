@@ -1,0 +1,312 @@
+"""A real-server benchmark: ``mlx_lm.server`` plain and under ``moefuse run``.
+
+``moefuse bench --server`` writes a model directory (the demo model at a
+preset's dimensions: random 4-bit weights, the demo tokenizer, mlx-lm's
+``save_model``), then for each round starts two fresh servers in turn,
+plain (``python -m mlx_lm server``) and fused (the same command under
+``moefuse run``), each on 127.0.0.1 and stopped by its pid when done. On
+each server, in order:
+
+* ``start``: seconds from the process start until ``/health`` answers;
+* ``load``: the first request (one token): the model loads, and in the fused
+  server, install fuses and prepares the kernels;
+* ``single``: one request alone;
+* ``concurrent``: many requests, a fixed number in flight at a time;
+* ``long_prompts``: a batch of long prompts sent at once, few tokens each.
+
+The server loads its model on the first request, and every workload is the
+first of its sizes in that process: compile stalls of either server land
+inside them. Clients stream (server-sent events), so each request gives its
+time to first token and the gaps between tokens. Reported per workload and
+server: aggregate tokens/s, TTFT and per-token latency p50/p99, the ratios
+fused/plain, and greedy agreement (temperature 0: the same text from both).
+JSON plus a PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+WORDS = (
+    "model", "expert", "router", "token", "layer", "gate", "fused", "kernel", "memory",
+    "server", "batch", "prompt", "cache", "weight", "matrix", "vector", "quantized", "group",
+    "scale", "tensor", "stream", "decode", "prefill", "shard", "rank", "thread", "process",
+    "device", "graph", "compile", "launch",
+)
+START_TIMEOUT_S = 300
+REQUEST_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class Workload:
+    """``requests`` requests of ``prompt_words`` words, ``in_flight`` at a time,
+    ``max_tokens`` each."""
+
+    name: str
+    requests: int
+    in_flight: int
+    prompt_words: int
+    max_tokens: int
+
+
+GPU_WORKLOADS = (
+    Workload("single", 1, 1, 40, 128),
+    Workload("concurrent", 64, 32, 200, 128),
+    Workload("long_prompts", 16, 16, 750, 16),
+)
+SMOKE_WORKLOADS = (
+    Workload("single", 1, 1, 8, 8),
+    Workload("concurrent", 4, 2, 16, 8),
+    Workload("long_prompts", 3, 3, 48, 4),
+)
+
+
+def prompt(seed: int, words: int) -> str:
+    """A prompt of its own (no prefix shared with another, so that no server's
+    prompt cache serves one from another)."""
+    rng = random.Random(seed)
+    return f"Request {seed}: " + " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+@dataclass
+class Reply:
+    text: str = ""
+    ttft_s: float = 0.0
+    gaps_s: list[float] = field(default_factory=list)
+    tokens: int = 0
+    prompt_tokens: int = 0
+    seconds: float = 0.0
+
+
+def stream_chat(port: int, text: str, max_tokens: int) -> Reply:
+    """One streamed chat completion at temperature 0."""
+    body = json.dumps({
+        "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
+        "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True},
+    }).encode()  # fmt: skip
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    reply, start = Reply(), time.perf_counter()
+    last = None
+    with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: ") :])
+            usage = event.get("usage")
+            if usage:
+                reply.tokens = usage.get("completion_tokens", reply.tokens)
+                reply.prompt_tokens = usage.get("prompt_tokens", 0)
+            for choice in event.get("choices", []):
+                piece = (choice.get("delta") or {}).get("content") or ""
+                if not piece:
+                    continue
+                now = time.perf_counter()
+                if last is None:
+                    reply.ttft_s = now - start
+                else:
+                    reply.gaps_s.append(now - last)
+                last = now
+                reply.text += piece
+    reply.seconds = time.perf_counter() - start
+    return reply
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One ``mlx_lm.server`` process on 127.0.0.1, in a session of its own."""
+
+    def __init__(self, model: Path, fused: bool, log: Path, server_args: list[str]):
+        self.port = free_port()
+        command = [sys.executable, "-m", "mlx_lm", "server", "--model", str(model),
+                   "--host", "127.0.0.1", "--port", str(self.port), *server_args]  # fmt: skip
+        if fused:
+            command = [sys.executable, "-m", "moefuse_runtime.cli", "run", "--", *command]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "EXO_FUSED_MOE": "1" if fused else "0"}
+        self.log_path = log
+        self.log = open(log, "w")  # noqa: SIM115 - closed in stop()
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
+                                        env=env, start_new_session=True)  # fmt: skip
+
+    def wait_healthy(self) -> float:
+        """Seconds from the start until /health answers."""
+        deadline = self.started + START_TIMEOUT_S
+        while time.perf_counter() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2):
+                    return time.perf_counter() - self.started
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.05)
+        raise TimeoutError(f"no /health within {START_TIMEOUT_S} s")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def run_workload(port: int, workload: Workload, seed: int) -> dict:
+    """The workload's requests, ``in_flight`` at a time; its figures and texts."""
+    prompts = [prompt(seed + i, workload.prompt_words) for i in range(workload.requests)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workload.in_flight) as pool:
+        replies = list(pool.map(lambda p: stream_chat(port, p, workload.max_tokens), prompts))
+    seconds = time.perf_counter() - start
+    tokens = sum(r.tokens for r in replies)
+    ttfts = [r.ttft_s for r in replies]
+    gaps = [g for r in replies for g in r.gaps_s]
+    return {
+        "seconds": seconds,
+        "tokens": tokens,
+        "tok_per_s": tokens / seconds,
+        "prompt_tokens_mean": statistics.mean(r.prompt_tokens for r in replies),
+        "ttft_p50_s": percentile(ttfts, 0.5),
+        "ttft_p99_s": percentile(ttfts, 0.99),
+        "token_latency_p50_s": percentile(gaps, 0.5),
+        "token_latency_p99_s": percentile(gaps, 0.99),
+        "texts": [r.text for r in replies],
+    }
+
+
+def serve_once(model: Path, fused: bool, workloads, log: Path, server_args: list[str]) -> dict:
+    """A fresh server: its start, its first request, then each workload."""
+    server = Server(model, fused, log, server_args)
+    try:
+        result = {"start_s": server.wait_healthy()}
+        load = time.perf_counter()
+        stream_chat(server.port, "Hello", 1)
+        result["load_s"] = time.perf_counter() - load
+        for i, workload in enumerate(workloads):
+            result[workload.name] = run_workload(server.port, workload, seed=1000 * (i + 1))
+    finally:
+        server.stop()
+    result["install_log"] = [line for line in log.read_text().splitlines()
+                             if "moefuse_runtime" in line][-6:]  # fmt: skip
+    return result
+
+
+def summarize(rounds: list[dict], workloads) -> dict:
+    """Medians over rounds per server, ratios fused/plain, and agreement."""
+    def both(*keys: str) -> dict[str, float]:
+        medians = {}
+        for server in ("plain", "fused"):
+            values = []
+            for r in rounds:
+                value = r[server]
+                for key in keys:
+                    value = value[key]
+                values.append(value)
+            medians[server] = statistics.median(values)
+        return medians
+
+    summary: dict = {"start_s": both("start_s"), "load_s": both("load_s")}
+    start = summary["start_s"]
+    start["fused_minus_plain"] = start["fused"] - start["plain"]
+    for workload in workloads:
+        row: dict = {m: both(workload.name, m) for m in METRICS}
+        row["tok_per_s"]["ratio"] = row["tok_per_s"]["fused"] / row["tok_per_s"]["plain"]
+        pairs = [
+            pair for r in rounds
+            for pair in zip(r["plain"][workload.name]["texts"], r["fused"][workload.name]["texts"],
+                            strict=True)
+        ]  # fmt: skip
+        row["greedy_identical"] = f"{sum(p == f for p, f in pairs)}/{len(pairs)}"
+        summary[workload.name] = row
+    return summary
+
+
+METRICS = ("tok_per_s", "seconds", "ttft_p50_s", "ttft_p99_s", "token_latency_p50_s",
+           "token_latency_p99_s")  # fmt: skip
+
+
+def run(out: str, *, preset: str, layers: int | None, rounds: int, smoke: bool,
+        server_args: list[str], log: Callable[[str], None] = print) -> dict:  # fmt: skip
+    """Write the model, serve it plain and fused ``rounds`` times, interleaved."""
+    import mlx.core as mx
+
+    from . import demo
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = mx.float32 if smoke else mx.bfloat16
+    model = demo.write_demo_model(folder / "model", preset, layers=layers, dtype=dtype)
+    workloads = SMOKE_WORKLOADS if smoke else GPU_WORKLOADS
+    results = []
+    for i in range(rounds):
+        row = {}
+        for name in ("plain", "fused") if i % 2 == 0 else ("fused", "plain"):
+            row[name] = serve_once(model, name == "fused", workloads,
+                                   folder / f"server-{name}-{i}.log", server_args)  # fmt: skip
+            figures = ", ".join(f"{w.name} {row[name][w.name]['tok_per_s']:.1f} tok/s"
+                                for w in workloads)  # fmt: skip
+            log(f"round {i} {name}: start {row[name]['start_s']:.2f} s, first request "
+                f"{row[name]['load_s']:.2f} s, {figures}")  # fmt: skip
+        results.append(row)
+    result = {
+        "preset": preset, "layers": layers, "rounds": rounds, "server_args": server_args,
+        "workloads": [asdict(w) for w in workloads], "summary": summarize(results, workloads),
+        "runs": results,
+    }  # fmt: skip
+    (folder / "server.json").write_text(json.dumps(result, indent=2))
+    plot(result, folder / "server.png")
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    """Aggregate tok/s and TTFT p99 per workload, plain beside fused."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [w["name"] for w in result["workloads"]]
+    summary = result["summary"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, label in ((axes[0], "tok_per_s", "aggregate tokens/s"),
+                              (axes[1], "ttft_p99_s", "time to first token, p99 (s)")):  # fmt: skip
+        for k, server in enumerate(("plain", "fused")):
+            values = [summary[n][metric][server] for n in names]
+            ax.bar([i + 0.4 * k for i in range(len(names))], values, 0.4, label=server)
+        ax.set_xticks([i + 0.2 for i in range(len(names))], names)
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle(f"mlx_lm.server, {result['preset']} ({result['layers'] or 'all'} layers), "
+                 f"medians of {result['rounds']} rounds of fresh servers")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
