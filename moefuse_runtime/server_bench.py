@@ -25,6 +25,7 @@ JSON plus a PNG.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -90,17 +91,39 @@ class Reply:
     tokens: int = 0
     prompt_tokens: int = 0
     seconds: float = 0.0
+    retries: int = 0
+
+
+RETRIES = 3
+"""Connections a request may retry when the server drops it before answering
+(``ThreadingHTTPServer`` listens with a backlog of 5: a burst of connections
+can be reset); each retry is counted in the results."""
 
 
 def stream_chat(port: int, text: str, max_tokens: int) -> Reply:
-    """One streamed chat completion at temperature 0."""
+    """One streamed chat completion at temperature 0, timed from its first try."""
+    start = time.perf_counter()
+    for attempt in range(RETRIES + 1):
+        try:
+            reply = _stream_chat(port, text, max_tokens, start)
+        except (ConnectionError, http.client.RemoteDisconnected, urllib.error.URLError):
+            if attempt == RETRIES:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+            continue
+        reply.retries = attempt
+        return reply
+    raise AssertionError("unreachable")
+
+
+def _stream_chat(port: int, text: str, max_tokens: int, start: float) -> Reply:
     body = json.dumps({
         "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
         "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True},
     }).encode()  # fmt: skip
     request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
                                      headers={"Content-Type": "application/json"})  # fmt: skip
-    reply, start = Reply(), time.perf_counter()
+    reply = Reply()
     last = None
     with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
         for raw in response:
@@ -199,6 +222,7 @@ def run_workload(port: int, workload: Workload, seed: int) -> dict:
         "ttft_p99_s": percentile(ttfts, 0.99),
         "token_latency_p50_s": percentile(gaps, 0.5),
         "token_latency_p99_s": percentile(gaps, 0.99),
+        "retries": sum(r.retries for r in replies),
         "texts": [r.text for r in replies],
     }
 
@@ -276,6 +300,7 @@ def run(out: str, *, preset: str, layers: int | None, rounds: int, smoke: bool,
                                 for w in workloads)  # fmt: skip
             log(f"round {i} {name}: start {row[name]['start_s']:.2f} s, first request "
                 f"{row[name]['load_s']:.2f} s, {figures}")  # fmt: skip
+            (folder / "server-partial.json").write_text(json.dumps([*results, row], indent=2))
         results.append(row)
     result = {
         "preset": preset, "layers": layers, "rounds": rounds, "server_args": server_args,

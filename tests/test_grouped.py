@@ -479,7 +479,7 @@ def test_grouped_data_flow_matches_switch_glu(
         == {"swiglu": "swiglu", "oai": "swiglu oai", "unknown": "mlx activation"}[activation]
     )
     path = grouped.GroupedKernels(quantize_down, 0, compiled=False, activation=act)
-    out = path(layer, x, indices)
+    out = path(layer, layer.gate_up_proj, x, indices)
     assert out.shape == expected.shape
     assert relative_error(out, expected) < 1e-5
 
