@@ -125,9 +125,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         if args.server_rounds < 1:
             raise UsageError("moefuse bench: --server-rounds must be at least 1")
-        server_bench.run(args.out, preset=args.server_preset, layers=args.server_layers,
-                         rounds=args.server_rounds, smoke=args.quick,
-                         server_args=args.server_args, log=print)  # fmt: skip
+        server_bench.run(
+            args.out, preset=args.server_preset, layers=args.server_layers,
+            rounds=args.server_rounds, smoke=args.quick, server_args=args.server_args,
+            warmup=not args.quick, log=print,
+        )  # fmt: skip
         print(f"wrote {args.out}/server.json and {args.out}/server.png")
         return 0
     if args.cuda:
