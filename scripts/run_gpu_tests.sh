@@ -20,14 +20,16 @@ pids=()
 for ((k = 0; k < shards; k++)); do
   awk -v n="$shards" -v k="$k" '(NR - 1) % n == k' "$logdir/ids.txt" > "$logdir/ids-$k.txt"
   # Node ids hold spaces ("affine 3-bit"): pass them one per line.
-  xargs -r -d '\n' -a "$logdir/ids-$k.txt" python3 -m pytest -v -rs -p no:cacheprovider \
+  # a session of its own per shard: stopping the script stops its pytest too
+  setsid xargs -r -d '\n' -a "$logdir/ids-$k.txt" python3 -m pytest -v -rs -p no:cacheprovider \
     > "$logdir/shard-$k.log" 2>&1 &
   pids+=($!)
 done
 collect() {
   cat "$logdir"/shard-*.log > "$logdir/all.log"; rm -f "$logdir"/ids-*.txt "$logdir"/shard-*.log
 }
-trap 'kill "${pids[@]}" 2>/dev/null; wait; collect; echo "run_gpu_tests: stopped"; exit 124' TERM
+stop() { for pid in "${pids[@]}"; do kill -- "-$pid" 2>/dev/null; done; }
+trap 'stop; wait; collect; echo "run_gpu_tests: stopped"; exit 124' TERM
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
 collect
