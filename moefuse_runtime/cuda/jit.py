@@ -15,10 +15,12 @@ This module puts ours where MLX looks:
   MLX generates, `KernelSpec.module_name` the name MLX files it under
   (``<kernel>_<hex std::hash of that source>``; `std_hash` is libstdc++'s).
 * `prepare` makes MLX's cache hold the variant's module: copied from the
-  package's own store (`cache_dir`), or compiled here with the NVRTC library
-  MLX loaded and MLX's options (`Nvrtc`), then written to both.
-* `prepare_all` prepares many variants in threads (NVRTC runs without the
-  GIL); `install` calls it for every variant its fused layers can pick.
+  package's own store (`cache_dir`), or compiled with the NVRTC library MLX
+  loaded and MLX's options (`compile_spec`, in a worker process: nvrtc.py),
+  then written to both.
+* `prepare_all` prepares many variants side by side; `install` calls it for
+  every variant its fused layers can launch, and `launch` for any variant
+  it did not foresee, before MLX first sees it.
 
 A cache entry is never a correctness risk: the module name hashes the whole
 source, whose header names a digest of the package's kernel files and the
@@ -359,9 +361,9 @@ COMPILE_TIMEOUT_S = 600
 
 
 def compile_spec(spec: KernelSpec, arch: str) -> Module:
-    """Compile a variant as MLX would, in a worker process (`nvrtc.py`: NVRTC
-    compiles one program at a time per process, so processes run side by
-    side where threads would queue); raises NvrtcError on failure."""
+    """Compile a variant as MLX would, in a worker process (`nvrtc.py`): the
+    compiler's memory never joins the server's and goes back when it ends,
+    and a compiler crash is one failed variant; raises NvrtcError on failure."""
     request = {
         "library": nvrtc_library(),
         "source": spec.mlx_source(),
