@@ -27,8 +27,9 @@ and a block that does not qualify keeps running its forward as before:
   attribute set during a trace would hold a tracer). A block that fails
   here runs uncompiled from then on, with the reason logged once.
 
-The compiled graphs of a block are kept per kernel choice of its fused
-layers (a benchmark that swaps a layer's kernels gets a graph of its own).
+A block's graph is traced once and replayed as is: a call looks up
+nothing. Code that changes its fused layers' kernels afterwards (the
+benchmark's variants) calls `recompile`; `install` compiles afresh.
 """
 
 from __future__ import annotations
@@ -67,41 +68,36 @@ class CompiledBlock:
 
 
 class _Compiled:
-    """One block's compiled forwards, per kernel choice of its fused layers.
+    """One block's compiled forward, traced on its first compilable call.
 
-    Not copied: a deep copy of the block starts with none (they capture the
-    block they were made for) and compiles its own on first use.
+    The graph captures the kernel choice of the block's fused layers as it
+    was then: code that changes ``layer.kernels`` (the benchmark's variants)
+    calls `recompile` after. Not copied: a deep copy of the block starts
+    with none (it captures the block it was made for) and traces its own.
     """
 
-    def __init__(self, layer_keys: tuple[str, ...]) -> None:
-        self.layer_keys = layer_keys
-        self.graphs: list[tuple[tuple, Callable]] = []
+    def __init__(self) -> None:
+        self.graph: Callable | None = None
         self.failure: str | None = None
 
     def __deepcopy__(self, memo) -> _Compiled:
-        return _Compiled(self.layer_keys)
+        return _Compiled()
 
     def __reduce__(self):
-        return (_Compiled, (self.layer_keys,))
+        return (_Compiled, ())
 
     def run(self, block: nn.Module, forward: Callable, args: tuple, kwargs: dict):
         if self.failure is not None:
             return forward(block, *args, **kwargs)
-        choice = tuple(block[k].__dict__.get("kernels") for k in self.layer_keys)
-        graph = next((g for c, g in self.graphs if _same(c, choice)), None)
+        graph = self.graph
         if graph is None:
-            graph = _compile(block, forward, self)
-            self.graphs.append((choice, graph))
+            graph = self.graph = _compile(block, forward, self)
         out = graph(*args, **kwargs)
         if self.failure is None:
             return out
-        self.graphs.clear()  # the failed trace goes with its compiled function
+        self.graph = None  # the failed trace goes with its compiled function
         logger.warning("%s runs uncompiled: %s", _name(block), self.failure)
         return forward(block, *args, **kwargs)
-
-
-def _same(a: tuple, b: tuple) -> bool:
-    return all(x is y for x, y in zip(a, b, strict=True))
 
 
 def _compilable_call(args: tuple, kwargs: dict) -> bool:
@@ -205,18 +201,25 @@ def compile_blocks(model: nn.Module, is_layer: Callable[[nn.Module], bool]) -> l
     accepts; afresh where already compiled. Returns what it did, for the
     report: one line per reason a block was left as it was."""
     compiled, left = 0, {}
-    for block, keys in blocks_holding(model, is_layer):
+    for block, _ in blocks_holding(model, is_layer):
         reason = why_not_compilable(block)
         if reason is not None:
             uncompile(block)
             left[reason] = left.get(reason, 0) + 1
             continue
-        block.__dict__[STATE] = _Compiled(keys)
+        block.__dict__[STATE] = _Compiled()
         block.__class__ = compiled_class_for(own_class(block))
         compiled += 1
     notes = [f"MoE blocks: {compiled} compiled for calls of <= {COMPILED_TOKENS} tokens"]
     notes += [f"MoE blocks: {n} not compiled, {why}" for why, n in left.items()]
     return notes[0 if compiled else 1 :]
+
+
+def recompile(block: nn.Module) -> None:
+    """Drop a compiled block's graph: its next call traces the block as it is
+    now (after its layers' kernels changed)."""
+    if is_compiled(block):
+        block.__dict__[STATE] = _Compiled()
 
 
 def uncompile(block: nn.Module) -> None:

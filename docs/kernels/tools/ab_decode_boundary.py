@@ -18,7 +18,7 @@ import sys
 
 import mlx.core as mx
 
-from moefuse_runtime import install
+from moefuse_runtime import blocks, install
 from moefuse_runtime.cuda.bench import decode_cache, interleaved, use_kernels
 from moefuse_runtime.demo import build_demo_model
 from moefuse_runtime.installer import find_switch_glus
@@ -45,6 +45,8 @@ def main(out, rounds):
         def run_with(name, step=step, caches=caches):
             def run():
                 use_kernels(layers, variants[name])
+                for block in model.modules():  # compiled blocks trace the new kernels
+                    blocks.recompile(block)
                 return model(step, cache=caches[name])
 
             return run

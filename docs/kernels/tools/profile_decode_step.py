@@ -24,7 +24,7 @@ from collections import defaultdict
 import mlx.core as mx
 from torch.profiler import ProfilerActivity, profile
 
-from moefuse_runtime import install
+from moefuse_runtime import blocks, install
 from moefuse_runtime.cuda.bench import BroadcastFFN, decode_cache, use_kernels
 from moefuse_runtime.demo import build_demo_model
 from moefuse_runtime.installer import find_switch_glus
@@ -91,6 +91,8 @@ def main(out_path, batches):
         for name, chosen in (("fused", kernels), ("bound", [BroadcastFFN()] * len(layers)),
                              ("fused", kernels)):  # fmt: skip
             use_kernels(layers, chosen)
+            for block in model.modules():  # compiled blocks trace the new kernels
+                blocks.recompile(block)
             row[name] = measure(model, step, cache)  # fused twice: the second is kept
         for name in ("fused", "bound"):
             r = row[name]
