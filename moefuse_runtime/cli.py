@@ -28,6 +28,36 @@ class UsageError(Exception):
     """A mistake of the user's: reported in one line, exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its mistakes in one line (exit code 2) like ours."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (--help says more)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (0 rounds or -1 steps
+    would end in a traceback or never end)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def gigabytes(text: str) -> float:
+    """An argparse type: a finite, non-negative number of GB."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of GB, not {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite, non-negative number, not {text}")
+    return value
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """exec CMD with fusion active in it and in every Python child it starts."""
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
@@ -47,8 +77,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except FileNotFoundError:
         print(f"moefuse run: command not found: {command[0]}", file=sys.stderr)
         return 127
-    except PermissionError:
-        print(f"moefuse run: cannot execute: {command[0]}", file=sys.stderr)
+    except OSError as error:  # not executable, not a program (ENOEXEC), ...
+        print(f"moefuse run: cannot execute {command[0]}: {error.strerror}", file=sys.stderr)
         return 126
 
 
@@ -58,6 +88,8 @@ def _model_dir(path: str, command: str) -> Path:
         raise UsageError(f"moefuse {command}: no such directory: {path}")
     if not (folder / "config.json").is_file():
         raise UsageError(f"moefuse {command}: not an MLX model directory (no config.json): {path}")
+    if not any(folder.glob("*.safetensors")):
+        raise UsageError(f"moefuse {command}: no weights (*.safetensors) in {path}")
     return folder
 
 
@@ -92,9 +124,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_make_demo_model(args: argparse.Namespace) -> int:
+    folder = Path(args.dir)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"moefuse make-demo-model: {folder} exists and is not a directory")
     from . import demo
 
-    folder = Path(args.dir)
     if folder.exists() and any(folder.iterdir()) and not args.force:
         raise UsageError(f"moefuse make-demo-model: {folder} is not empty (use --force)")
     demo.write_demo_model(folder, args.preset)
@@ -123,8 +157,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.server:
         from . import server_bench
 
-        if args.server_rounds < 1:
-            raise UsageError("moefuse bench: --server-rounds must be at least 1")
         server_bench.run(
             args.out, preset=args.server_preset, layers=args.server_layers,
             rounds=args.server_rounds, smoke=args.quick, server_args=args.server_args,
@@ -177,9 +209,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="moefuse", description="Run-time gate/up fusion for MLX MoE models."
-    )
+    parser = _Parser(prog="moefuse", description="Run-time gate/up fusion for MLX MoE models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser(
@@ -194,7 +224,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("inspect", help="dry run: what install would do to a model")
     p.add_argument("model", metavar="MODEL_DIR", help="a local MLX model directory")
-    p.add_argument("--reserve-gb", type=float, default=None, help="memory to keep free (GB)")
+    p.add_argument("--reserve-gb", type=gigabytes, default=None, help="memory to keep free (GB)")
     p.set_defaults(handler=cmd_inspect)
 
     p = commands.add_parser("make-demo-model", help="write a small random MoE model directory")
@@ -205,8 +235,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("demo", help="fuse the built-in demo model and compare outputs")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    p.add_argument("--steps", type=int, default=64, help="tokens to decode")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved A/B rounds")
+    p.add_argument("--steps", type=positive_int, default=64, help="tokens to decode")
+    p.add_argument("--rounds", type=positive_int, default=3, help="interleaved A/B rounds")
     p.set_defaults(handler=cmd_demo)
 
     p = commands.add_parser("bench", help="benchmark fused vs unfused; JSON + PNG")
@@ -216,14 +246,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--kinds", nargs="+", default=["4bit", "bf16"],
                    help="4bit, 8bit, bf16 or fp32 (the CPU backend has fp32 only)")  # fmt: skip
     p.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
-    p.add_argument("--layers", type=int, default=4, help="distinct layers per shape")
-    p.add_argument("--rounds", type=int, default=20, help="A/B rounds per point")
-    p.add_argument("--scale", type=int, default=1,
+    p.add_argument("--layers", type=positive_int, default=4, help="distinct layers per shape")
+    p.add_argument("--rounds", type=positive_int, default=20, help="A/B rounds per point")
+    p.add_argument("--scale", type=positive_int, default=1,
                    help="divide experts and width by this (to fit small machines)")  # fmt: skip
     p.add_argument("--model-preset", default="qwen3-30b-a3b", choices=sorted(PRESETS))
-    p.add_argument("--model-layers", type=int, default=8)
-    p.add_argument("--model-rounds", type=int, default=5)
-    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--model-layers", type=positive_int, default=8)
+    p.add_argument("--model-rounds", type=positive_int, default=5)
+    p.add_argument("--decode-tokens", type=positive_int, default=64)
     p.add_argument("--dense-shapes", nargs="*", default=[], choices=list(DENSE_SHAPES),
                    help="dense gated MLP shapes to time too")  # fmt: skip
     p.add_argument("--model-dense", action="store_true",
@@ -254,8 +284,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    "directory it writes: start-up, first request, single, concurrent and "
                    "long-prompt workloads (with --quick: a tiny smoke run)")  # fmt: skip
     p.add_argument("--server-preset", default="qwen3-30b-a3b", choices=sorted(PRESETS))
-    p.add_argument("--server-layers", type=int, default=None, help="--server: model layers")
-    p.add_argument("--server-rounds", type=int, default=2,
+    p.add_argument("--server-layers", type=positive_int, default=None,
+                   help="--server: model layers")  # fmt: skip
+    p.add_argument("--server-rounds", type=positive_int, default=2,
                    help="--server: rounds of two fresh servers each")  # fmt: skip
     p.add_argument("--server-args", nargs="*", default=SERVER_ARGS,
                    help="--server: arguments to mlx_lm.server")  # fmt: skip

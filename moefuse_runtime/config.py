@@ -48,6 +48,36 @@ def env_reserve_bytes() -> int | None:
         gigabytes = float(raw)
     except ValueError:
         raise ValueError(f"{RESERVE_ENV}={raw!r} is not a number of GB") from None
-    if not gigabytes >= 0:
-        raise ValueError(f"{RESERVE_ENV}={raw!r} must be a non-negative number of GB")
+    if not 0 <= gigabytes < float("inf"):
+        raise ValueError(f"{RESERVE_ENV}={raw!r} must be a finite, non-negative number of GB")
     return int(gigabytes * 1e9)
+
+
+def check_env() -> None:
+    """Every variable `install` reads, read now, on every backend: a typo is a
+    ValueError naming the variable, whether or not this machine would act on it."""
+    env_flag(ENABLE_ENV, default=True)
+    env_flag(KERNEL_ENV, default=True)
+    env_reserve_bytes()
+
+
+def check_flag(function: str, name: str, value: object, none: bool = False) -> None:
+    """A flag argument is a bool (or None where ``none``): 0, 1 or "false" are
+    refused, since ``enabled="false"`` would otherwise read as true."""
+    if isinstance(value, bool) or (none and value is None):
+        return
+    accepted = "True, False or None" if none else "True or False"
+    raise TypeError(f"{function}: {name} must be {accepted}, not {value!r}")
+
+
+def check_reserve(function: str, value: object) -> int | None:
+    """``reserve_bytes``: None, or a finite, non-negative number of bytes."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{function}: reserve_bytes must be a number of bytes or None, "
+                        f"not {value!r}")  # fmt: skip
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"{function}: reserve_bytes must be finite and non-negative, "
+                         f"not {value!r}")  # fmt: skip
+    return int(value)

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import blocks, projections
-from .config import ENABLE_ENV, env_flag
+from .config import ENABLE_ENV, check_env, check_flag, check_reserve, env_flag
 from .cuda import prepare_kernels
 from .dense import DENSE_MLP
 from .dense import is_candidate as is_dense_candidate
@@ -92,6 +92,11 @@ def install(
         A `FuseReport`; layers that could not be fused say why. Never raises
         for a layer: any failure leaves that layer unfused and working.
 
+    Raises:
+        TypeError: an argument of the wrong type (named in the message).
+        ValueError: a negative or infinite ``reserve_bytes``, or an
+            environment variable that is not understood.
+
     Where fused layers run on the CUDA kernels, the MoE blocks holding them
     also run compiled on decode steps (`blocks`; a note in the report), and
     every kernel variant they can launch is compiled now, or found compiled
@@ -101,8 +106,20 @@ def install(
     caller finds the layers already fused; a forward running meanwhile in
     another thread computes with each layer as it was or as it becomes.
     """
+    _check_model("install", model)
+    check_flag("install", "enabled", enabled, none=True)
+    check_flag("install", "dense", dense)
+    reserve_bytes = check_reserve("install", reserve_bytes)
+    if group is not None and not isinstance(group, mx.distributed.Group):
+        raise TypeError(f"install: group must be an mx.distributed.Group or None, not {group!r}")
+    check_env()
     with SWAPS:
         return _install(model, enabled, reserve_bytes, group, dense)
+
+
+def _check_model(function: str, model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{function}: model must be an mlx.nn.Module, not {type(model).__name__}")
 
 
 SWAPS = threading.RLock()
@@ -122,7 +139,7 @@ def _install(
     if enabled is None and not env_flag(ENABLE_ENV, default=True):
         return _disabled_report(model, dense, f"disabled by {ENABLE_ENV}=0")
     start = time.perf_counter()
-    reserve = default_reserve_bytes() if reserve_bytes is None else int(reserve_bytes)
+    reserve = default_reserve_bytes() if reserve_bytes is None else reserve_bytes
     fuser = _Fuser(reserve, *_agreeing_group(model, group, dense))
     report = _run("install", model, dense, fuser)
     if report.fused or report.already_fused:
@@ -150,9 +167,16 @@ def plan(model: nn.Module, *, reserve_bytes: int | None = None, dense: bool = Fa
     """What `install` would do on this machine now, changing nothing.
 
     Each layer's verdict (fusable or why not, and the headroom check against
-    the memory free now) is reported with outcome ``would fuse``/``skipped``.
+    the memory free now) is reported with outcome ``would fuse``/``skipped``;
+    with ``EXO_FUSED_MOE=0``, every layer is skipped as install would skip it.
     """
-    reserve = default_reserve_bytes() if reserve_bytes is None else int(reserve_bytes)
+    _check_model("plan", model)
+    check_flag("plan", "dense", dense)
+    reserve_bytes = check_reserve("plan", reserve_bytes)
+    check_env()
+    if not env_flag(ENABLE_ENV, default=True):
+        return _disabled_report(model, dense, f"disabled by {ENABLE_ENV}=0")
+    reserve = default_reserve_bytes() if reserve_bytes is None else reserve_bytes
     with SWAPS:
         return _run("plan", model, dense, _Fuser(reserve, None, (), dry_run=True))
 
@@ -163,6 +187,7 @@ def uninstall(model: nn.Module) -> FuseReport:
     The arrays come back bitwise identical and the layer regains its
     original class, so the model saves and loads as an ordinary mlx-lm model.
     """
+    _check_model("uninstall", model)
     with SWAPS:
         disarm(model)
         blocks.uncompile_blocks(model)

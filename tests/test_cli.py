@@ -93,6 +93,7 @@ open({str(tmp_path / "config.json")!r}, "w").write(json.dumps(config))
 
 def test_inspect_unloadable_model(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "no_such_architecture"}')
+    (tmp_path / "model.safetensors").write_bytes(b"")
     out = run(["moefuse", "inspect", str(tmp_path)])
     assert out.returncode == 1 and "cannot load" in out.stderr
     assert "Traceback" not in out.stderr
