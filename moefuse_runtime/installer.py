@@ -264,6 +264,9 @@ class _Fuser:
         self.notes = notes
 
     def __call__(self, path: str, layer: nn.Module, kind: Kind) -> LayerResult:
+        """One layer, in two rounds of votes with the group's peers (if any):
+        every rank takes part in both, whatever happens here, so that an
+        exception on one rank is its "no" and never a peer waiting for it."""
         if kind.is_fused(layer):
             self._agree(None)  # two votes, in step with peers that fuse this layer
             self._agree(None)
@@ -275,13 +278,18 @@ class _Fuser:
                 projections.describe(fused),
                 projections.nbytes(fused),
                 kind.name,
-                kind.select_path(layer),
+                _selected_path(layer, kind),
             )
-        reason = kind.why_not_fusable(layer)
-        storage = projections.describe(layer["gate_proj"]) if "gate_proj" in layer else ""
-        need = sum(projections.nbytes(layer[k]) for k in ("gate_proj", "up_proj") if k in layer)
-        if reason is None:
-            reason = self.stopped or self._headroom_verdict(path, need)
+        storage, need = "", 0
+        try:
+            reason = kind.why_not_fusable(layer)
+            storage = projections.describe(layer["gate_proj"]) if "gate_proj" in layer else ""
+            need = sum(projections.nbytes(layer[k]) for k in ("gate_proj", "up_proj") if k in layer)
+            if reason is None:
+                reason = self.stopped or self._headroom_verdict(path, need)
+        except Exception as error:  # noqa: BLE001 - this rank's "no", in step with its peers
+            logger.debug("checking %s failed", path, exc_info=True)
+            reason = f"failed while checking ({type(error).__name__}: {error}); layer left unfused"
         if self.dry_run:
             self.stopped = None  # nothing is allocated: each layer on its own
             outcome = Outcome.WOULD_FUSE if reason is None else Outcome.SKIPPED
@@ -297,7 +305,7 @@ class _Fuser:
         if reason is not None:
             return LayerResult(path, Outcome.SKIPPED, reason, storage, need, kind.name)
         kind.fuse(layer, fused)
-        compute_path = kind.select_path(layer)
+        compute_path = _selected_path(layer, kind)
         return LayerResult(path, Outcome.FUSED, "", storage, need, kind.name, compute_path)
 
     def _headroom_verdict(self, path: str, need: int) -> str | None:
@@ -319,15 +327,31 @@ class _Fuser:
         return f"failed while fusing ({message}); layer left unfused"
 
     def _agree(self, reason: str | None) -> str | None:
-        """With a group, a layer is fused only where every rank can fuse it."""
+        """With a group, a layer is fused only where every rank can fuse it;
+        a rank that cannot is named in its peers' reasons."""
         if self.group is None or self.group.size() < 2:
             return reason
+        rank, size = self.group.rank(), self.group.size()
+        mine = [int(r == rank and reason is not None) for r in range(size)]
         # Evaluated on every rank, vetoing or not: a lazy collective left
         # unevaluated on one rank would leave its peers waiting forever.
-        vetoes = mx.distributed.all_sum(mx.array(0 if reason is None else 1), group=self.group)
-        if vetoes.item() > 0 and reason is None:
-            return "another rank could not fuse this layer (verdicts agreed across ranks)"
+        vetoes = mx.distributed.all_sum(mx.array(mine), group=self.group).tolist()
+        others = [str(r) for r, vetoed in enumerate(vetoes) if vetoed and r != rank]
+        if others and reason is None:
+            ranks = f"rank{'s' if len(others) > 1 else ''} {', '.join(others)}"
+            return f"{ranks} could not fuse this layer (verdicts agreed across ranks)"
         return reason
+
+
+def _selected_path(layer: nn.Module, kind: Kind) -> str:
+    """The fused layer's compute path here; a failure to choose keeps the one
+    every fused layer has (its own forward, gather_qmm), and says why."""
+    try:
+        return kind.select_path(layer)
+    except Exception as error:  # noqa: BLE001 - the layer stays fused and correct
+        logger.debug("selecting a path failed", exc_info=True)
+        layer.__dict__.pop("kernels", None)
+        return f"gather_qmm (path selection failed: {type(error).__name__}: {error})"
 
 
 class _Unfuser:

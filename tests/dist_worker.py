@@ -116,6 +116,37 @@ def agreement(group, family, quantized):
         )
 
 
+def fault(group, family, quantized):
+    """Rank 1 raises while checking one layer and while probing another's
+    headroom: every rank must finish, with that layer unfused everywhere."""
+    from moefuse_runtime import installer, projections
+
+    model = build_family(family, quantized, VLM)
+    model.shard(group)
+    reference = logits_sequence(model)
+    if group.rank() == 1:
+        calls = {"mismatch": 0, "headroom": 0}
+        mismatch, headroom = projections.mismatch, installer.headroom
+
+        def faulty_mismatch(*args):
+            calls["mismatch"] += 1
+            if calls["mismatch"] == 1:  # the first layer
+                raise RuntimeError("injected in checking")
+            return mismatch(*args)
+
+        def faulty_headroom():
+            calls["headroom"] += 1
+            if calls["headroom"] == 1:  # the second: the first never got here
+                raise OSError("injected in the probe")
+            return headroom()
+
+        projections.mismatch, installer.headroom = faulty_mismatch, faulty_headroom
+    report = moefuse_runtime.install(model, group=group, reserve_bytes=0)
+    emit(group, "fault", family, same(logits_sequence(model), reference),
+         fused=len(report.fused), total=report.total,
+         skipped=[report.skipped[p] for p in sorted(report.skipped)])  # fmt: skip
+
+
 def segments(group, family, quantized):
     """Shard a fused qwen3_moe by hand, its stacked gate_up as 1 or 2 segments
     (the model's own shard() is qwen3_moe.Model.shard; this mirrors it)."""
@@ -157,6 +188,7 @@ CHECKS = {
     "tensor": tensor_parallel,
     "pipeline": pipeline,
     "agreement": agreement,
+    "fault": fault,
     "segments": segments,
 }
 

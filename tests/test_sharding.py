@@ -161,13 +161,30 @@ def test_group_agrees_on_every_verdict(tmp_path):
         assert rows[(0, "agreement-group")]["fused"] == 0
         assert rows[(1, "agreement-group")]["fused"] == 0
         assert rows[(0, "agreement-group")]["reasons"] == [
-            "another rank could not fuse this layer (verdicts agreed across ranks)"
+            "rank 1 could not fuse this layer (verdicts agreed across ranks)"
         ]
         assert "headroom" in rows[(1, "agreement-group")]["reasons"][0]
         # Without it the ranks would run different paths (still exact).
         assert rows[(0, "agreement-local")]["fused"] == rows[(0, "agreement-local")]["total"]
         assert rows[(1, "agreement-local")]["fused"] == 0
         assert all(r["ok"] for r in rows.values())
+
+
+def test_a_fault_on_one_rank_is_its_verdict(tmp_path):
+    # rank 1 raises while checking its first layer and while probing the
+    # headroom of its second: both ranks finish (bounded by launch's timeout),
+    # leave those layers unfused, name the rank and the reason, and compute as
+    # the unfused sharded model
+    records = launch(tmp_path, "fault", ["qwen3_moe"], quantized=True)
+    rows = {rank: records[rank][0] for rank in records}
+    assert all(row["ok"] for row in rows.values())
+    assert rows[0]["fused"] == rows[1]["fused"] == rows[0]["total"] - 2
+    faulted = rows[1]["skipped"]
+    assert any("failed while checking (RuntimeError: injected in checking)" in r for r in faulted)
+    assert any("failed while checking (OSError: injected in the probe)" in r for r in faulted)
+    assert rows[0]["skipped"] == [
+        "rank 1 could not fuse this layer (verdicts agreed across ranks)"
+    ] * 2
 
 
 def test_sharding_the_stacked_tensor_as_one_segment_is_caught(tmp_path):
