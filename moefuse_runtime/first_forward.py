@@ -33,10 +33,34 @@ GROUP = "_moefuse_shard_group"
 _ARMED_CLASSES: dict[type, type] = {}
 
 
+class Root:
+    """The model an armed layer fuses on its first call, held weakly.
+
+    A deep copy of the model gets a root of its own: the copy of the model
+    (already in the copy's memo when its layers are copied); a layer copied
+    without its model gets none and fuses nothing on its first call.
+    """
+
+    def __init__(self, model: nn.Module | None) -> None:
+        self._ref = weakref.ref(model) if model is not None else None
+
+    def __call__(self) -> nn.Module | None:
+        return self._ref() if self._ref is not None else None
+
+    def __deepcopy__(self, memo) -> Root:
+        model = self()
+        return Root(memo.get(id(model)) if model is not None else None)
+
+    def __reduce__(self):
+        return (Root, (self(),))  # pickled with its model: a reference in the same pickle
+
+
 def _fuse_on_first_call(self, *args, **kwargs):
     root = self.__dict__.get(ROOT)
     model = root() if root is not None else None
     disarm(model if model is not None else self)
+    self.__dict__.pop(ROOT, None)  # this layer is disarmed, whatever its root held
+    self.__class__ = unarmed_class(type(self))
     if model is not None:
         from .hooks import install_quietly
 
@@ -69,7 +93,7 @@ def arm(model: nn.Module) -> int:
     from .sharding import guard_shard
 
     try:
-        root = weakref.ref(model)
+        root = Root(model)
         armed = 0
         for _, layer in find_switch_glus(model):
             if is_fused(layer):

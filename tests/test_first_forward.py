@@ -27,6 +27,38 @@ def test_armed_model_fuses_on_its_first_forward_bitwise():
     assert same(reference, fused)
 
 
+def test_a_deep_copy_of_an_armed_model_fuses_itself():
+    # what the load_model hook leaves, copied: the copy fuses on its own first
+    # forward and the original stays armed until its own
+    import copy
+
+    model = build_family("qwen3_moe", quantized=True)
+    reference = logits_sequence(model)
+    first_forward.arm(model)
+    copied = copy.deepcopy(model)
+    assert first_forward.is_armed(copied)
+    assert same(reference, logits_sequence(copied))
+    assert all(moefuse_runtime.is_fused(m) for _, m in moefuse_runtime.find_switch_glus(copied))
+    assert first_forward.is_armed(model)
+    assert not any(moefuse_runtime.is_fused(m) for _, m in moefuse_runtime.find_switch_glus(model))
+    assert same(reference, logits_sequence(model))
+    assert all(moefuse_runtime.is_fused(m) for _, m in moefuse_runtime.find_switch_glus(model))
+
+
+def test_an_armed_layer_copied_alone_runs_unfused():
+    import copy
+
+    model = build_family("qwen3_moe", quantized=True)
+    first_forward.arm(model)
+    path, layer = next(iter(moefuse_runtime.find_switch_glus(model)))
+    alone = copy.deepcopy(layer)
+    x = mx.random.normal((1, 2, layer.gate_proj.weight.shape[-1] * 8))
+    indices = mx.zeros((1, 2, 2), mx.uint32)
+    unfused = layer.__class__.armed_from.__call__(layer, x, indices)
+    assert mx.array_equal(alone(x, indices), unfused).item()
+    assert not moefuse_runtime.is_fused(alone) and first_forward.is_armed(model)
+
+
 def test_install_and_plan_on_an_armed_model():
     model = build_family("mixtral", quantized=True)
     first_forward.arm(model)
