@@ -317,3 +317,21 @@ def test_the_compile_worker_reports_its_failure(monkeypatch, tmp_path):
     monkeypatch.setattr(jit, "nvrtc_library", lambda: str(tmp_path / "libnvrtc.so.99"))
     with pytest.raises(jit.NvrtcError, match="libnvrtc.so.99"):
         jit.compile_spec(grouped.route_spec(128, (16, 64)), "sm_90a")
+
+
+def test_fused_layers_on_the_kernels_deep_copy(as_cuda, monkeypatch):
+    # MLX's Dtype neither pickles nor deep-copies: the kernel paths carry their
+    # activation dtypes by name, so a fused model on CUDA copies (as mlx-lm's
+    # tests copy every model) and its kernel paths pickle
+    import copy
+    import pickle
+
+    monkeypatch.setattr(cuda, "prepare_all", lambda specs, arch, **_: jit.BuildReport({}, 0.0))
+    block = Block(quantized_layer(256, 128, 64), 64, 4)
+    moefuse_runtime.install(block, reserve_bytes=0)
+    kernels = block.switch_mlp.kernels
+    assert kernels is not None and kernels.decode.dtypes == (mx.bfloat16,)
+    assert copy.deepcopy(kernels) == kernels
+    assert pickle.loads(pickle.dumps(kernels)) == kernels
+    copied = copy.deepcopy(block)
+    assert moefuse_runtime.is_fused(copied.switch_mlp) and copied.switch_mlp.kernels == kernels

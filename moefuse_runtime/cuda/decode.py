@@ -36,7 +36,7 @@ import mlx.nn as nn
 
 from . import jit, source
 from .activations import NONE, SWIGLU, KernelActivation
-from .formats import QuantizedArrays, unit_values, why_not_format
+from .formats import PortableDtypes, QuantizedArrays, unit_values, why_not_format
 
 MIN_MAX_PAIRS, MAX_MAX_PAIRS = 32, 128
 """Bounds of the decode kernels' pair range (`max_pairs_for`)."""
@@ -189,7 +189,7 @@ def why_not_kernel(proj: nn.Module) -> str | None:
 
 
 @dataclass(frozen=True)
-class DecodeKernels:
+class DecodeKernels(PortableDtypes):
     """The kernel path of one fused layer: always gate_up, down when it qualifies.
 
     ``activation`` is gate_up's epilogue (NONE: the layer's own module runs

@@ -19,6 +19,7 @@ experts do. gate_up and down may differ in format.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -48,6 +49,24 @@ def unit_values(bits: int) -> int:
 
 KERNEL_DTYPES = (mx.bfloat16, mx.float16)
 """Activation dtypes of the kernels; float32 models stay exact on gather_qmm."""
+
+
+class PortableDtypes:
+    """For the frozen kernel-path dataclasses that hold activation ``dtypes``:
+    MLX's Dtype neither pickles nor deep-copies, so they travel by name (a
+    fused model copied or pickled keeps its kernel paths)."""
+
+    def __reduce__(self):
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        values["dtypes"] = tuple(_DTYPE_NAMES[d] for d in values["dtypes"])
+        return (_with_dtypes, (type(self), values))
+
+
+_DTYPE_NAMES = {mx.bfloat16: "bfloat16", mx.float16: "float16", mx.float32: "float32"}
+
+
+def _with_dtypes(cls: type, values: dict):
+    return cls(**{**values, "dtypes": tuple(getattr(mx, n) for n in values["dtypes"])})
 
 
 class QuantizedArrays(NamedTuple):

@@ -32,7 +32,7 @@ import mlx.core as mx
 from . import jit, source
 from .activations import NONE, SWIGLU, KernelActivation
 from .decode import apply_module, columns, flat_uint32
-from .formats import QuantizedArrays
+from .formats import PortableDtypes, QuantizedArrays
 
 GEMM_BK = 64
 """k values per pipeline stage (grouped_gemm.cuh: GEMM_BK)."""
@@ -296,7 +296,7 @@ def grouped_gemm(
 
 
 @dataclass(frozen=True)
-class GroupedKernels:
+class GroupedKernels(PortableDtypes):
     """The tensor-core path of one fused layer, for more than ``min_pairs`` pairs.
 
     gate_up always, with ``activation`` in its epilogue (NONE: the layer's
