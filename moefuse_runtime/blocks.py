@@ -36,10 +36,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from functools import cache
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from .twins import Twin, is_twin, twin_class
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +54,14 @@ IGNORED = frozenset({"_moefuse_pending"})
 """Attributes a fused layer may set during a forward and clear again (halves.PENDING)."""
 
 
-class CompiledBlock:
-    """What every compiled block twin adds to its class (a mixin); instances
-    are live blocks whose ``__class__`` was rebound (`compile_blocks`)."""
+class CompiledBlock(Twin):
+    """What every compiled block twin adds to its class (a mixin, `twins`);
+    instances are live blocks whose ``__class__`` was rebound (`compile_blocks`)."""
 
-    uncompiled_class: type
+    PREFIX = "Compiled"
 
     def __call__(self, *args, **kwargs):
-        forward = self.uncompiled_class.__call__
+        forward = self.original.__call__
         state = self.__dict__.get(STATE)
         if state is None or self.training or not _compilable_call(args, kwargs):
             return forward(self, *args, **kwargs)
@@ -158,7 +159,8 @@ def _restore(block: nn.Module, before: list) -> list[str]:
 
 def own_class(module: nn.Module) -> type:
     """The module's class as its model made it, compiled twin or not."""
-    return getattr(type(module), "uncompiled_class", type(module))
+    cls = type(module)
+    return cls.original if is_twin(cls, CompiledBlock) else cls
 
 
 def _name(module: nn.Module) -> str:
@@ -168,11 +170,9 @@ def _name(module: nn.Module) -> str:
 _MISSING = object()
 
 
-@cache
 def compiled_class_for(cls: type) -> type:
     """The compiled twin of a block class (one per class, made once)."""
-    return type(f"Compiled{cls.__name__}", (CompiledBlock, cls),
-                {"uncompiled_class": cls, "__module__": __name__})  # fmt: skip
+    return twin_class(CompiledBlock, cls)
 
 
 def is_compiled(block: nn.Module) -> bool:

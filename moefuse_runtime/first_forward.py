@@ -24,14 +24,13 @@ import weakref
 
 import mlx.nn as nn
 
+from .twins import Twin, is_twin, twin_class
+
 logger = logging.getLogger(__name__)
 
 ROOT = "_moefuse_armed_root"
 GROUP = "_moefuse_shard_group"
 """Set on a model by its guarded ``shard`` (see `sharding`): the tensor group."""
-
-_ARMED_CLASSES: dict[type, type] = {}
-
 
 class Root:
     """The model an armed layer fuses on its first call, held weakly.
@@ -68,19 +67,21 @@ def _fuse_on_first_call(self, *args, **kwargs):
     return self(*args, **kwargs)  # as the class is now: fused, or not
 
 
+class Armed(Twin):
+    """What an armed twin adds to a SwitchGLU class: its first call fuses the
+    model (`_fuse_on_first_call`)."""
+
+    PREFIX = "Armed"
+    __call__ = _fuse_on_first_call
+
+
 def armed_class_for(cls: type) -> type:
-    if cls not in _ARMED_CLASSES:
-        _ARMED_CLASSES[cls] = type(
-            f"Armed{cls.__name__}",
-            (cls,),
-            {"__call__": _fuse_on_first_call, "armed_from": cls, "__module__": __name__},
-        )
-    return _ARMED_CLASSES[cls]
+    return twin_class(Armed, cls)
 
 
 def unarmed_class(cls: type) -> type:
-    """The layer's own class, whether armed or not."""
-    return getattr(cls, "armed_from", cls)
+    """The layer's own class, whether armed or not (a fused twin stays fused)."""
+    return cls.original if is_twin(cls, Armed) else cls
 
 
 def arm(model: nn.Module) -> int:

@@ -27,6 +27,7 @@ from .cuda import kernels_for
 from .first_forward import unarmed_class
 from .halves import FUSED_NAME, join_halves, split_into_halves, why_forward_not_alike
 from .memory import backend
+from .twins import Twin, twin_class
 
 __all__ = ["FUSED_NAME", "FLAVOURS", "FusedSwitchGLU", "Kind", "SWITCH_GLU", "is_fused"]
 
@@ -83,8 +84,8 @@ def flavour_of(cls: type) -> Flavour | None:
     return None
 
 
-class FusedSwitchGLU:
-    """What every fused SwitchGLU twin adds to its class (a mixin).
+class FusedSwitchGLU(Twin):
+    """What every fused SwitchGLU twin adds to its class (a mixin, `twins`).
 
     Instances are never constructed: `fuse_layer` rebinds the ``__class__`` of
     a live layer, which keeps ``activation``, ``down_proj`` and any other
@@ -92,10 +93,14 @@ class FusedSwitchGLU:
     every fused layer, whatever its package.
     """
 
-    unfused_class: type
-    flavour: Flavour
+    PREFIX = "Fused"
+    flavour: Flavour | None
     kernels = None
     """`cuda.LayerKernels` on CUDA when the layer qualifies, else None."""
+
+    @classmethod
+    def twin_attributes(cls, original: type) -> dict:
+        return {"flavour": flavour_of(original)}
 
     def __call__(self, x: mx.array, indices: mx.array, *args, **kwargs) -> mx.array:
         # Each attribute read once: an uninstall in another thread meanwhile
@@ -106,21 +111,12 @@ class FusedSwitchGLU:
             if kernel_path is not None:
                 routed = kernel_path(self, gate_up, x, indices)
                 return self.flavour.finish(self, routed, *args, **kwargs)
-        return self.unfused_class.__call__(self, x, indices, *args, **kwargs)
-
-
-_FUSED_CLASSES: dict[type, type] = {}
+        return self.original.__call__(self, x, indices, *args, **kwargs)
 
 
 def fused_class_for(cls: type) -> type:
     """The fused twin of a SwitchGLU class (one per class, made once)."""
-    if cls not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls] = type(
-            f"Fused{cls.__name__}",
-            (FusedSwitchGLU, cls),
-            {"unfused_class": cls, "flavour": flavour_of(cls), "__module__": __name__},
-        )
-    return _FUSED_CLASSES[cls]
+    return twin_class(FusedSwitchGLU, cls)
 
 
 def is_fused(layer: nn.Module) -> bool:
@@ -177,7 +173,7 @@ def select_path(layer: FusedSwitchGLU) -> str:
 def _why_not_kernel_forward(layer: FusedSwitchGLU) -> str | None:
     """The kernels implement a flavour's own forward (with any activation:
     cuda/activations.py)."""
-    cls, flavour = type(layer).unfused_class, type(layer).flavour
+    cls, flavour = type(layer).original, type(layer).flavour
     if flavour is None or cls.__call__ is not flavour.base().__call__:
         return f"{cls.__name__} has its own forward"
     return None
@@ -188,7 +184,7 @@ def unfuse_layer(layer: FusedSwitchGLU, gate: nn.Module, up: nn.Module) -> None:
     (`join_halves`), then the twin class."""
     layer.__dict__.pop("kernels", None)
     join_halves(layer, gate, up)
-    layer.__class__ = type(layer).unfused_class
+    layer.__class__ = type(layer).original
 
 
 @dataclass(frozen=True)
