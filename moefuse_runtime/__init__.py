@@ -21,9 +21,10 @@ from .config import ENABLE_ENV, RESERVE_ENV, env_flag
 from .hooks import autopatch, is_patched, unpatch
 
 if TYPE_CHECKING:
-    from .installer import find_switch_glus, install, plan, uninstall
+    from .installer import install, plan, uninstall
     from .layer import FusedSwitchGLU, is_fused
     from .report import FuseReport, LayerResult, Outcome
+    from .walk import find_switch_glus
 
 __version__ = "0.1.0"
 
@@ -31,7 +32,7 @@ _LAZY = {
     "install": "installer",
     "uninstall": "installer",
     "plan": "installer",
-    "find_switch_glus": "installer",
+    "find_switch_glus": "walk",
     "FusedSwitchGLU": "layer",
     "is_fused": "layer",
     "FuseReport": "report",

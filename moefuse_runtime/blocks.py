@@ -40,7 +40,7 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from .twins import Twin, is_twin, twin_class
+from .twins import Twin, is_twin, original_class, twin_class
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ class CompiledBlock(Twin):
     PREFIX = "Compiled"
 
     def __call__(self, *args, **kwargs):
-        forward = self.original.__call__
+        # the class as read now: an uncompile in another thread may rebind it
+        forward = original_class(type(self)).__call__
         state = self.__dict__.get(STATE)
         if state is None or self.training or not _compilable_call(args, kwargs):
             return forward(self, *args, **kwargs)

@@ -21,37 +21,42 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Callable
 
 import mlx.nn as nn
 
+from .layer import is_fused
 from .twins import Twin, is_twin, twin_class
+from .walk import find_switch_glus
 
 logger = logging.getLogger(__name__)
 
 ROOT = "_moefuse_armed_root"
-GROUP = "_moefuse_shard_group"
-"""Set on a model by its guarded ``shard`` (see `sharding`): the tensor group."""
 
 class Root:
-    """The model an armed layer fuses on its first call, held weakly.
+    """The model an armed layer fuses on its first call (held weakly), and
+    what fusing it means (``on_first_call``, given by whoever armed it).
 
     A deep copy of the model gets a root of its own: the copy of the model
     (already in the copy's memo when its layers are copied); a layer copied
     without its model gets none and fuses nothing on its first call.
     """
 
-    def __init__(self, model: nn.Module | None) -> None:
+    def __init__(self, model: nn.Module | None, on_first_call: Callable[[nn.Module], None]):
         self._ref = weakref.ref(model) if model is not None else None
+        self.on_first_call = on_first_call
 
     def __call__(self) -> nn.Module | None:
         return self._ref() if self._ref is not None else None
 
     def __deepcopy__(self, memo) -> Root:
         model = self()
-        return Root(memo.get(id(model)) if model is not None else None)
+        return Root(memo.get(id(model)) if model is not None else None, self.on_first_call)
 
     def __reduce__(self):
-        return (Root, (self(),))  # pickled with its model: a reference in the same pickle
+        # pickled with its model (a reference in the same pickle) and the
+        # function (by name)
+        return (Root, (self(), self.on_first_call))
 
 
 def _fuse_on_first_call(self, *args, **kwargs):
@@ -61,9 +66,7 @@ def _fuse_on_first_call(self, *args, **kwargs):
     self.__dict__.pop(ROOT, None)  # this layer is disarmed, whatever its root held
     self.__class__ = unarmed_class(type(self))
     if model is not None:
-        from .hooks import install_quietly
-
-        install_quietly(model, group=model.__dict__.get(GROUP))
+        root.on_first_call(model)
     return self(*args, **kwargs)  # as the class is now: fused, or not
 
 
@@ -84,17 +87,14 @@ def unarmed_class(cls: type) -> type:
     return cls.original if is_twin(cls, Armed) else cls
 
 
-def arm(model: nn.Module) -> int:
-    """Make the first forward of any SwitchGLU in ``model`` fuse the model.
+def arm(model: nn.Module, on_first_call: Callable[[nn.Module], None]) -> int:
+    """Make the first forward of any SwitchGLU in ``model`` call
+    ``on_first_call(model)`` (which fuses it: `installer.arm`), then carry on.
 
     Returns how many layers were armed. Never raises into the loader.
     """
-    from .installer import find_switch_glus
-    from .layer import is_fused
-    from .sharding import guard_shard
-
     try:
-        root = Root(model)
+        root = Root(model, on_first_call)
         armed = 0
         for _, layer in find_switch_glus(model):
             if is_fused(layer):
@@ -103,7 +103,6 @@ def arm(model: nn.Module) -> int:
             layer.__class__ = armed_class_for(unarmed_class(type(layer)))
             armed += 1
         if armed:
-            guard_shard(model)  # records the group of a later model.shard(group)
             logger.debug("moefuse_runtime: %d layers fuse on the first forward", armed)
         return armed
     except Exception:  # noqa: BLE001 - a loader must still return its model
@@ -114,14 +113,10 @@ def arm(model: nn.Module) -> int:
 
 def disarm(model: nn.Module) -> None:
     """Give every armed layer in ``model`` its own class back."""
-    from .installer import find_switch_glus
-
     for _, layer in find_switch_glus(model):
         layer.__dict__.pop(ROOT, None)
         layer.__class__ = unarmed_class(type(layer))
 
 
 def is_armed(model: nn.Module) -> bool:
-    from .installer import find_switch_glus
-
     return any(ROOT in layer.__dict__ for _, layer in find_switch_glus(model))

@@ -99,7 +99,7 @@ def _after_load_model(wrapped, instance, args, kwargs):
     """load_model(path, ...) -> model, or (model, config) for mlx-lm's."""
     result = wrapped(*args, **kwargs)
     if _active:
-        from .first_forward import arm
+        from .installer import arm
 
         arm(result[0] if isinstance(result, tuple) else result)
     return result

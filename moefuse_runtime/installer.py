@@ -9,59 +9,27 @@ end), so the extra memory at any moment is one layer's gate and up.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import sys
 import threading
 import time
-from collections.abc import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
+import wrapt
 
-from . import blocks, projections
+from . import blocks, first_forward, projections
 from .config import ENABLE_ENV, check_env, check_flag, check_reserve, env_flag
 from .cuda import prepare_kernels
 from .dense import DENSE_MLP
-from .dense import is_candidate as is_dense_candidate
 from .first_forward import disarm
-from .layer import FUSED_NAME, SWITCH_GLU, Kind, has_kernels, switch_glu_classes
+from .layer import FUSED_NAME, Kind, has_kernels
 from .memory import default_reserve_bytes, format_bytes, headroom
 from .report import RELAID, FuseReport, LayerResult, Outcome
-from .sharding import guard_shard
+from .walk import find_targets
 
 logger = logging.getLogger(__name__)
-
-
-def find_switch_glus(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Every SwitchGLU (mlx-lm's, mlx-vlm's, subclasses) in ``model`` with its
-    dotted path, found lazily."""
-    for path, module, _ in _walk(model, "", dense=False, switch=switch_glu_classes()):
-        yield path, module
-
-
-def find_targets(model: nn.Module, dense: bool) -> Iterator[tuple[str, nn.Module, Kind]]:
-    """SwitchGLUs and (with ``dense``) dense gate/up MLPs, found lazily."""
-    yield from _walk(model, "", dense, switch_glu_classes())
-
-
-def _walk(
-    value: object, path: str, dense: bool, switch: tuple[type, ...]
-) -> Iterator[tuple[str, nn.Module, Kind]]:
-    if isinstance(value, switch):
-        yield path, value, SWITCH_GLU
-        return
-    if dense and isinstance(value, nn.Module) and is_dense_candidate(value):
-        yield path, value, DENSE_MLP
-        return
-    if isinstance(value, dict):
-        children = value.items()
-    elif isinstance(value, (list, tuple)):
-        children = ((str(i), v) for i, v in enumerate(value))
-    else:
-        return
-    for key, child in children:
-        if isinstance(child, (dict, list, tuple)):
-            yield from _walk(child, f"{path}.{key}" if path else str(key), dense, switch)
 
 
 def install(
@@ -398,3 +366,81 @@ def _is_allocation_error(error: Exception) -> bool:
     return isinstance(error, RuntimeError) and any(
         word in text for word in ("malloc", "out of memory", "allocat")
     )
+
+
+# -- sharding ------------------------------------------------------------------
+# Tensor-parallel sharding of a fused model, in either order.
+#
+# mlx-lm's ``Model.shard(group)`` reaches for ``switch_mlp.gate_proj`` and
+# ``up_proj`` and shards each along its outputs ("all-to-sharded"). A fused
+# layer holds neither. Teaching the fused projection to shard itself would mean
+# getting the segments right for every model: mlx-lm's load-time attempt sharded
+# the stacked tensor as one segment and handed rank 0 all of gate and rank 1
+# all of up. Instead the model class's ``shard`` is wrapped (with wrapt): fused
+# layers are split back, the model's own code shards gate and up exactly as it
+# always does, and each rank fuses its local halves again, the verdicts agreed
+# across the group. One mechanism for every model whose ``shard`` touches a
+# SwitchGLU, with no per-model code.
+#
+# Code that shards with its own functions instead of ``model.shard`` (exo's
+# strategies) should call ``install`` after sharding; it fuses the local shards.
+
+SHARD_GROUP = "_moefuse_shard_group"
+"""Set on a model by its guarded ``shard``: the tensor group, for a model
+that fuses on its first forward (`arm`)."""
+
+
+def guard_shard(model: nn.Module) -> bool:
+    """Wrap ``type(model).shard`` once so that it unfuses, shards, re-fuses.
+
+    Returns whether the class has a ``shard`` method (now guarded).
+    """
+    cls = type(model)
+    current = inspect.getattr_static(cls, "shard", None)
+    if current is None:
+        return False
+    if getattr(current, "_self_wrapper", None) is not _refuse_around_shard:
+        wrapt.wrap_function_wrapper(cls, "shard", _refuse_around_shard)
+        logger.debug("wrapped %s.shard to re-fuse after sharding", cls.__qualname__)
+    return True
+
+
+def _refuse_around_shard(wrapped, instance, args, kwargs):
+    if instance is None:
+        return wrapped(*args, **kwargs)
+    group = kwargs.get("group", args[0] if args else None) or mx.distributed.init()
+    instance.__dict__[SHARD_GROUP] = group  # for a model that fuses on its first forward
+    fused = {kind.name for _, m, kind in find_targets(instance, dense=True) if kind.is_fused(m)}
+    if not fused:
+        return wrapped(*args, **kwargs)
+    uninstall(instance)
+    result = wrapped(*args, **kwargs)
+    install(instance, enabled=True, group=group, dense=DENSE_MLP.name in fused)
+    return result
+
+
+# -- for the loader hooks --------------------------------------------------------
+
+
+def install_quietly(model: object, group: object = None) -> None:
+    """`install`, logging instead of raising: the host must keep serving."""
+    try:
+        install(model, group=group)  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - a server must keep serving, unfused
+        logger.exception("moefuse_runtime: install failed; the model is left unfused")
+
+
+def fuse_armed(model: nn.Module) -> None:
+    """What an armed model does on its first forward: install over the group
+    a ``model.shard(group)`` recorded."""
+    install_quietly(model, group=model.__dict__.get(SHARD_GROUP))
+
+
+def arm(model: nn.Module) -> int:
+    """Arm ``model`` to fuse on its first forward (`first_forward`), for
+    loaders that return before their callers shard; guard its ``shard`` so
+    that the group is recorded. Returns how many layers were armed."""
+    armed = first_forward.arm(model, fuse_armed)
+    if armed:
+        guard_shard(model)
+    return armed

@@ -24,10 +24,9 @@ import mlx.nn as nn
 
 from . import projections, vlm_helpers
 from .cuda import kernels_for
-from .first_forward import unarmed_class
 from .halves import FUSED_NAME, join_halves, split_into_halves, why_forward_not_alike
 from .memory import backend
-from .twins import Twin, twin_class
+from .twins import Twin, original_class, twin_class
 
 __all__ = ["FUSED_NAME", "FLAVOURS", "FusedSwitchGLU", "Kind", "SWITCH_GLU", "is_fused"]
 
@@ -103,15 +102,18 @@ class FusedSwitchGLU(Twin):
         return {"flavour": flavour_of(original)}
 
     def __call__(self, x: mx.array, indices: mx.array, *args, **kwargs) -> mx.array:
-        # Each attribute read once: an uninstall in another thread meanwhile
-        # leaves this call computing with the layer as it was when read.
-        kernels, gate_up = self.kernels, self.get(FUSED_NAME)
+        # Each read once, the class first: an uninstall in another thread drops
+        # the kernels, then the halves, then the class, so kernels read here
+        # mean that ``twin`` is still the fused class, and this call computes
+        # with the layer as it was when read.
+        twin = type(self)
+        kernels, gate_up = self.__dict__.get("kernels"), self.get(FUSED_NAME)
         if kernels is not None and gate_up is not None:
             kernel_path = kernels.pick(self, x, indices)
             if kernel_path is not None:
                 routed = kernel_path(self, gate_up, x, indices)
-                return self.flavour.finish(self, routed, *args, **kwargs)
-        return self.original.__call__(self, x, indices, *args, **kwargs)
+                return twin.flavour.finish(self, routed, *args, **kwargs)
+        return original_class(twin).__call__(self, x, indices, *args, **kwargs)
 
 
 def fused_class_for(cls: type) -> type:
@@ -136,7 +138,7 @@ def why_not_fusable(layer: nn.Module) -> str | None:
     return (
         projections.mismatch(layer["gate_proj"], layer["up_proj"])
         or projections.backend_limit(layer["gate_proj"], backend())
-        or why_forward_not_alike(unarmed_class(type(layer)))
+        or why_forward_not_alike(original_class(type(layer)))
     )
 
 

@@ -43,7 +43,7 @@ def fused_count(model):
 
 
 def dense_fused(model):
-    from moefuse_runtime.installer import find_targets
+    from moefuse_runtime.walk import find_targets
 
     kinds = [(kind.name, kind.is_fused(m)) for _, m, kind in find_targets(model, dense=True)]
     return sum(fused for name, fused in kinds if name == "dense MLP")

@@ -13,7 +13,7 @@ import pytest
 from helpers import build_family, logits_sequence
 
 import moefuse_runtime
-from moefuse_runtime import blocks, first_forward, twins
+from moefuse_runtime import blocks, first_forward, installer, twins
 from moefuse_runtime.layer import FusedSwitchGLU
 
 COPIES = {"pickle": lambda m: pickle.loads(pickle.dumps(m)), "deepcopy": copy.deepcopy}
@@ -48,7 +48,7 @@ def test_a_fused_model_copies(reference, copy_of):
 @pytest.mark.parametrize("copy_of", COPIES.values(), ids=COPIES.keys())
 def test_an_armed_model_copies_armed(reference, copy_of):
     model = build_family("qwen3_moe", quantized=True)
-    first_forward.arm(model)
+    installer.arm(model)
     copied = copy_of(model)
     assert first_forward.is_armed(copied)
     assert same(logits_sequence(copied), reference)  # fuses on its first forward

@@ -9,7 +9,7 @@ from conftest import run
 from helpers import build_family, logits_sequence
 
 import moefuse_runtime
-from moefuse_runtime import first_forward
+from moefuse_runtime import first_forward, installer
 
 PYTHON = sys.executable
 
@@ -17,7 +17,7 @@ PYTHON = sys.executable
 def test_armed_model_fuses_on_its_first_forward_bitwise():
     model = build_family("qwen3_moe", quantized=True)
     reference = logits_sequence(model)
-    assert first_forward.arm(model) == 2
+    assert installer.arm(model) == 2
     layers = [layer for _, layer in moefuse_runtime.find_switch_glus(model)]
     assert all(type(layer).__name__ == "ArmedSwitchGLU" for layer in layers)
     assert not any(moefuse_runtime.is_fused(layer) for layer in layers)
@@ -34,7 +34,7 @@ def test_a_deep_copy_of_an_armed_model_fuses_itself():
 
     model = build_family("qwen3_moe", quantized=True)
     reference = logits_sequence(model)
-    first_forward.arm(model)
+    installer.arm(model)
     copied = copy.deepcopy(model)
     assert first_forward.is_armed(copied)
     assert same(reference, logits_sequence(copied))
@@ -49,7 +49,7 @@ def test_an_armed_layer_copied_alone_runs_unfused():
     import copy
 
     model = build_family("qwen3_moe", quantized=True)
-    first_forward.arm(model)
+    installer.arm(model)
     path, layer = next(iter(moefuse_runtime.find_switch_glus(model)))
     alone = copy.deepcopy(layer)
     x = mx.random.normal((1, 2, layer.gate_proj.weight.shape[-1] * 8))
@@ -61,7 +61,7 @@ def test_an_armed_layer_copied_alone_runs_unfused():
 
 def test_install_and_plan_on_an_armed_model():
     model = build_family("mixtral", quantized=True)
-    first_forward.arm(model)
+    installer.arm(model)
     assert moefuse_runtime.plan(model, reserve_bytes=0).would_fuse
     assert first_forward.is_armed(model)  # plan changes nothing
     assert moefuse_runtime.install(model, reserve_bytes=0).fused
@@ -74,7 +74,7 @@ def test_install_and_plan_on_an_armed_model():
 def test_disabled_install_disarms_and_keeps_the_function(monkeypatch):
     model = build_family("mixtral", quantized=True)
     reference = logits_sequence(model)
-    first_forward.arm(model)
+    installer.arm(model)
     monkeypatch.setenv("EXO_FUSED_MOE", "0")
     assert logits_sequence(model)[0].shape == reference[0].shape
     assert not first_forward.is_armed(model)
@@ -85,10 +85,10 @@ def test_disabled_install_disarms_and_keeps_the_function(monkeypatch):
 def test_shard_records_the_group_for_the_first_forward():
     model = build_family("qwen3_moe", quantized=True)
     reference = logits_sequence(model)
-    first_forward.arm(model)
+    installer.arm(model)
     group = mx.distributed.init()  # one rank: shard keeps every row
     model.shard(group)
-    assert model.__dict__[first_forward.GROUP] is group
+    assert model.__dict__[installer.SHARD_GROUP] is group
     assert same(reference, logits_sequence(model))
     assert all(moefuse_runtime.is_fused(m) for _, m in moefuse_runtime.find_switch_glus(model))
 

@@ -42,7 +42,8 @@ from collections.abc import Callable
 import mlx.core as mx
 
 from .. import bench, blocks
-from ..installer import find_switch_glus, install
+from ..installer import install
+from ..walk import find_switch_glus
 
 LAYER_SHAPES = {"qwen3-30b-a3b": (2048, 128, 8, 768), "mixtral-8x7b": (4096, 8, 2, 14336)}
 LAYER_TOKENS = (512, 2048)

@@ -21,7 +21,7 @@ import mlx.core as mx
 from moefuse_runtime import blocks, install
 from moefuse_runtime.cuda.bench import decode_cache, interleaved, use_kernels
 from moefuse_runtime.demo import build_demo_model
-from moefuse_runtime.installer import find_switch_glus
+from moefuse_runtime.walk import find_switch_glus
 
 
 def with_boundary(kernels, pairs):

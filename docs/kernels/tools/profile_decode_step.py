@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from moefuse_runtime import blocks, install
 from moefuse_runtime.cuda.bench import BroadcastFFN, decode_cache, use_kernels
 from moefuse_runtime.demo import build_demo_model
-from moefuse_runtime.installer import find_switch_glus
+from moefuse_runtime.walk import find_switch_glus
 
 STEPS = 10
 PROFILED = 5
