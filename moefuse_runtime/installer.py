@@ -52,7 +52,7 @@ def install(
         group: With tensor-parallel ranks, the group whose ranks must agree
             on each layer's fuse/skip verdict, so all run the same path.
             Install after ``model.shard(group)`` fuses the local shards;
-            install before it is safe too (see `sharding`).
+            install before it is safe too (`guard_shard`, below).
         dense: Also fuse dense gated MLPs (shared experts, dense layers)
             whose forward calls gate_proj and up_proj on one input.
 
