@@ -46,13 +46,11 @@ class Target:
 
 
 def install_quietly(model: object, group: object = None) -> None:
-    """`install`, logging instead of raising: the host must keep serving."""
-    from .installer import install
+    """`installer.install_quietly`, imported when a loader returns: this module
+    stays light (``import moefuse_runtime`` imports it; the installer imports MLX)."""
+    from .installer import install_quietly
 
-    try:
-        install(model, group=group)
-    except Exception:  # noqa: BLE001 - a server must keep serving, unfused
-        logger.exception("moefuse_runtime: install failed; the model is left unfused")
+    install_quietly(model, group=group)
 
 
 def _after_load(wrapped, instance, args, kwargs):
