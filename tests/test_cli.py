@@ -150,7 +150,8 @@ def test_run_keeps_the_next_sitecustomize(tmp_path):
     # a mark in this process's builtins (the environment would be inherited
     # from `moefuse run`'s own process, which runs the user's sitecustomize too)
     (user / "sitecustomize.py").write_text("import builtins\nbuiltins.USER_SITE_RAN = 'yes'\n")
-    code = "import builtins as b, sys; print(getattr(b, 'USER_SITE_RAN', 'no'), 'wrapt' in sys.modules)"
+    code = ("import builtins as b, sys; "
+            "print(getattr(b, 'USER_SITE_RAN', 'no'), 'wrapt' in sys.modules)")  # fmt: skip
     done = run(["moefuse", "run", "--", sys.executable, "-c", code], env={"PYTHONPATH": str(user)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["yes", "True"]  # the user's ran, and ours
