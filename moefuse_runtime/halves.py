@@ -81,30 +81,31 @@ def _same_call(args: tuple, kwargs: dict, new_args: tuple, new_kwargs: dict) -> 
 
 def is_split(module: nn.Module) -> bool:
     """Whether the module's gate_proj is a `Half` (the module is fused)."""
-    return isinstance(module.__dict__.get("gate_proj"), Half)
+    return isinstance(module.get("gate_proj"), Half)
 
 
 def split_into_halves(module: nn.Module, fused_projection: nn.Module) -> None:
-    """Swap in the stacked projection and the two halves (dict assignments only).
+    """Swap in the stacked projection, then the two halves in place of gate
+    and up (one entry assignment each, so the old projections go at once).
 
-    In an order that a forward running meanwhile in another thread never
-    notices: each ``self.gate_proj`` it looks up is the old projection or a
-    half of a stacked projection that is already there (an attribute in
-    ``__dict__`` wins over the module's entry of the same name).
+    The halves are the module's entries, as its projections were: a forward
+    running meanwhile in another thread looks each name up in one step
+    (mlx's ``Module.__getattr__``) and finds the old projection or a half of
+    a stacked projection that is already there, never nothing. mlx's tree
+    functions (``parameters``, ``children``, ``update``) skip the halves,
+    which are not modules: the parameters live once, in ``gate_up_proj``.
     """
     module[FUSED_NAME] = fused_projection
     for index, name in enumerate(HALF_NAMES):
-        object.__setattr__(module, name, Half(module, index))
-    del module["gate_proj"], module["up_proj"]
+        module[name] = Half(module, index)
 
 
 def join_halves(module: nn.Module, gate: nn.Module, up: nn.Module) -> None:
     """The inverse of `split_into_halves`, in the reverse order: gate and up
-    are back before the halves go, and the halves before the stacked
-    projection (a half looked up earlier then falls back to its own)."""
+    replace the halves before the stacked projection goes (a half looked up
+    earlier then falls back to its own)."""
     module["gate_proj"], module["up_proj"] = gate, up
-    for name in (*HALF_NAMES, PENDING):
-        module.__dict__.pop(name, None)
+    module.__dict__.pop(PENDING, None)
     del module[FUSED_NAME]
 
 

@@ -64,7 +64,8 @@ def test_shared_expert_and_dense_layer_are_fused():
     assert "model.layers.0.mlp" in dense and "model.layers.1.mlp.shared_experts" in dense
     assert "fused 2/2 SwitchGLU layers and 3/3 dense MLPs" in report.summary()  # 1 dense + 2 shared
     mlp = model.model.layers[0].mlp
-    assert isinstance(mlp.gate_proj, Half) and "gate_up_proj" in mlp and "gate_proj" not in mlp
+    assert isinstance(mlp.gate_proj, Half) and "gate_up_proj" in mlp
+    assert "gate_proj" not in mlp.parameters()
 
 
 class TwoInputs(nn.Module):

@@ -10,6 +10,7 @@ from mlx.utils import tree_flatten, tree_map
 
 import moefuse_runtime
 from moefuse_runtime import FusedSwitchGLU, Outcome
+from moefuse_runtime.halves import Half
 
 
 def quantized_model():
@@ -65,7 +66,11 @@ def test_fused_layer_shape_and_repr():
     layer = model.model.layers[1].mlp.switch_mlp
     assert isinstance(layer, FusedSwitchGLU)
     assert set(layer.children()) == {"gate_up_proj", "down_proj", "activation"}
-    assert "gate_proj" not in layer and "up_proj" not in layer
+    # gate_proj and up_proj are halves of gate_up_proj: no parameters of their own
+    assert isinstance(layer["gate_proj"], Half) and isinstance(layer["up_proj"], Half)
+    assert {k.split(".")[0] for k, _ in tree_flatten(layer.parameters())} == {
+        "gate_up_proj", "down_proj"
+    }
     assert "FusedSwitchGLU" in repr(model)
 
 
