@@ -17,7 +17,6 @@ import time
 
 import mlx.core as mx
 import mlx.nn as nn
-import wrapt
 
 from . import blocks, first_forward, projections
 from .config import ENABLE_ENV, check_env, check_flag, check_reserve, env_flag
@@ -26,6 +25,7 @@ from .dense import DENSE_MLP
 from .first_forward import disarm
 from .layer import FUSED_NAME, Kind, has_kernels
 from .memory import default_reserve_bytes, format_bytes, headroom
+from .patching import arguments, wrap
 from .report import RELAID, FuseReport, LayerResult, Outcome
 from .walk import find_targets
 
@@ -396,11 +396,9 @@ def guard_shard(model: nn.Module) -> bool:
     Returns whether the class has a ``shard`` method (now guarded).
     """
     cls = type(model)
-    current = inspect.getattr_static(cls, "shard", None)
-    if current is None:
+    if inspect.getattr_static(cls, "shard", None) is None:
         return False
-    if getattr(current, "_self_wrapper", None) is not _refuse_around_shard:
-        wrapt.wrap_function_wrapper(cls, "shard", _refuse_around_shard)
+    if wrap(cls, "shard", _refuse_around_shard):
         logger.debug("wrapped %s.shard to re-fuse after sharding", cls.__qualname__)
     return True
 
@@ -408,7 +406,7 @@ def guard_shard(model: nn.Module) -> bool:
 def _refuse_around_shard(wrapped, instance, args, kwargs):
     if instance is None:
         return wrapped(*args, **kwargs)
-    group = kwargs.get("group", args[0] if args else None) or mx.distributed.init()
+    group = arguments(wrapped, args, kwargs).get("group") or mx.distributed.init()
     instance.__dict__[SHARD_GROUP] = group  # for a model that fuses on its first forward
     fused = {kind.name for _, m, kind in find_targets(instance, dense=True) if kind.is_fused(m)}
     if not fused:

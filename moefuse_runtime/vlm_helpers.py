@@ -20,14 +20,16 @@ import logging
 from dataclasses import dataclass
 
 import mlx.nn as nn
-import wrapt
 
 from .halves import FUSED_NAME, Half, is_split
+from .patching import arguments, wrap
 
 logger = logging.getLogger("moefuse_runtime")
 
 
-def _bind(projection, x, indices):
+def _first_three(wrapped, args: tuple, kwargs: dict) -> tuple:
+    """A helper's (projection or layer, x, indices), by its signature."""
+    projection, x, indices = list(arguments(wrapped, args, kwargs).values())[:3]
     return projection, x, indices
 
 
@@ -36,7 +38,7 @@ def _switch_linear_for_halves(wrapped, instance, args, kwargs):
     also takes a `Half`: its share of the same helper run on the stacked
     projection (both halves' rows: each half bitwise the same)."""
     try:
-        linear, x, indices = _bind(*args, **kwargs)
+        linear, x, indices = _first_three(wrapped, args, kwargs)
         if isinstance(linear, Half):
             owner = linear.owner
             return linear.share((x, indices), {}, lambda: wrapped(owner[FUSED_NAME], x, indices))
@@ -78,7 +80,7 @@ def _gate_up_kernel_for_fused(wrapped, instance, args, kwargs):
     Metal, one dispatch for a short block's gate and up) for a fused layer:
     the same kernel on `gate_up_views`, expert indices doubled."""
     try:
-        switch, x, indices = _bind(*args, **kwargs)
+        switch, x, indices = _first_three(wrapped, args, kwargs)
         if is_split(switch) and "scales" in switch[FUSED_NAME]:
             return wrapped(_GateUp(*gate_up_views(switch)), x, indices * 2)
     except Exception:  # noqa: BLE001 - never into the host: the helper below runs instead
@@ -101,9 +103,6 @@ def teach_short_block_helpers() -> None:
     module). Without the wrappers, short blocks run token by token."""
     for module_name, name, wrapper in HELPERS:
         try:
-            module = importlib.import_module(module_name)
-            current = getattr(module, name)
-            if getattr(current, "_self_wrapper", None) is not wrapper:
-                setattr(module, name, wrapt.FunctionWrapper(current, wrapper))
+            wrap(importlib.import_module(module_name), name, wrapper)
         except Exception:  # noqa: BLE001 - without it, short blocks run token by token
             logger.exception("moefuse_runtime: could not wrap %s.%s", module_name, name)

@@ -116,7 +116,7 @@ def test_short_block_helper_fault_falls_back_token_by_token(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("a fault in the shared half")
 
-    monkeypatch.setattr(vlm_helpers, "_bind", broken)  # inside the wrappers
+    monkeypatch.setattr(vlm_helpers, "_first_three", broken)  # inside the wrappers
     assert mx.array_equal(expected, layer(x, indices, weights, shared)).item()
 
 
