@@ -95,7 +95,9 @@ class FusedSwitchGLU(Twin):
     PREFIX = "Fused"
     flavour: Flavour | None
     kernels = None
-    """`cuda.LayerKernels` on CUDA when the layer qualifies, else None."""
+    """`cuda.LayerKernels` on CUDA when the layer qualifies, else None: called
+    with (layer, gate_up_proj, x, indices), it returns the routed output, or
+    None for a call that the layer's own forward (gather_qmm) takes."""
 
     @classmethod
     def twin_attributes(cls, original: type) -> dict:
@@ -109,9 +111,8 @@ class FusedSwitchGLU(Twin):
         twin = type(self)
         kernels, gate_up = self.__dict__.get("kernels"), self.get(FUSED_NAME)
         if kernels is not None and gate_up is not None:
-            kernel_path = kernels.pick(self, x, indices)
-            if kernel_path is not None:
-                routed = kernel_path(self, gate_up, x, indices)
+            routed = kernels(self, gate_up, x, indices)
+            if routed is not None:
                 return twin.flavour.finish(self, routed, *args, **kwargs)
         return original_class(twin).__call__(self, x, indices, *args, **kwargs)
 

@@ -49,6 +49,28 @@ def cpu_device():
     mx.set_default_device(previous)
 
 
+@pytest.fixture
+def as_cuda(monkeypatch):
+    """Kernel selection and launch arguments as on a CUDA GPU of architecture
+    ``as_cuda["value"]`` (sm_90 unless a test sets it), the kernels on:
+    `mx.fast.cuda_kernel` makes stand-ins that a test's fake ``jit.launch``
+    may take; nothing runs on a GPU."""
+    import mlx.core as mx
+
+    from moefuse_runtime import cuda
+    from moefuse_runtime.cuda import decode, grouped
+
+    arch = {"value": "sm_90"}
+    monkeypatch.setattr(cuda, "backend", lambda: "cuda")
+    monkeypatch.setattr(cuda, "device_arch", lambda: arch["value"])
+    monkeypatch.setenv("MOEFUSE_KERNEL", "1")
+    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **_: object())
+    factories = (decode._kernel, grouped._gemm_kernel, grouped._route_kernel)
+    yield arch
+    for factory in factories:
+        factory.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory) -> Path:
     """A tiny demo model directory, written once per test session."""

@@ -196,7 +196,7 @@ def test_install_compiles_blocks_only_around_kernel_layers(monkeypatch):
     assert not compiled_states(model) and not report.notes  # no kernels here
 
     class NoPath:  # kernels that take no call: gather_qmm runs
-        def pick(self, layer, x, indices):
+        def __call__(self, layer, gate_up_proj, x, indices):
             return None
 
         def variants(self, layer, block):

@@ -60,7 +60,7 @@ class GatherQmm:
     """Kernel paths that take no call (gather_qmm runs): compiled blocks on
     the CPU, as on CUDA."""
 
-    def pick(self, layer, x, indices):
+    def __call__(self, layer, gate_up_proj, x, indices):
         return None
 
     def variants(self, layer, block):

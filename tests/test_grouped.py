@@ -10,6 +10,7 @@ were run on the lent H100 (docs/kernels.md).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -107,15 +108,6 @@ def test_tiling_sizes():
     assert "shared memory" in grouped.Tiling(256, 256, 2, 4, 8).why_not(gate_up=False, bits=8)
 
 
-@pytest.fixture
-def as_cuda(monkeypatch):
-    """Selection as on a CUDA machine of a given architecture (nothing runs)."""
-    monkeypatch.setattr(cuda, "backend", lambda: "cuda")
-    arch = {"value": "sm_90"}
-    monkeypatch.setattr(cuda, "device_arch", lambda: arch["value"])
-    return arch
-
-
 def test_both_paths_are_selected_with_their_pair_ranges(as_cuda):
     layer = quantized_layer(128, 64, 16)
     report = moefuse_runtime.install(layer, reserve_bytes=0)
@@ -131,10 +123,10 @@ def test_pairs_pick_the_path(as_cuda):
     layer = quantized_layer(128, 64, 16)
     moefuse_runtime.install(layer, reserve_bytes=0)
     x = mx.zeros((1, 8, 128), dtype=mx.bfloat16)
-    assert layer.kernels.pick(layer, x, mx.zeros((1, 8, 4), mx.uint32)) is layer.kernels.decode
-    assert layer.kernels.pick(layer, x, mx.zeros((1, 9, 4), mx.uint32)) is layer.kernels.grouped
+    assert layer.kernels.pick(x, mx.zeros((1, 8, 4), mx.uint32)) is layer.kernels.decode
+    assert layer.kernels.pick(x, mx.zeros((1, 9, 4), mx.uint32)) is layer.kernels.grouped
     # an input in another dtype than the scales keeps gather_qmm
-    assert layer.kernels.pick(layer, x.astype(mx.float16), mx.zeros((1, 9, 4), mx.uint32)) is None
+    assert layer.kernels.pick(x.astype(mx.float16), mx.zeros((1, 9, 4), mx.uint32)) is None
 
 
 CHECKPOINTS = {
@@ -207,9 +199,11 @@ def test_calls_past_32_bit_offsets_keep_gather_qmm(as_cuda, monkeypatch):
     moefuse_runtime.install(layer, reserve_bytes=0)
     x = mx.zeros((1, 64, 128), dtype=mx.bfloat16)
     indices = mx.zeros((1, 64, 4), mx.uint32)  # h: 256 pairs x 64 = 16,384 values
-    assert layer.kernels.pick(layer, x, indices) is layer.kernels.grouped
-    monkeypatch.setattr(grouped, "OFFSET_LIMIT", 16_384)
-    assert layer.kernels.pick(layer, x, indices) is None
+    assert layer.kernels.pick(x, indices) is layer.kernels.grouped
+    monkeypatch.setattr(cuda, "OFFSET_LIMIT", 16_384)
+    bound_again = dataclasses.replace(layer.kernels)  # the limit is bound at install
+    assert bound_again.pick(x, indices) is None
+    assert bound_again.pick(x, indices[:, :63]) is bound_again.grouped  # 252 x 64 values
 
 
 def test_float_down_runs_the_layers_own_down_proj(as_cuda):
@@ -218,7 +212,7 @@ def test_float_down_runs_the_layers_own_down_proj(as_cuda):
     assert layer.kernels.grouped.down is False
     assert "tensor cores above (down: down_proj)" in kernel_paths(layer)[1]
     x = mx.zeros((1, 9, 128), dtype=mx.bfloat16)
-    assert layer.kernels.pick(layer, x, mx.zeros((1, 9, 4), mx.uint32)) is layer.kernels.grouped
+    assert layer.kernels.pick(x, mx.zeros((1, 9, 4), mx.uint32)) is layer.kernels.grouped
 
 
 # -- on the GPU: numerics -------------------------------------------------------
@@ -373,7 +367,7 @@ def test_16384_tokens_top8_in_one_call():
     sample = slice(0, 16384, 997)  # a float32 check of every 997th token
     ref = reference(layer, x[sample], indices[sample])
     moefuse_runtime.install(layer, reserve_bytes=0)
-    assert layer.kernels.pick(layer, x, indices) is layer.kernels.grouped
+    assert layer.kernels.pick(x, indices) is layer.kernels.grouped
     out = layer(x, indices)
     mx.eval(out)
     assert out.shape == (16384, 8, 2048)

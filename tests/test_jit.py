@@ -234,21 +234,6 @@ class Block(nn.Module):
         return self.switch_mlp(x, indices).sum(axis=-2)
 
 
-KERNEL_FACTORIES = (cuda.decode._kernel, grouped._gemm_kernel, grouped._route_kernel)
-
-
-@pytest.fixture
-def as_cuda(monkeypatch):
-    """Selection and launch arguments as on CUDA; kernels made but never run."""
-    monkeypatch.setattr(cuda, "backend", lambda: "cuda")
-    monkeypatch.setattr(cuda, "device_arch", lambda: "sm_90")
-    monkeypatch.setenv("MOEFUSE_KERNEL", "1")
-    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **_: object())
-    yield
-    for factory in KERNEL_FACTORIES:
-        factory.cache_clear()
-
-
 class StandInDown(nn.Module):
     def __init__(self, hidden: int):
         super().__init__()
@@ -258,22 +243,41 @@ class StandInDown(nn.Module):
         return mx.zeros((*indices.shape, 1, self.hidden), h.dtype)
 
 
+@pytest.fixture
+def launches(as_cuda, monkeypatch) -> list[tuple[jit.KernelSpec, list]]:
+    """Every kernel launch, recorded (spec and inputs) instead of run: outputs
+    are zeros of the shapes asked for. install prepares nothing."""
+    launched: list[tuple[jit.KernelSpec, list]] = []
+
+    def fake_launch(spec, kernel, *, inputs, output_shapes, output_dtypes, **call):
+        launched.append((spec, inputs))
+        return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes, strict=True)]
+
+    monkeypatch.setattr(jit, "launch", fake_launch)
+    monkeypatch.setattr(cuda, "prepare_all", lambda specs, arch, **_: jit.BuildReport({}, 0.0))
+    return launched
+
+
+def same_array(a: mx.array, b: mx.array) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and mx.array_equal(a, b).item()
+
+
+def route_of(tokens: int, experts: int, top_k: int) -> mx.array:
+    rows = [list(range(t % experts, t % experts + top_k)) for t in range(tokens)]
+    return (mx.array([rows]) % experts).astype(mx.uint32)
+
+
 @pytest.mark.parametrize("mode", ["affine", "mxfp4"])
 @pytest.mark.parametrize("quantize_down", [True, False])
-def test_install_prepares_every_variant_a_call_launches(as_cuda, monkeypatch, mode, quantize_down):
+def test_install_prepares_every_variant_a_call_launches(launches, monkeypatch, mode,
+                                                        quantize_down):  # fmt: skip
     prepared: list[jit.KernelSpec] = []
-    launched: set[jit.KernelSpec] = set()
 
     def record_all(specs, arch, workers=None, compiler=None):
         prepared.extend(specs)
         return jit.BuildReport({jit.COMPILED: len(prepared)}, 0.0)
 
-    def fake_launch(spec, kernel, *, output_shapes, output_dtypes, **call):
-        launched.add(spec)
-        return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes, strict=True)]
-
     monkeypatch.setattr(cuda, "prepare_all", record_all)
-    monkeypatch.setattr(jit, "launch", fake_launch)
     experts, top_k = 64, 4
     layer = quantized_layer(256, 128, experts, mode=mode, quantize_down=quantize_down)
     block = Block(layer, experts, top_k)
@@ -283,11 +287,37 @@ def test_install_prepares_every_variant_a_call_launches(as_cuda, monkeypatch, mo
         block.switch_mlp.down_proj = StandInDown(256)
     for tokens in (1, 2, 7, 8, 9, 16, 40, 100, 250, 700, 2000, 5000):
         x = mx.zeros((1, tokens, 256), mx.bfloat16)
-        indices = mx.array([[list(range(t % experts, t % experts + top_k)) for t in range(tokens)]])
-        mx.eval(block.switch_mlp(x, indices.astype(mx.uint32) % experts))
+        mx.eval(block.switch_mlp(x, route_of(tokens, experts, top_k)))
+    launched = {spec for spec, _ in launches}
     assert launched and launched <= set(prepared)
     decode_only = {s for s in launched if s.name.startswith("moefuse_gate_up")}
     assert decode_only and any(s.name == grouped.GEMM_NAME for s in launched)
+
+
+def test_a_call_reads_the_arrays_and_launches_nothing_else(launches, monkeypatch):
+    # the hot path: layouts, tilings per size class and compiled functions are
+    # bound at install; a call picks its path and reads the layer's arrays as
+    # they are now (weights replaced after install are the ones launched)
+    layer = quantized_layer(256, 128, 64)
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    for looked_up in ("tiling_for", "_table"):
+        monkeypatch.setattr(grouped, looked_up, lambda *_: pytest.fail("looked up per call"))
+    monkeypatch.setattr(cuda.QuantizedArrays, "of", lambda *_: pytest.fail("read per call"))
+    weight = layer.gate_up_proj.weight = layer.gate_up_proj.weight ^ 1  # other weights
+    down_scales = layer.down_proj.scales = layer.down_proj.scales * 2
+    mx.disable_compile()  # the compiled calls run as Python: their inputs are seen
+    try:
+        for tokens, gemms in ((1, {"moefuse_gate_up", "moefuse_down"}),
+                              (300, {grouped.ROUTE_NAME, grouped.GEMM_NAME})):  # fmt: skip
+            launches.clear()
+            x = mx.zeros((1, tokens, 256), mx.bfloat16)
+            mx.eval(layer(x, route_of(tokens, 64, 4)))
+            assert {spec.name for spec, _ in launches} == gemms
+            weights = [inputs[1:3] for _, inputs in launches if len(inputs) > 2]
+            assert any(same_array(w[0], weight) for w in weights)
+            assert any(same_array(w[1], down_scales) for w in weights)
+    finally:
+        mx.enable_compile()
 
 
 def test_a_block_without_top_k_compiles_at_first_call(as_cuda, monkeypatch):

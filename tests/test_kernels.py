@@ -28,7 +28,6 @@ from kernel_checks import (  # kernels_on: autouse, MOEFUSE_KERNEL=1
 )
 
 import moefuse_runtime
-from moefuse_runtime import cuda
 from moefuse_runtime.cuda import activations, formats
 from moefuse_runtime.cuda import decode as kernels
 from moefuse_runtime.cuda.formats import QuantizedArrays
@@ -96,12 +95,6 @@ def test_bias_is_taken_in_the_activation_dtype():
     assert kernels.why_not_kernel(proj) is None
     proj.bias = proj.bias.astype(mx.float32)
     assert "float32 bias" in kernels.why_not_kernel(proj)
-
-
-@pytest.fixture
-def as_cuda(monkeypatch):
-    """Selection logic as on a CUDA machine (nothing is run on the kernels)."""
-    monkeypatch.setattr(cuda, "backend", lambda: "cuda")
 
 
 def test_selection_on_cuda(as_cuda):
@@ -272,7 +265,7 @@ def test_many_pairs_take_gather_qmm_bitwise():
     x = mx.random.normal((1, 16, 512)).astype(mx.bfloat16)  # 16 x 4 = 64 pairs
     indices = mx.random.randint(0, 16, (1, 16, 4)).astype(mx.uint32)
     moefuse_runtime.install(layer, reserve_bytes=0)
-    assert not layer.kernels.decode.takes(layer, x, indices)
+    assert layer.kernels.pick(x, indices) is layer.kernels.grouped
     layer.kernels = dataclasses.replace(layer.kernels, grouped=None)  # gather_qmm above decode
     out = layer(x, indices)
     layer.kernels = None

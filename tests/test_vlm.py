@@ -23,7 +23,6 @@ from mlx_vlm.models import switch_layers as vlm  # noqa: E402
 from vlm_layers import call_args, vlm_layer  # noqa: E402
 
 import moefuse_runtime  # noqa: E402
-from moefuse_runtime import cuda  # noqa: E402
 from moefuse_runtime.layer import kernel_paths  # noqa: E402
 
 FAMILIES = vlm_families.buildable()
@@ -218,13 +217,6 @@ def test_headroom_keeps_the_layer_unfused():
     assert mx.array_equal(layer(x, indices, weights, shared), expected).item()
 
 
-@pytest.fixture
-def as_cuda(monkeypatch):
-    monkeypatch.setattr(cuda, "backend", lambda: "cuda")
-    monkeypatch.setattr(cuda, "device_arch", lambda: "sm_90")
-    monkeypatch.setenv("MOEFUSE_KERNEL", "1")
-
-
 def test_cuda_kernels_take_the_plain_forward_only(as_cuda):
     from mlx_vlm.models.inkling.language import InklingSwitchGLU
 
@@ -246,8 +238,8 @@ def test_cuda_kernel_output_goes_through_combine(as_cuda, monkeypatch):
     moefuse_runtime.install(layer, reserve_bytes=0)
 
     class Emulated:
-        def pick(self, _layer, _x, _indices):
-            return lambda *_: routed
+        def __call__(self, _layer, _gate_up_proj, _x, _indices):
+            return routed
 
     layer.kernels = Emulated()
     assert mx.array_equal(layer(x, indices, weights, shared), expected).item()

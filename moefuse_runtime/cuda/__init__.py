@@ -20,7 +20,7 @@ else between the kernels. Everything else keeps ``gather_qmm``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -28,10 +28,17 @@ from mlx.utils import tree_flatten
 
 from ..config import KERNEL_ENV, env_flag
 from ..memory import backend
-from .activations import kernel_activation
-from .decode import DOWN_TILING, DecodeKernels, down_tiling_for, max_pairs_for, why_not_kernel
-from .formats import KERNEL_DTYPES, QuantizedArrays
-from .grouped import GroupedKernels, why_not_grouped
+from .activations import NONE, kernel_activation
+from .decode import (
+    DOWN_TILING,
+    DecodeKernels,
+    KernelPath,
+    down_tiling_for,
+    max_pairs_for,
+    why_not_kernel,
+)
+from .formats import KERNEL_DTYPES, Layout, QuantizedArrays
+from .grouped import OFFSET_LIMIT, GroupedKernels, why_not_grouped
 from .jit import BuildReport, KernelSpec, arch_number, device_arch, kernel_arch, prepare_all
 
 MIN_TENSOR_CORE_ARCH = 80
@@ -40,17 +47,72 @@ MIN_TENSOR_CORE_ARCH = 80
 
 @dataclass(frozen=True)
 class LayerKernels:
-    """The kernel paths of one fused layer; `pick` chooses one per call."""
+    """The kernel paths of one fused layer, bound at install to the layer's
+    weight layouts: a call picks a path by its pairs and dtype and launches
+    it, nothing else (`__call__`).
+
+    ``experts`` and ``rows`` (gate_up's, both halves) are the layer's;
+    ``gate_up`` and ``down`` the layouts of its projections (`Layout`; down
+    None where it is not on the kernels).
+    """
 
     decode: DecodeKernels
     grouped: GroupedKernels | None
+    gate_up: Layout
+    down: Layout | None
+    experts: int
+    rows: int
+    runs: tuple[KernelPath, ...] = field(init=False, repr=False, compare=False)
+    """The bound paths: decode's, then the tensor cores' if any."""
+    max_grouped_pairs: int = field(init=False, repr=False, compare=False)
+    """The most pairs whose h (pairs x width) stays within 32-bit offsets."""
 
-    def pick(self, layer: nn.Module, x: mx.array, indices: mx.array):
+    def __post_init__(self) -> None:
+        # made once per layer (and again for a copy or an unpickled one)
+        runs = [self.decode.bind(self.gate_up, self.down)]
+        if self.grouped is not None:
+            runs.append(self.grouped.bind(self.gate_up, self.down, self.experts))
+        width = self.rows if self.decode.activation.kind == NONE else self.rows // 2
+        object.__setattr__(self, "runs", tuple(runs))
+        object.__setattr__(self, "max_grouped_pairs", (OFFSET_LIMIT - 1) // width)
+
+    @classmethod
+    def of(cls, layer: nn.Module, decode: DecodeKernels, grouped: GroupedKernels | None):
+        gate_up = QuantizedArrays.of(layer["gate_up_proj"])
+        down = QuantizedArrays.of(layer["down_proj"]).layout if decode.down else None
+        experts, rows = gate_up.weight.shape[:2]
+        return cls(decode, grouped, gate_up.layout, down, experts, rows)
+
+    def __reduce__(self):
+        return (type(self), tuple(getattr(self, f.name) for f in fields(self) if f.init))
+
+    def choice(self, x: mx.array, indices: mx.array) -> int | None:
+        """0: the decode kernels take this call, 1: the tensor cores, None:
+        neither (gather_qmm). The two paths take the same dtypes."""
+        if x.dtype not in self.decode.dtypes:
+            return None
+        pairs = indices.size
+        if pairs <= self.decode.max_pairs:
+            return 0
+        if self.grouped is None or x.size >= OFFSET_LIMIT:
+            return None
+        return 1 if pairs <= self.max_grouped_pairs else None
+
+    def pick(self, x: mx.array, indices: mx.array) -> DecodeKernels | GroupedKernels | None:
         """The path that takes this call, or None (gather_qmm)."""
-        for kernels in (self.decode, self.grouped):
-            if kernels is not None and kernels.takes(layer, x, indices):
-                return kernels
-        return None
+        choice = self.choice(x, indices)
+        return None if choice is None else (self.decode, self.grouped)[choice]
+
+    def __call__(
+        self, layer: nn.Module, gate_up_proj: nn.Module, x: mx.array, indices: mx.array
+    ) -> mx.array | None:
+        """The layer's routed output on the kernels, or None: gather_qmm
+        takes this call. ``gate_up_proj``: the stacked projection as the
+        layer's forward read it."""
+        choice = self.choice(x, indices)
+        if choice is None:
+            return None
+        return self.runs[choice](layer, gate_up_proj, x, indices)
 
     def specs(self, layer: nn.Module, dtype: mx.Dtype, top_k: int) -> Iterator[KernelSpec]:
         """Every kernel variant a call of this layer can launch, at activations
@@ -121,9 +183,9 @@ def kernels_for(layer: nn.Module, why_not_forward: str | None) -> tuple[LayerKer
     )
     if why_not_tensor_cores is None:
         grouped = GroupedKernels(down, decode.max_pairs, arch, activation=activation, dtypes=dtypes)
-        kernels = LayerKernels(decode, grouped)
+        kernels = LayerKernels.of(layer, decode, grouped)
         return kernels, kernels.path
-    kernels = LayerKernels(decode, None)
+    kernels = LayerKernels.of(layer, decode, None)
     return kernels, f"{kernels.path} ({why_not_tensor_cores})"
 
 

@@ -88,9 +88,6 @@ def interleaved(variants: dict[str, Callable[[], object]], rounds: int,
 class BroadcastFFN:
     """A kernel path that replaces the MoE FFN by a broadcast of its input."""
 
-    def pick(self, layer, x, indices):
-        return self
-
     def __call__(self, layer, gate_up_proj, x, indices):
         return mx.broadcast_to(mx.expand_dims(x, -2), (*indices.shape, x.shape[-1]))
 
@@ -395,17 +392,20 @@ def bench_pairs(rounds: int, log: Callable[[str], None]) -> list[dict]:
     fused = bench.make_layer(hidden, experts, width, "4bit", seed=0)
     install(fused, reserve_bytes=0)
     chosen = fused.kernels
-    forced = {
+    forced = {  # each bound as install binds, with the decode range moved
         "fused_gather_qmm": None,
-        "decode_kernels": dataclasses.replace(chosen.decode, max_pairs=1 << 30),
-        "tensor_cores": dataclasses.replace(chosen.grouped, min_pairs=0),
+        "decode_kernels": dataclasses.replace(
+            chosen, decode=dataclasses.replace(chosen.decode, max_pairs=1 << 30)
+        ),
+        "tensor_cores": dataclasses.replace(
+            chosen, decode=dataclasses.replace(chosen.decode, max_pairs=0)
+        ),
+        "installed": chosen,
     }
 
     def on(path, x, indices):
         def run():
-            kernels = forced.get(path)
-            fused.kernels = chosen if path == "installed" else None if kernels is None else (
-                _Only(kernels))  # fmt: skip
+            fused.kernels = forced[path]
             return fused(x, indices)
 
         return run
@@ -417,7 +417,6 @@ def bench_pairs(rounds: int, log: Callable[[str], None]) -> list[dict]:
         mx.eval(x, indices)
         variants = {"unfused": lambda x=x, i=indices: unfused(x, i),
                     **{p: on(p, x, indices) for p in forced}}  # fmt: skip
-        variants["installed"] = on("installed", x, indices)
         if n * top_k > 4096:
             del variants["decode_kernels"]  # a GEMV per pair: far behind, and slow to time
         times = interleaved(variants, rounds)
@@ -428,16 +427,6 @@ def bench_pairs(rounds: int, log: Callable[[str], None]) -> list[dict]:
     fused.kernels = chosen
     bench.free(unfused, fused)
     return rows
-
-
-@dataclasses.dataclass(frozen=True)
-class _Only:
-    """Layer kernels that always take one path."""
-
-    kernels: object
-
-    def pick(self, layer, x, indices):
-        return self.kernels
 
 
 def run(out_dir: str, *, layers: int = 48, rounds: int = 7, parts=("layers", "model", "pairs"),

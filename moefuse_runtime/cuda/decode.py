@@ -26,17 +26,17 @@ formats and other backends keep ``gather_qmm``.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import cache
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from . import jit, source
 from .activations import NONE, SWIGLU, KernelActivation
-from .formats import PortableDtypes, QuantizedArrays, unit_values, why_not_format
+from .formats import Layout, PortableDtypes, QuantizedArrays, unit_values, why_not_format
 
 MIN_MAX_PAIRS, MAX_MAX_PAIRS = 32, 128
 """Bounds of the decode kernels' pair range (`max_pairs_for`)."""
@@ -89,7 +89,7 @@ GEMV_SOURCE = (
 """The kernels' body; {args}: the weight arguments (`QuantizedArrays.inputs`)."""
 
 
-@cache
+@functools.cache
 def _kernel(gate_up: bool, shared: int, names: tuple[str, ...], args: str):
     return mx.fast.cuda_kernel(
         name=GEMV_NAMES[gate_up],
@@ -209,25 +209,46 @@ class DecodeKernels(PortableDtypes):
     activation: KernelActivation = KernelActivation(SWIGLU)
     dtypes: tuple = (mx.bfloat16,)
 
-    def takes(self, layer: nn.Module, x: mx.array, indices: mx.array) -> bool:
-        return indices.size <= self.max_pairs and x.dtype in self.dtypes
-
     def __call__(
         self, layer: nn.Module, gate_up_proj: nn.Module, x: mx.array, indices: mx.array
     ) -> mx.array:
-        """The layer's routed output for this call; ``gate_up_proj`` is its
-        stacked projection as the layer's forward read it."""
-        gate_up = QuantizedArrays.of(gate_up_proj)
+        """The layer's routed output for this call, every format fact read
+        afresh (tests, the benchmark's forced paths); a fused layer calls the
+        path `bind` made at install. ``gate_up_proj`` is its stacked
+        projection as the layer's forward read it."""
+        gate_up, down = QuantizedArrays.of(gate_up_proj), None
+        if self.down:
+            down = QuantizedArrays.of(layer["down_proj"]).layout
+        return self.bind(gate_up.layout, down)(layer, gate_up_proj, x, indices)
+
+    def bind(self, gate_up_layout: Layout, down_layout: Layout | None) -> KernelPath:
+        """This path for a layer whose projections have these layouts
+        (`QuantizedArrays.layout`; None: down is not on the kernel), made at
+        install: per call it reads the projections' arrays and launches."""
+        down_layout = down_layout if self.down else None
+        module_runs = self.activation.kind == NONE  # the layer's own activation
+        if down_layout is None or not self.compiled or module_runs:
+            return functools.partial(self._uncompiled, gate_up_layout, down_layout)
+        ffn = _compiled_ffn(self, gate_up_layout, down_layout)
+        gate_up_arrays, down_arrays = gate_up_layout.arrays, down_layout.arrays
+
+        def run(layer, gate_up_proj, x, indices):
+            return ffn(x, indices, gate_up_arrays(gate_up_proj), down_arrays(layer["down_proj"]))
+
+        return run
+
+    def _uncompiled(self, gate_up_layout, down_layout, layer, gate_up_proj, x, indices):
+        """Without mx.compile: the layer's own activation module runs between
+        the kernels, or its own down_proj after gate_up."""
+        gate_up = QuantizedArrays.rebuilt(gate_up_layout.arrays(gate_up_proj), gate_up_layout)
         module = layer.activation if self.activation.kind == NONE else None
-        if not self.down:
+        if down_layout is None:
             h = self.gate_up(x, flat_uint32(indices), indices.shape[-1], gate_up, module)
             h = h.reshape(*indices.shape, 1, h.shape[-1])
-            return layer.down_proj(h, indices).squeeze(-2)
-        down = QuantizedArrays.of(layer.down_proj)
-        if not self.compiled or module is not None:
-            return self.ffn(x, indices, gate_up, down, module)
-        ffn = _compiled_ffn(self, gate_up.layout, down.layout)
-        return ffn(x, indices, gate_up.arrays, down.arrays)
+            return layer["down_proj"](h, indices).squeeze(-2)
+        down_proj = layer["down_proj"]
+        down = QuantizedArrays.rebuilt(down_layout.arrays(down_proj), down_layout)
+        return self.ffn(x, indices, gate_up, down, module)
 
     def specs(
         self, gate_up: QuantizedArrays, down: QuantizedArrays | None, dtype: mx.Dtype, top_k: int
@@ -264,6 +285,10 @@ class DecodeKernels(PortableDtypes):
         return y.reshape(*indices.shape, y.shape[-1])
 
 
+KernelPath = Callable[[nn.Module, nn.Module, mx.array, mx.array], mx.array]
+"""A path bound at install: (layer, gate_up_proj, x, indices) -> routed output."""
+
+
 def apply_module(module, gate_up: mx.array) -> mx.array:
     """The layer's own activation on a NONE kernel's output ([gate | up] per row)."""
     gate, up = mx.split(gate_up, 2, axis=-1)
@@ -276,8 +301,8 @@ def flat_uint32(indices: mx.array) -> mx.array:
     return flat if flat.dtype == mx.uint32 else flat.astype(mx.uint32)
 
 
-@cache
-def _compiled_ffn(kernels: DecodeKernels, gate_up_layout: tuple, down_layout: tuple):
+@functools.cache
+def _compiled_ffn(kernels: DecodeKernels, gate_up_layout: Layout, down_layout: Layout):
     """`DecodeKernels.ffn` under mx.compile, one per tiling, activation and
     weight layout (shared by the layers that have them); the arrays are its
     inputs."""

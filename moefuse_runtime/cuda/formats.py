@@ -69,6 +69,25 @@ def _with_dtypes(cls: type, values: dict):
     return cls(**{**values, "dtypes": tuple(getattr(mx, n) for n in values["dtypes"])})
 
 
+ARRAY_NAMES = ("weight", "scales", "biases", "bias", "global_scale")
+"""A quantized projection's arrays, in `QuantizedArrays` order."""
+
+
+class Layout(NamedTuple):
+    """Everything the kernels read of a quantized projection but its arrays:
+    which arrays it has, and its format. Fixed at install, so that a call
+    only reads the arrays (`arrays`)."""
+
+    names: tuple[str, ...]
+    mode: str
+    bits: int
+    group_size: int
+
+    def arrays(self, proj: nn.Module) -> tuple[mx.array, ...]:
+        """The projection's arrays of this layout, in order."""
+        return tuple(proj[name] for name in self.names)
+
+
 class QuantizedArrays(NamedTuple):
     """What the kernels read of a quantized projection: arrays and format.
 
@@ -89,8 +108,8 @@ class QuantizedArrays(NamedTuple):
 
     @classmethod
     def of(cls, proj: nn.Module) -> QuantizedArrays:
-        return cls(proj["weight"], proj["scales"], proj.get("biases"), proj.get("bias"),
-                   proj.get("global_scale"), proj.mode, proj.bits, proj.group_size)  # fmt: skip
+        arrays = (proj.get(name) for name in ARRAY_NAMES)
+        return cls(*arrays, proj.mode, proj.bits, proj.group_size)
 
     @property
     def arrays(self) -> tuple[mx.array, ...]:
@@ -98,15 +117,15 @@ class QuantizedArrays(NamedTuple):
         return tuple(a for a in self[:5] if a is not None)
 
     @property
-    def layout(self) -> tuple:
+    def layout(self) -> Layout:
         """Everything but the arrays: with `arrays`, enough to rebuild (`rebuilt`)."""
-        return (*(a is not None for a in self[:5]), self.mode, self.bits, self.group_size)
+        names = tuple(name for name, a in zip(ARRAY_NAMES, self[:5], strict=True) if a is not None)
+        return Layout(names, self.mode, self.bits, self.group_size)
 
     @classmethod
-    def rebuilt(cls, arrays: tuple[mx.array, ...], layout: tuple) -> QuantizedArrays:
-        present, settings = layout[:5], layout[5:]
-        it = iter(arrays)
-        return cls(*(next(it) if p else None for p in present), *settings)
+    def rebuilt(cls, arrays: tuple[mx.array, ...], layout: Layout) -> QuantizedArrays:
+        values = dict(zip(layout.names, arrays, strict=True))
+        return cls(*(values.get(name) for name in ARRAY_NAMES), *layout[1:])
 
     def takes(self, dtype: mx.Dtype) -> bool:
         """Whether the kernels can read these weights with activations of ``dtype``

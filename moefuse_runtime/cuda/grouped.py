@@ -20,19 +20,21 @@ a 64-sequence decode step x1.61-1.66.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import cache
 
 import mlx.core as mx
 
 from . import jit, source
 from .activations import NONE, SWIGLU, KernelActivation
-from .decode import apply_module, columns, flat_uint32
-from .formats import PortableDtypes, QuantizedArrays
+from .decode import KernelPath, apply_module, columns, flat_uint32
+from .formats import Layout, PortableDtypes, QuantizedArrays
 
 GEMM_BK = 64
 """k values per pipeline stage (grouped_gemm.cuh: GEMM_BK)."""
@@ -112,18 +114,29 @@ def tiling_for(arch: str, rows_per_expert: float, gate_up: bool, bits: int) -> T
     raise ValueError(f"tiles.json: no catch-all entry for {arch}")
 
 
-@lru_cache(maxsize=4096)
-def _tilings(
-    arch: str, pairs: int, experts: int, bits: tuple[int, int | None]
-) -> tuple[Tiling, Tiling | None]:
-    """`GroupedKernels.tilings`, looked up once per pair count: a call's host
-    time adds to a decode step's wall time (the table walk cost about 4 us
-    per layer and call)."""
-    rows_per_expert = pairs / min(experts, pairs)  # at least one row per expert hit
-    return (
-        tiling_for(arch, rows_per_expert, gate_up=True, bits=bits[0]),
-        None if bits[1] is None else tiling_for(arch, rows_per_expert, gate_up=False, bits=bits[1]),
-    )
+@cache
+def _buckets(
+    arch: str, bits: tuple[int, int | None]
+) -> tuple[tuple[float, ...], tuple[tuple[Tiling, Tiling | None], ...]]:
+    """The (gate_up, down) tilings of the table, as ``(limits, tilings)``: a
+    call of up to ``limits[i]`` rows per expert takes ``tilings[i]``, one past
+    them all the last. The table picks the first entry whose limit holds, so
+    its choice changes only at limits; a call has at least one row per
+    expert, so limits below one never count."""
+    table = _table().get(arch, _table()["default"])
+    found = {e["max_rows_per_expert"] for entries in table.values() for e in entries}
+    limits = tuple(sorted(t for t in found if t is not None and t >= 1))
+    tilings = tuple(
+        (tiling_for(arch, rows, True, bits[0]),
+         None if bits[1] is None else tiling_for(arch, rows, False, bits[1]))
+        for rows in (*limits, math.inf)
+    )  # fmt: skip
+    return limits, tilings
+
+
+def rows_per_expert(pairs: int, experts: int) -> float:
+    """Rows per expert hit, as the table reads density: at least one."""
+    return pairs / min(experts, pairs)
 
 
 def max_tiles(pairs: int, experts: int, bm: int) -> int:
@@ -314,55 +327,62 @@ class GroupedKernels(PortableDtypes):
     activation: KernelActivation = KernelActivation(SWIGLU)
     dtypes: tuple = (mx.bfloat16,)
 
-    def takes(self, layer, x: mx.array, indices: mx.array) -> bool:
-        rows = layer.gate_up_proj["weight"].shape[-2]
-        width = rows if self.activation.kind == NONE else rows // 2  # h's columns
-        return (
-            indices.size > self.min_pairs
-            and x.dtype in self.dtypes
-            and max(x.size, indices.size * width) < OFFSET_LIMIT
-        )
-
     def tilings(
         self, pairs: int, experts: int, bits: tuple[int, int | None]
     ) -> tuple[Tiling, Tiling | None]:
         """gate_up's and down's tilings for this many pairs and the two
         projections' bits (None: down is not on the kernel), from tiles.json."""
-        return _tilings(self.arch, pairs, experts, bits)
+        limits, tilings = _buckets(self.arch, bits)
+        return tilings[bisect.bisect_left(limits, rows_per_expert(pairs, experts))]
 
     def __call__(self, layer, gate_up_proj, x: mx.array, indices: mx.array) -> mx.array:
-        """The layer's routed output for this call; ``gate_up_proj`` is its
-        stacked projection as the layer's forward read it."""
+        """The layer's routed output for this call, every format fact read
+        afresh (tests, the benchmark's forced paths); a fused layer calls the
+        path `bind` made at install. ``gate_up_proj`` is its stacked
+        projection as the layer's forward read it."""
         gate_up = QuantizedArrays.of(gate_up_proj)
+        down = QuantizedArrays.of(layer["down_proj"]).layout if self.down else None
         experts = gate_up.weight.shape[0]
+        return self.bind(gate_up.layout, down, experts)(layer, gate_up_proj, x, indices)
+
+    def bind(self, gate_up_layout: Layout, down_layout: Layout | None, experts: int) -> KernelPath:
+        """This path for a layer of ``experts`` whose projections have these
+        layouts (None: down is not on the kernel), made at install: a call
+        picks its tilings by rows per expert (`_buckets`: a bisection),
+        reads the projections' arrays and launches."""
+        down_layout = down_layout if self.down else None
+        bits = (gate_up_layout.bits, None if down_layout is None else down_layout.bits)
+        limits, tilings = _buckets(self.arch, bits)
+        module_runs = self.activation.kind == NONE  # the layer's own activation
+        if down_layout is None or not self.compiled or module_runs:
+            return functools.partial(self._uncompiled, gate_up_layout, down_layout, experts)
+        ffns = [_compiled_ffn(gate_up_layout, down_layout, t, self.activation) for t in tilings]
+        gate_up_arrays, down_arrays = gate_up_layout.arrays, down_layout.arrays
+
+        def run(layer, gate_up_proj, x, indices):
+            ffn = ffns[bisect.bisect_left(limits, rows_per_expert(indices.size, experts))]
+            return ffn(x, indices, gate_up_arrays(gate_up_proj), down_arrays(layer["down_proj"]))
+
+        return run
+
+    def _uncompiled(self, gate_up_layout, down_layout, experts, layer, gate_up_proj, x, indices):
+        """Without mx.compile: the layer's own activation module runs between
+        the kernels, or its own down_proj after gate_up."""
+        gate_up = QuantizedArrays.rebuilt(gate_up_layout.arrays(gate_up_proj), gate_up_layout)
         module = layer.activation if self.activation.kind == NONE else None
-        if not self.down:
+        down_proj = layer["down_proj"]
+        if down_layout is None:
             tilings = self.tilings(indices.size, experts, (gate_up.bits, None))
-            return self.ffn(x, indices, gate_up, None, tilings, self.activation, module,
-                            layer.down_proj)  # fmt: skip
-        down = QuantizedArrays.of(layer.down_proj)
+            return self.ffn(x, indices, gate_up, None, tilings, self.activation, module, down_proj)
+        down = QuantizedArrays.rebuilt(down_layout.arrays(down_proj), down_layout)
         tilings = self.tilings(indices.size, experts, (gate_up.bits, down.bits))
-        if not self.compiled or module is not None:
-            return self.ffn(x, indices, gate_up, down, tilings, self.activation, module)
-        ffn = _compiled_ffn(gate_up.layout, down.layout, tilings, self.activation)
-        return ffn(x, indices, gate_up.arrays, down.arrays)
+        return self.ffn(x, indices, gate_up, down, tilings, self.activation, module)
 
     def reachable_tilings(
         self, experts: int, bits: tuple[int, int | None]
     ) -> list[tuple[Tiling, Tiling | None]]:
-        """Every (gate_up, down) tiling pair some call can pick: the table's
-        entries at one row per expert (the fewest a call has), at each of
-        its thresholds, just past each, and past them all."""
-        table = _table().get(self.arch, _table()["default"])
-        limits = {e["max_rows_per_expert"] for entries in table.values() for e in entries}
-        thresholds = sorted(t for t in limits if t is not None and t >= 1)
-        rows = [1.0, *thresholds, *(t + 0.5 for t in thresholds), float(2**31)]
-        pairs = {
-            (tiling_for(self.arch, r, True, bits[0]),
-             None if bits[1] is None else tiling_for(self.arch, r, False, bits[1]))
-            for r in rows
-        }  # fmt: skip
-        return sorted(pairs, key=str)
+        """Every (gate_up, down) tiling pair some call can pick."""
+        return sorted(set(_buckets(self.arch, bits)[1]), key=str)
 
     def specs(
         self, gate_up: QuantizedArrays, down: QuantizedArrays | None, dtype: mx.Dtype, top_k: int
@@ -408,7 +428,7 @@ class GroupedKernels(PortableDtypes):
 
 
 @cache
-def _compiled_ffn(gate_up_layout: tuple, down_layout: tuple, tilings: tuple, activation):
+def _compiled_ffn(gate_up_layout: Layout, down_layout: Layout, tilings: tuple, activation):
     """`GroupedKernels.ffn` under mx.compile, per weight layout, tilings and
     activation."""
 
