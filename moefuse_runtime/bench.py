@@ -9,17 +9,20 @@ each layer's effective bandwidth is reported as a fraction of it (roofline).
 
 from __future__ import annotations
 
+import functools
 import gc
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from . import projections
+from .cuda.jit import mlx_version
 from .installer import install
 from .presets import DENSE_SHAPES, LAYER_SHAPES, TOKENS
 
@@ -120,7 +123,7 @@ def bench_layers(
         ]
         mx.eval(inputs)
         times = _time_ab(unfused, fused, inputs, rounds)
-        distinct = statistics.mean(len(set(i.flatten().tolist())) for _, i in inputs)
+        distinct = statistics.mean(len(set(cast(list, i.flatten().tolist()))) for _, i in inputs)
         label = shape if scale == 1 else f"{shape}/{scale}"
         rows.append(_row(label, kind, n, times, int(distinct * per_expert), stream_bps))
     return rows
@@ -133,7 +136,7 @@ def make_dense(hidden: int, width: int, kind: str, seed: int) -> nn.Module:
     from mlx_lm.models.llama import MLP
 
     mx.random.seed(seed)
-    mlp = MLP(SimpleNamespace(hidden_size=hidden, intermediate_size=width))
+    mlp = MLP(cast(Any, SimpleNamespace(hidden_size=hidden, intermediate_size=width)))
     dtype = mx.float32 if kind == "fp32" else mx.bfloat16
     for name in ("gate_proj", "up_proj", "down_proj"):
         mlp[name].weight = (mx.random.normal(mlp[name].weight.shape) * 0.02).astype(dtype)
@@ -173,6 +176,10 @@ def bench_dense(
     return rows
 
 
+def _call_each(modules: list, args: tuple) -> list[mx.array]:
+    return [m(*args) for m in modules]
+
+
 def _time_ab(unfused: list, fused: list, inputs: list[tuple], rounds: int) -> dict:
     """ms per layer of each stack, A and B alternating round by round on
     rotating inputs, after two warm-up rounds."""
@@ -180,7 +187,7 @@ def _time_ab(unfused: list, fused: list, inputs: list[tuple], rounds: int) -> di
     for r in range(rounds + 2):
         args = inputs[r % len(inputs)]
         for name, stack in (("unfused", unfused), ("fused", fused)):
-            seconds = timed(lambda s=stack, a=args: [m(*a) for m in s]) / len(stack)
+            seconds = timed(functools.partial(_call_each, stack, args)) / len(stack)
             if r >= 2:
                 times[name].append(seconds * 1e3)
     return times
@@ -192,10 +199,17 @@ def _row(
     med = {k: statistics.median(v) for k, v in times.items()}
     gbps = {k: weight_bytes / (v / 1e3) / 1e9 for k, v in med.items()}
     return LayerRow(
-        label, kind, tokens, summary(times["unfused"]), summary(times["fused"]),
-        med["unfused"] / med["fused"], weight_bytes, gbps["unfused"], gbps["fused"],
+        label,
+        kind,
+        tokens,
+        summary(times["unfused"]),
+        summary(times["fused"]),
+        med["unfused"] / med["fused"],
+        weight_bytes,
+        gbps["unfused"],
+        gbps["fused"],
         gbps["fused"] * 1e9 / stream_bps if stream_bps else 0.0,
-    )  # fmt: skip
+    )
 
 
 def expert_bytes(layer: SwitchGLU, experts: int) -> int:
@@ -254,7 +268,7 @@ def bench_model(
     tokens: dict[str, list[int]] = {}
     for r in range(rounds + 1):
         for name, model in (("unfused", unfused), ("fused", fused)):
-            prefill = timed(lambda m=model: m(prompt[None]))
+            prefill = timed(functools.partial(model, prompt[None]))
             tokens[name], decode = greedy_tokens(model, prompt, decode_tokens)
             if r > 0:  # round 0 is warm-up
                 results[name]["prefill_tok_s"].append(prompt_tokens / prefill)
@@ -292,10 +306,18 @@ def plot(layer_rows: list[dict], path: str) -> None:
         left.plot(n, [r["ratio"] for r in rows], marker="o", label=label)
         right.plot(n, [r["fused_roofline"] for r in rows], marker="o", label=label)
     left.axhline(1.0, color="grey", linewidth=0.8)
-    left.set(xscale="log", xlabel="tokens", ylabel="unfused time / fused time",
-             title="Speed-up of gate+up fusion per MoE layer")  # fmt: skip
-    right.set(xscale="log", xlabel="tokens", ylabel="fraction of streaming bandwidth",
-              title="Fused layer: effective weight bandwidth")  # fmt: skip
+    left.set(
+        xscale="log",
+        xlabel="tokens",
+        ylabel="unfused time / fused time",
+        title="Speed-up of gate+up fusion per MoE layer",
+    )
+    right.set(
+        xscale="log",
+        xlabel="tokens",
+        ylabel="fraction of streaming bandwidth",
+        title="Fused layer: effective weight bandwidth",
+    )
     left.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -328,10 +350,10 @@ def run_suite(
     os.makedirs(out_dir, exist_ok=True)
     stream = streaming_bandwidth(1 << 28 if scale > 1 else 1 << 30)
     log(f"streaming bandwidth: {stream / 1e9:.0f} GB/s")
-    result = {
+    result: dict[str, Any] = {
         "device": mx.device_info().get("device_name", str(mx.default_device())),
         "backend": str(mx.default_device()),
-        "mlx": mx.__version__,
+        "mlx": mlx_version(),
         "python": platform.python_version(),
         "streaming_bandwidth_bytes_per_s": stream,
         "layers": [],
@@ -365,8 +387,12 @@ def run_suite(
         dense=model_dense,
     )
     log(format_model(model))
-    result["model"] = {"preset": model_preset, "layers": model_layers, "dense": model_dense,
-                       **model}  # fmt: skip
+    result["model"] = {
+        "preset": model_preset,
+        "layers": model_layers,
+        "dense": model_dense,
+        **model,
+    }
     save()
     return result
 

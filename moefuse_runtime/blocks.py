@@ -40,7 +40,7 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from .twins import Twin, is_twin, original_class, twin_class
+from .twins import Twin, original_class, twin_class
 
 logger = logging.getLogger(__name__)
 
@@ -160,8 +160,7 @@ def _restore(block: nn.Module, before: list) -> list[str]:
 
 def own_class(module: nn.Module) -> type:
     """The module's class as its model made it, compiled twin or not."""
-    cls = type(module)
-    return cls.original if is_twin(cls, CompiledBlock) else cls
+    return original_class(type(module), CompiledBlock)
 
 
 def _name(module: nn.Module) -> str:
@@ -201,7 +200,7 @@ def compile_blocks(model: nn.Module, is_layer: Callable[[nn.Module], bool]) -> l
     """Compile, for decode steps, every block holding a layer ``is_layer``
     accepts; afresh where already compiled. Returns what it did, for the
     report: one line per reason a block was left as it was."""
-    compiled, left = 0, {}
+    compiled, left = 0, dict[str, int]()
     for block, _ in blocks_holding(model, is_layer):
         reason = why_not_compilable(block)
         if reason is not None:

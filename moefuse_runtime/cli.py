@@ -158,10 +158,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from . import server_bench
 
         server_bench.run(
-            args.out, preset=args.server_preset, layers=args.server_layers,
-            rounds=args.server_rounds, smoke=args.quick, server_args=args.server_args,
-            warmup=not args.quick, log=print,
-        )  # fmt: skip
+            args.out,
+            preset=args.server_preset,
+            layers=args.server_layers,
+            rounds=args.server_rounds,
+            smoke=args.quick,
+            server_args=args.server_args,
+            warmup=not args.quick,
+            log=print,
+        )
         print(f"wrote {args.out}/server.json and {args.out}/server.png")
         return 0
     if args.cuda:
@@ -169,14 +174,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .memory import backend
 
         if backend() != "cuda":
-            print(f"moefuse bench --cuda: needs MLX's CUDA backend (this machine: {backend()})",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"moefuse bench --cuda: needs MLX's CUDA backend (this machine: {backend()})",
+                file=sys.stderr,
+            )
             return 2
 
-        cuda_bench.run(args.out, layers=args.model_layers, rounds=args.model_rounds,
-                       parts=args.cuda, prefill_tokens=args.prefill_tokens,
-                       decode_batches=args.decode_batches, stream_tokens=args.decode_tokens,
-                       log=print)  # fmt: skip
+        cuda_bench.run(
+            args.out,
+            layers=args.model_layers,
+            rounds=args.model_rounds,
+            parts=args.cuda,
+            prefill_tokens=args.prefill_tokens,
+            decode_batches=args.decode_batches,
+            stream_tokens=args.decode_tokens,
+            log=print,
+        )
         print(f"wrote {args.out}/cuda.json and {args.out}/cuda.png")
         return 0
     from . import bench
@@ -241,30 +254,46 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("bench", help="benchmark fused vs unfused; JSON + PNG")
     p.add_argument("--out", default="bench-results", help="output folder")
-    p.add_argument("--shapes", nargs="+", default=list(LAYER_SHAPES),
-                   choices=list(LAYER_SHAPES))  # fmt: skip
-    p.add_argument("--kinds", nargs="+", default=["4bit", "bf16"],
-                   help="4bit, 8bit, bf16 or fp32 (the CPU backend has fp32 only)")  # fmt: skip
+    p.add_argument("--shapes", nargs="+", default=list(LAYER_SHAPES), choices=list(LAYER_SHAPES))
+    p.add_argument(
+        "--kinds",
+        nargs="+",
+        default=["4bit", "bf16"],
+        help="4bit, 8bit, bf16 or fp32 (the CPU backend has fp32 only)",
+    )
     p.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
     p.add_argument("--layers", type=positive_int, default=4, help="distinct layers per shape")
     p.add_argument("--rounds", type=positive_int, default=20, help="A/B rounds per point")
-    p.add_argument("--scale", type=positive_int, default=1,
-                   help="divide experts and width by this (to fit small machines)")  # fmt: skip
+    p.add_argument(
+        "--scale",
+        type=positive_int,
+        default=1,
+        help="divide experts and width by this (to fit small machines)",
+    )
     p.add_argument("--model-preset", default="qwen3-30b-a3b", choices=sorted(PRESETS))
     p.add_argument("--model-layers", type=positive_int, default=8)
     p.add_argument("--model-rounds", type=positive_int, default=5)
     p.add_argument("--decode-tokens", type=positive_int, default=64)
-    p.add_argument("--dense-shapes", nargs="*", default=[], choices=list(DENSE_SHAPES),
-                   help="dense gated MLP shapes to time too")  # fmt: skip
-    p.add_argument("--model-dense", action="store_true",
-                   help="the fused model copy also fuses its dense MLPs")  # fmt: skip
+    p.add_argument(
+        "--dense-shapes",
+        nargs="*",
+        default=[],
+        choices=list(DENSE_SHAPES),
+        help="dense gated MLP shapes to time too",
+    )
+    p.add_argument(
+        "--model-dense", action="store_true", help="the fused model copy also fuses its dense MLPs"
+    )
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run")
-    p.add_argument("--cuda", nargs="+",
-                   choices=["layers", "model", "pairs", "fidelity", "stream"],
-                   help="the CUDA kernel paths instead (GPU): layer FLOP rates with the torch "
-                   "peer, prefill and batched decode with the FFN-free bound, pair sweep, "
-                   "top-1 agreement with float32, single-stream decode (--decode-tokens "
-                   "per round); uses --model-layers and --model-rounds")  # fmt: skip
+    p.add_argument(
+        "--cuda",
+        nargs="+",
+        choices=["layers", "model", "pairs", "fidelity", "stream"],
+        help="the CUDA kernel paths instead (GPU): layer FLOP rates with the torch "
+        "peer, prefill and batched decode with the FFN-free bound, pair sweep, "
+        "top-1 agreement with float32, single-stream decode (--decode-tokens "
+        "per round); uses --model-layers and --model-rounds",
+    )
     p.add_argument(
         "--prefill-tokens",
         nargs="*",
@@ -279,17 +308,26 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         default=[4, 16, 32, 64],
         help="--cuda model: sequences per batched decode step",
     )
-    p.add_argument("--server", action="store_true",
-                   help="a real mlx_lm.server, plain and under `moefuse run`, on a model "
-                   "directory it writes: start-up, first request, single, concurrent and "
-                   "long-prompt workloads (with --quick: a tiny smoke run)")  # fmt: skip
+    p.add_argument(
+        "--server",
+        action="store_true",
+        help="a real mlx_lm.server, plain and under `moefuse run`, on a model "
+        "directory it writes: start-up, first request, single, concurrent and "
+        "long-prompt workloads (with --quick: a tiny smoke run)",
+    )
     p.add_argument("--server-preset", default="qwen3-30b-a3b", choices=sorted(PRESETS))
-    p.add_argument("--server-layers", type=positive_int, default=None,
-                   help="--server: model layers")  # fmt: skip
-    p.add_argument("--server-rounds", type=positive_int, default=2,
-                   help="--server: rounds of two fresh servers each")  # fmt: skip
-    p.add_argument("--server-args", nargs="*", default=SERVER_ARGS,
-                   help="--server: arguments to mlx_lm.server")  # fmt: skip
+    p.add_argument(
+        "--server-layers", type=positive_int, default=None, help="--server: model layers"
+    )
+    p.add_argument(
+        "--server-rounds",
+        type=positive_int,
+        default=2,
+        help="--server: rounds of two fresh servers each",
+    )
+    p.add_argument(
+        "--server-args", nargs="*", default=SERVER_ARGS, help="--server: arguments to mlx_lm.server"
+    )
     p.set_defaults(handler=cmd_bench)
     return parser
 

@@ -75,9 +75,11 @@ def check_reserve(function: str, value: object) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{function}: reserve_bytes must be a number of bytes or None, "
-                        f"not {value!r}")  # fmt: skip
+        raise TypeError(
+            f"{function}: reserve_bytes must be a number of bytes or None, not {value!r}"
+        )
     if not 0 <= value < float("inf"):
-        raise ValueError(f"{function}: reserve_bytes must be finite and non-negative, "
-                         f"not {value!r}")  # fmt: skip
+        raise ValueError(
+            f"{function}: reserve_bytes must be finite and non-negative, not {value!r}"
+        )
     return int(value)

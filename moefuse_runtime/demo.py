@@ -70,7 +70,8 @@ def build_demo_model(
     # that logits have a spread and greedy decoding is not a constant.
     embed = model.model.embed_tokens
     embed.weight = mx.random.normal(embed.weight.shape).astype(dtype)
-    nn.quantize(model, **QUANTIZATION, class_predicate=_quantizable)
+    group_size, bits = QUANTIZATION["group_size"], QUANTIZATION["bits"]
+    nn.quantize(model, group_size, bits, class_predicate=_quantizable)
     for layer in model.model.layers:  # still lazy: one layer's float weights at a time
         mx.eval(layer.parameters())
     mx.eval(model.parameters())

@@ -26,12 +26,13 @@ from collections.abc import Callable
 import mlx.nn as nn
 
 from .layer import is_fused
-from .twins import Twin, is_twin, twin_class
+from .twins import Twin, original_class, twin_class
 from .walk import find_switch_glus
 
 logger = logging.getLogger(__name__)
 
 ROOT = "_moefuse_armed_root"
+
 
 class Root:
     """The model an armed layer fuses on its first call (held weakly), and
@@ -84,7 +85,7 @@ def armed_class_for(cls: type) -> type:
 
 def unarmed_class(cls: type) -> type:
     """The layer's own class, whether armed or not (a fused twin stays fused)."""
-    return cls.original if is_twin(cls, Armed) else cls
+    return original_class(cls, Armed)
 
 
 def arm(model: nn.Module, on_first_call: Callable[[nn.Module], None]) -> int:

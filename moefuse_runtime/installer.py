@@ -14,6 +14,7 @@ import logging
 import sys
 import threading
 import time
+from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -303,7 +304,7 @@ class _Fuser:
         mine = [int(r == rank and reason is not None) for r in range(size)]
         # Evaluated on every rank, vetoing or not: a lazy collective left
         # unevaluated on one rank would leave its peers waiting forever.
-        vetoes = mx.distributed.all_sum(mx.array(mine), group=self.group).tolist()
+        vetoes = cast(list[int], mx.distributed.all_sum(mx.array(mine), group=self.group).tolist())
         others = [str(r) for r, vetoed in enumerate(vetoes) if vetoed and r != rank]
         if others and reason is None:
             ranks = f"rank{'s' if len(others) > 1 else ''} {', '.join(others)}"
@@ -353,7 +354,7 @@ def _agreeing_group(
     if group is None or group.size() < 2:
         return None, ()
     count = sum(1 for _ in find_targets(model, dense))
-    counts = mx.distributed.all_gather(mx.array([count]), group=group).tolist()
+    counts = cast(list[int], mx.distributed.all_gather(mx.array([count]), group=group).tolist())
     if min(counts) != max(counts):
         return None, (f"ranks hold different layers ({counts} to fuse); verdicts are per rank",)
     return group, (f"verdicts agreed across {group.size()} ranks",)

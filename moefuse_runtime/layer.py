@@ -18,6 +18,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,6 +28,11 @@ from .cuda import kernels_for
 from .halves import FUSED_NAME, join_halves, split_into_halves, why_forward_not_alike
 from .memory import backend
 from .twins import Twin, original_class, twin_class
+
+if TYPE_CHECKING:
+    ModuleMixin = nn.Module
+else:
+    ModuleMixin = object  # the twin's other base is the module class itself
 
 __all__ = ["FUSED_NAME", "FLAVOURS", "FusedSwitchGLU", "Kind", "SWITCH_GLU", "is_fused"]
 
@@ -83,7 +89,7 @@ def flavour_of(cls: type) -> Flavour | None:
     return None
 
 
-class FusedSwitchGLU(Twin):
+class FusedSwitchGLU(Twin, ModuleMixin):
     """What every fused SwitchGLU twin adds to its class (a mixin, `twins`).
 
     Instances are never constructed: `fuse_layer` rebinds the ``__class__`` of
@@ -93,7 +99,8 @@ class FusedSwitchGLU(Twin):
     """
 
     PREFIX = "Fused"
-    flavour: Flavour | None
+    flavour: ClassVar[Flavour]
+    """The package whose SwitchGLU the original class is (or derives from)."""
     kernels = None
     """`cuda.LayerKernels` on CUDA when the layer qualifies, else None: called
     with (layer, gate_up_proj, x, indices), it returns the routed output, or
@@ -151,43 +158,46 @@ def fuse_layer(layer: nn.Module, fused_projection: nn.Module) -> None:
     layer is either fully unfused or fully fused, never in between.
     """
     twin = fused_class_for(type(layer))
-    if twin.flavour is not None:
-        twin.flavour.prepare()
+    flavour = flavour_of(twin)
+    if flavour is not None:
+        flavour.prepare()
     split_into_halves(layer, fused_projection)
     layer.__class__ = twin  # kernels, if any, come after (select_path)
 
 
-def kernel_paths(layer: FusedSwitchGLU):
+def kernel_paths(layer: nn.Module) -> tuple[Any, str]:
     """The CUDA kernels this fused layer would take here (or None), and the
     name of its compute path (`cuda.kernels_for`)."""
     return kernels_for(layer, _why_not_kernel_forward(layer))
 
 
-def select_path(layer: FusedSwitchGLU) -> str:
+def select_path(layer: nn.Module) -> str:
     """Pick the fused layer's compute path for this machine; say which."""
     kernels, path = kernel_paths(layer)
     if kernels is None:
         layer.__dict__.pop("kernels", None)
     else:
-        layer.kernels = kernels
+        layer.__dict__["kernels"] = kernels
     return path
 
 
-def _why_not_kernel_forward(layer: FusedSwitchGLU) -> str | None:
+def _why_not_kernel_forward(layer: nn.Module) -> str | None:
     """The kernels implement a flavour's own forward (with any activation:
     cuda/activations.py)."""
-    cls, flavour = type(layer).original, type(layer).flavour
-    if flavour is None or cls.__call__ is not flavour.base().__call__:
+    cls = original_class(type(layer))
+    flavour = flavour_of(cls)
+    base = None if flavour is None else flavour.base()
+    if base is None or cls.__call__ is not base.__call__:
         return f"{cls.__name__} has its own forward"
     return None
 
 
-def unfuse_layer(layer: FusedSwitchGLU, gate: nn.Module, up: nn.Module) -> None:
+def unfuse_layer(layer: nn.Module, gate: nn.Module, up: nn.Module) -> None:
     """The inverse of `fuse_layer`: the kernels go first, then the halves
     (`join_halves`), then the twin class."""
     layer.__dict__.pop("kernels", None)
     join_halves(layer, gate, up)
-    layer.__class__ = type(layer).original
+    layer.__class__ = original_class(type(layer))
 
 
 @dataclass(frozen=True)

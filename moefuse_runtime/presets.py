@@ -3,7 +3,9 @@ reads its choices without importing MLX."""
 
 from __future__ import annotations
 
-PRESETS: dict[str, dict[str, int | str]] = {
+from typing import Any
+
+PRESETS: dict[str, dict[str, Any]] = {
     # Qwen3-30B-A3B's real dimensions (random weights), for benchmarks.
     "qwen3-30b-a3b": {
         "hidden_size": 2048,

@@ -127,10 +127,16 @@ class FuseReport:
     def __str__(self) -> str:
         rows = [("layer", "type", "outcome", "kind", "gate+up", "reason or compute path")]
         rows += [
-            (r.path, r.layer_type, str(r.outcome), r.kind,
-             format_bytes(r.nbytes) if r.nbytes else "", r.reason or r.compute_path)
+            (
+                r.path,
+                r.layer_type,
+                str(r.outcome),
+                r.kind,
+                format_bytes(r.nbytes) if r.nbytes else "",
+                r.reason or r.compute_path,
+            )
             for r in self.layers
-        ]  # fmt: skip
+        ]
         widths = [max(len(row[i]) for row in rows) for i in range(5)]
         lines = [
             "  ".join([*(c.ljust(w) for c, w in zip(row[:5], widths, strict=True)), row[5]])

@@ -41,12 +41,40 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 WORDS = (
-    "model", "expert", "router", "token", "layer", "gate", "fused", "kernel", "memory",
-    "server", "batch", "prompt", "cache", "weight", "matrix", "vector", "quantized", "group",
-    "scale", "tensor", "stream", "decode", "prefill", "shard", "rank", "thread", "process",
-    "device", "graph", "compile", "launch",
+    "model",
+    "expert",
+    "router",
+    "token",
+    "layer",
+    "gate",
+    "fused",
+    "kernel",
+    "memory",
+    "server",
+    "batch",
+    "prompt",
+    "cache",
+    "weight",
+    "matrix",
+    "vector",
+    "quantized",
+    "group",
+    "scale",
+    "tensor",
+    "stream",
+    "decode",
+    "prefill",
+    "shard",
+    "rank",
+    "thread",
+    "process",
+    "device",
+    "graph",
+    "compile",
+    "launch",
 )
 START_TIMEOUT_S = 300
 REQUEST_TIMEOUT_S = 600
@@ -118,12 +146,20 @@ def stream_chat(port: int, text: str, max_tokens: int) -> Reply:
 
 
 def _stream_chat(port: int, text: str, max_tokens: int, start: float) -> Reply:
-    body = json.dumps({
-        "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
-        "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True},
-    }).encode()  # fmt: skip
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    body = json.dumps(
+        {
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
     reply = Reply()
     last = None
     with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
@@ -162,16 +198,28 @@ class Server:
 
     def __init__(self, model: Path, fused: bool, log: Path, server_args: list[str]):
         self.port = free_port()
-        command = [sys.executable, "-m", "mlx_lm", "server", "--model", str(model),
-                   "--host", "127.0.0.1", "--port", str(self.port), *server_args]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "server",
+            "--model",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *server_args,
+        ]
         if fused:
             command = [sys.executable, "-m", "moefuse_runtime.cli", "run", "--", *command]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "EXO_FUSED_MOE": "1" if fused else "0"}
         self.log_path = log
         self.log = open(log, "w")  # noqa: SIM115 - closed in stop()
         self.started = time.perf_counter()
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
-                                        env=env, start_new_session=True)  # fmt: skip
+        self.process = subprocess.Popen(
+            command, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
 
     def wait_healthy(self) -> float:
         """Seconds from the start until /health answers."""
@@ -232,7 +280,7 @@ def serve_once(model: Path, fused: bool, workloads, log: Path, server_args: list
     """A fresh server: its start, its first request, then each workload."""
     server = Server(model, fused, log, server_args)
     try:
-        result = {"start_s": server.wait_healthy()}
+        result: dict[str, Any] = {"start_s": server.wait_healthy()}
         load = time.perf_counter()
         stream_chat(server.port, "Hello", 1)
         result["load_s"] = time.perf_counter() - load
@@ -240,13 +288,15 @@ def serve_once(model: Path, fused: bool, workloads, log: Path, server_args: list
             result[workload.name] = run_workload(server.port, workload, seed=1000 * (i + 1))
     finally:
         server.stop()
-    result["install_log"] = [line for line in log.read_text().splitlines()
-                             if "moefuse_runtime" in line][-6:]  # fmt: skip
+    result["install_log"] = [
+        line for line in log.read_text().splitlines() if "moefuse_runtime" in line
+    ][-6:]
     return result
 
 
 def summarize(rounds: list[dict], workloads) -> dict:
     """Medians over rounds per server, ratios fused/plain, and agreement."""
+
     def both(*keys: str) -> dict[str, float]:
         medians = {}
         for server in ("plain", "fused"):
@@ -266,22 +316,38 @@ def summarize(rounds: list[dict], workloads) -> dict:
         row: dict = {m: both(workload.name, m) for m in METRICS}
         row["tok_per_s"]["ratio"] = row["tok_per_s"]["fused"] / row["tok_per_s"]["plain"]
         pairs = [
-            pair for r in rounds
-            for pair in zip(r["plain"][workload.name]["texts"], r["fused"][workload.name]["texts"],
-                            strict=True)
-        ]  # fmt: skip
+            pair
+            for r in rounds
+            for pair in zip(
+                r["plain"][workload.name]["texts"], r["fused"][workload.name]["texts"], strict=True
+            )
+        ]
         row["greedy_identical"] = f"{sum(p == f for p, f in pairs)}/{len(pairs)}"
         summary[workload.name] = row
     return summary
 
 
-METRICS = ("tok_per_s", "seconds", "ttft_p50_s", "ttft_p99_s", "token_latency_p50_s",
-           "token_latency_p99_s")  # fmt: skip
+METRICS = (
+    "tok_per_s",
+    "seconds",
+    "ttft_p50_s",
+    "ttft_p99_s",
+    "token_latency_p50_s",
+    "token_latency_p99_s",
+)
 
 
-def run(out: str, *, preset: str, layers: int | None, rounds: int, smoke: bool,
-        server_args: list[str], warmup: bool = True,
-        log: Callable[[str], None] = print) -> dict:  # fmt: skip
+def run(
+    out: str,
+    *,
+    preset: str,
+    layers: int | None,
+    rounds: int,
+    smoke: bool,
+    server_args: list[str],
+    warmup: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Write the model, serve it plain and fused ``rounds`` times, interleaved.
 
     With ``warmup``, a round before them is run and kept apart (``warmup``
@@ -302,23 +368,32 @@ def run(out: str, *, preset: str, layers: int | None, rounds: int, smoke: bool,
     for i in range(-1 if warmup else 0, rounds):
         row = {}
         for name in ("plain", "fused") if i % 2 == 0 else ("fused", "plain"):
-            row[name] = serve_once(model, name == "fused", workloads,
-                                   folder / f"server-{name}-{i}.log", server_args)  # fmt: skip
-            figures = ", ".join(f"{w.name} {row[name][w.name]['tok_per_s']:.1f} tok/s"
-                                for w in workloads)  # fmt: skip
+            row[name] = serve_once(
+                model, name == "fused", workloads, folder / f"server-{name}-{i}.log", server_args
+            )
+            figures = ", ".join(
+                f"{w.name} {row[name][w.name]['tok_per_s']:.1f} tok/s" for w in workloads
+            )
             label = "warm-up" if i < 0 else f"round {i}"
-            log(f"{label} {name}: start {row[name]['start_s']:.2f} s, first request "
-                f"{row[name]['load_s']:.2f} s, {figures}")  # fmt: skip
+            log(
+                f"{label} {name}: start {row[name]['start_s']:.2f} s, first request "
+                f"{row[name]['load_s']:.2f} s, {figures}"
+            )
             (folder / "server-partial.json").write_text(json.dumps([*results, row], indent=2))
         if i < 0:
             warmup_row = row
         else:
             results.append(row)
     result = {
-        "preset": preset, "layers": layers, "rounds": rounds, "server_args": server_args,
-        "workloads": [asdict(w) for w in workloads], "summary": summarize(results, workloads),
-        "runs": results, "warmup": warmup_row,
-    }  # fmt: skip
+        "preset": preset,
+        "layers": layers,
+        "rounds": rounds,
+        "server_args": server_args,
+        "workloads": [asdict(w) for w in workloads],
+        "summary": summarize(results, workloads),
+        "runs": results,
+        "warmup": warmup_row,
+    }
     (folder / "server.json").write_text(json.dumps(result, indent=2))
     plot(result, folder / "server.png")
     return result
@@ -334,16 +409,20 @@ def plot(result: dict, path: Path) -> None:
     names = [w["name"] for w in result["workloads"]]
     summary = result["summary"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric, label in ((axes[0], "tok_per_s", "aggregate tokens/s"),
-                              (axes[1], "ttft_p99_s", "time to first token, p99 (s)")):  # fmt: skip
+    for ax, metric, label in (
+        (axes[0], "tok_per_s", "aggregate tokens/s"),
+        (axes[1], "ttft_p99_s", "time to first token, p99 (s)"),
+    ):
         for k, server in enumerate(("plain", "fused")):
             values = [summary[n][metric][server] for n in names]
             ax.bar([i + 0.4 * k for i in range(len(names))], values, 0.4, label=server)
         ax.set_xticks([i + 0.2 for i in range(len(names))], names)
         ax.set_ylabel(label)
         ax.legend()
-    fig.suptitle(f"mlx_lm.server, {result['preset']} ({result['layers'] or 'all'} layers), "
-                 f"medians of {result['rounds']} rounds of fresh servers")  # fmt: skip
+    fig.suptitle(
+        f"mlx_lm.server, {result['preset']} ({result['layers'] or 'all'} layers), "
+        f"medians of {result['rounds']} rounds of fresh servers"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -36,8 +36,8 @@ class Twin:
         return {}
 
     def __reduce_ex__(self, protocol: Any) -> tuple:
-        _, _, *rest = super().__reduce_ex__(protocol)  # type: ignore[misc]
-        return (_new_twin, (type(self).mixin, type(self).original), *rest)
+        reduced: Any = super().__reduce_ex__(protocol)
+        return (_new_twin, (type(self).mixin, type(self).original), *reduced[2:])
 
 
 def twin_class(mixin: type, original: type) -> type:
@@ -48,16 +48,22 @@ def twin_class(mixin: type, original: type) -> type:
         with _LOCK:
             twin = _TWINS.get(key)
             if twin is None:
-                attributes = {"original": original, "mixin": mixin, "__module__": __name__,
-                              **mixin.twin_attributes(original)}  # type: ignore[attr-defined]  # fmt: skip
-                name = f"{mixin.PREFIX}{original.__name__}"  # type: ignore[attr-defined]
+                behaviour: Any = mixin
+                attributes = {
+                    "original": original,
+                    "mixin": mixin,
+                    "__module__": __name__,
+                    **behaviour.twin_attributes(original),
+                }
+                name = f"{behaviour.PREFIX}{original.__name__}"
                 twin = _TWINS[key] = type(name, (mixin, original), attributes)
     return twin
 
 
-def original_class(cls: type) -> type:
-    """The class the model made: ``cls``, or the original of a twin class."""
-    return cls.__dict__.get("original", cls) if issubclass(cls, Twin) else cls
+def original_class(cls: type, mixin: type = Twin) -> type:
+    """The class the model made: the original of a ``mixin`` twin (of any
+    twin by default), else ``cls`` itself."""
+    return cls.__dict__["original"] if is_twin(cls, mixin) else cls
 
 
 def is_twin(cls: type, mixin: type) -> bool:
@@ -65,5 +71,5 @@ def is_twin(cls: type, mixin: type) -> bool:
 
 
 def _new_twin(mixin: type, original: type) -> object:
-    twin = twin_class(mixin, original)
+    twin: Any = twin_class(mixin, original)
     return twin.__new__(twin)

@@ -8,7 +8,8 @@ modules, so that a layer replaced while walking can be freed at once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import cast
 
 import mlx.nn as nn
 
@@ -33,11 +34,12 @@ def _walk(
     value: object, path: str, dense: bool, switch: tuple[type, ...]
 ) -> Iterator[tuple[str, nn.Module, Kind]]:
     if isinstance(value, switch):
-        yield path, value, SWITCH_GLU
+        yield path, cast(nn.Module, value), SWITCH_GLU
         return
     if dense and isinstance(value, nn.Module) and is_dense_candidate(value):
         yield path, value, DENSE_MLP
         return
+    children: Iterable[tuple[str, object]]
     if isinstance(value, dict):
         children = value.items()
     elif isinstance(value, (list, tuple)):

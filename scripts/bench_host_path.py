@@ -86,9 +86,12 @@ def measure(calls: int, repeats: int, emulate: bool) -> dict:
     report = moefuse_runtime.install(model, reserve_bytes=0)
     block = model.model.layers[0].mlp
     layer = block.switch_mlp
-    result: dict = {"install": report.summary(), "compute_path": report.layers[0].compute_path,
-                    "package": os.path.dirname(moefuse_runtime.__file__),
-                    "emulated_cuda": emulate}  # fmt: skip
+    result: dict = {
+        "install": report.summary(),
+        "compute_path": report.layers[0].compute_path,
+        "package": os.path.dirname(moefuse_runtime.__file__),
+        "emulated_cuda": emulate,
+    }
     for seqs in SEQUENCES:
         x = mx.random.normal((seqs, 1, 2048)).astype(mx.bfloat16)
         indices = mx.random.randint(0, 128, (seqs, 1, 8)).astype(mx.uint32)
@@ -105,8 +108,17 @@ def compare(args) -> dict:
     runs: dict[str, list[dict]] = {"current": [], "baseline": []}
     for _ in range(args.rounds):
         for name, checkout in (("baseline", args.baseline), ("current", str(ROOT))):
-            command = [sys.executable, __file__, "-", "--checkout", checkout,
-                       "--calls", str(args.calls), "--repeats", str(args.repeats)]  # fmt: skip
+            command = [
+                sys.executable,
+                __file__,
+                "-",
+                "--checkout",
+                checkout,
+                "--calls",
+                str(args.calls),
+                "--repeats",
+                str(args.repeats),
+            ]
             if args.emulate_cuda:
                 command.append("--emulate-cuda")
             done = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -118,9 +130,12 @@ def compare(args) -> dict:
             medians = {k: statistics.median(r[seqs][part] for r in v) for k, v in runs.items()}
             row[part] = medians
             row[part.replace("_us", "_ratio")] = medians["baseline"] / medians["current"]
-        print(f"{seqs} sequences: layer {row['layer_us']['baseline']:.1f} -> "
-              f"{row['layer_us']['current']:.1f} us, block {row['block_us']['baseline']:.1f} "
-              f"-> {row['block_us']['current']:.1f} us per call", flush=True)  # fmt: skip
+        print(
+            f"{seqs} sequences: layer {row['layer_us']['baseline']:.1f} -> "
+            f"{row['layer_us']['current']:.1f} us, block {row['block_us']['baseline']:.1f} "
+            f"-> {row['block_us']['current']:.1f} us per call",
+            flush=True,
+        )
     return {"rounds": runs, "medians": summary, "baseline": args.baseline}
 
 

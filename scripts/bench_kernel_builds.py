@@ -44,8 +44,9 @@ def in_process_compile(spec, arch: str):
 
     compiler = nvrtc.Nvrtc(ctypes.CDLL(jit.nvrtc_library()))
     headers = {"mlx/backend/cuda/device/utils.cuh": jit.UTILS_STAND_IN}
-    binary, mangled = compiler.compile(spec.mlx_source(), f"mlx::core::cu::{spec.kernel_name}",
-                                       jit.compile_options(arch), headers)  # fmt: skip
+    binary, mangled = compiler.compile(
+        spec.mlx_source(), f"mlx::core::cu::{spec.kernel_name}", jit.compile_options(arch), headers
+    )
     return jit.Module(binary, mangled)
 
 
@@ -113,18 +114,23 @@ def main() -> int:
     results = {}
     for name in PROCESSES:
         fresh = caches / (name if name in FRESH else "shared")
-        env = {**os.environ, "MOEFUSE_CACHE_DIR": str(fresh / "moefuse"),
-               "MLX_PTX_CACHE_DIR": str(fresh / "mlx")}  # fmt: skip
+        env = {
+            **os.environ,
+            "MOEFUSE_CACHE_DIR": str(fresh / "moefuse"),
+            "MLX_PTX_CACHE_DIR": str(fresh / "mlx"),
+        }
         start = time.perf_counter()
         command = [sys.executable, __file__, str(out), "--layers", str(args.layers)]
         subprocess.run([*command, "--child", name], env=env, check=True)
         results[name] = json.loads((out / f"{name}.json").read_text())
         results[name]["process_s"] = time.perf_counter() - start
         calls = results[name]["calls"]
-        line = ", ".join(f"{t}: {c['first_s'] * 1e3:.1f}/{c['second_s'] * 1e3:.1f} ms"
-                         for t, c in calls.items())  # fmt: skip
+        line = ", ".join(
+            f"{t}: {c['first_s'] * 1e3:.1f}/{c['second_s'] * 1e3:.1f} ms" for t, c in calls.items()
+        )
         print(f"{name}: install {results[name]['install_s']:.2f} s; first/second call {line}")
         print(f"  {results[name]['notes']}", flush=True)
+
     def output(name: str, tokens: int):
         return np.load(out / f"{name}-{tokens}.npy")
 

@@ -51,10 +51,15 @@ def weights(mode: str, bits: int, group: int, dtype, bias: bool) -> formats.Quan
     """Stand-in arrays of one format: only their presence and dtypes matter here."""
     scales = mx.zeros((1,), dtype if mode == "affine" else mx.uint8)
     return formats.QuantizedArrays(
-        mx.zeros((1,), mx.uint32), scales, scales if mode == "affine" else None,
+        mx.zeros((1,), mx.uint32),
+        scales,
+        scales if mode == "affine" else None,
         mx.zeros((1,), dtype) if bias else None,
-        mx.zeros((1,), mx.float32) if mode == "nvfp4" else None, mode, bits, group,
-    )  # fmt: skip
+        mx.zeros((1,), mx.float32) if mode == "nvfp4" else None,
+        mode,
+        bits,
+        group,
+    )
 
 
 def variants():
@@ -76,14 +81,21 @@ def gemv_units():
         names, arrays, args = proj.inputs()
         inputs = [("x", dtype), *zip(names, (a.dtype for a in arrays), strict=True)]
         params = grouped.kernel_params([*inputs, ("indices", mx.uint32)], dtype)
-        template = [*proj.template(mx.zeros((1, 2880), dtype), 768, gate_up),
-                    *(act or activations.KernelActivation(0)).template(),
-                    ("X_DIV", 8), ("OUTS", 2)]  # fmt: skip
+        template = [
+            *proj.template(mx.zeros((1, 2880), dtype), 768, gate_up),
+            *(act or activations.KernelActivation(0)).template(),
+            ("X_DIV", 8),
+            ("OUTS", 2),
+        ]
         label = f"gemv {DTYPES[dtype]} {proj.mode} {proj.bits}-bit g{proj.group_size} "
         label += f"act={act.name if act else 'down'} bias={proj.bias is not None}"
         body = decode.GEMV_SOURCE.format(args=args)
-        yield label, translation_unit("custom_kernel_gemv", source.header("gemv.cuh"), params,
-                                      template, body)  # fmt: skip
+        yield (
+            label,
+            translation_unit(
+                "custom_kernel_gemv", source.header("gemv.cuh"), params, template, body
+            ),
+        )
 
 
 def table_tilings() -> set[tuple[bool, grouped.Tiling]]:
@@ -91,9 +103,11 @@ def table_tilings() -> set[tuple[bool, grouped.Tiling]]:
     table = json.loads(source.read("tiles.json"))
     return {
         (kind == "gate_up", grouped.Tiling(**e["tiling"]))
-        for arch, kinds in table.items() if arch != "comment"
-        for kind, entries in kinds.items() for e in entries
-    }  # fmt: skip
+        for arch, kinds in table.items()
+        if arch != "comment"
+        for kind, entries in kinds.items()
+        for e in entries
+    }
 
 
 def candidate_tilings() -> set[tuple[bool, grouped.Tiling]]:
@@ -110,14 +124,24 @@ def grouped_units(tilings: set[tuple[bool, grouped.Tiling]]):
     ):
         if tiling.why_not(gate_up, proj.bits) or gate_up != (act is not None):
             continue
-        template = [*proj.template(mx.zeros((1, 2880), dtype), 90 if gate_up else 2880, gate_up),
-                    *(act or activations.KernelActivation(0)).template(), ("TOP_K", 4),
-                    ("BM", tiling.bm), ("BN", tiling.bn), ("WARPS_M", tiling.warps_m),
-                    ("WARPS_N", tiling.warps_n), ("STAGES", tiling.stages),
-                    ("B_REGS", tiling.b_regs)]  # fmt: skip
+        template = [
+            *proj.template(mx.zeros((1, 2880), dtype), 90 if gate_up else 2880, gate_up),
+            *(act or activations.KernelActivation(0)).template(),
+            ("TOP_K", 4),
+            ("BM", tiling.bm),
+            ("BN", tiling.bn),
+            ("WARPS_M", tiling.warps_m),
+            ("WARPS_N", tiling.warps_n),
+            ("STAGES", tiling.stages),
+            ("B_REGS", tiling.b_regs),
+        ]
         names, arrays, args = proj.inputs()
-        inputs = [("x", dtype), *zip(names, (a.dtype for a in arrays), strict=True),
-                  ("order", mx.uint32), ("tiles", mx.int32)]  # fmt: skip
+        inputs = [
+            ("x", dtype),
+            *zip(names, (a.dtype for a in arrays), strict=True),
+            ("order", mx.uint32),
+            ("tiles", mx.int32),
+        ]
         params = grouped.kernel_params(inputs, dtype)
         header = source.header("grouped_gemm.cuh")
         if tiling.min_blocks > 1:
@@ -130,10 +154,16 @@ def grouped_units(tilings: set[tuple[bool, grouped.Tiling]]):
     params = "const uint32_t* experts, const __grid_constant__ Shape experts_shape, "
     params += "uint32_t* order, int32_t* tiles_a, int32_t* tiles_b"
     body = grouped.ROUTE_SOURCE
-    yield "route", translation_unit(
-        "custom_kernel_route", source.header("grouped_gemm.cuh"), params,
-        [("E", 128), ("BM_A", 16), ("BM_B", 64)], body,
-    )  # fmt: skip
+    yield (
+        "route",
+        translation_unit(
+            "custom_kernel_route",
+            source.header("grouped_gemm.cuh"),
+            params,
+            [("E", 128), ("BM_A", 16), ("BM_B", 64)],
+            body,
+        ),
+    )
 
 
 def compile_unit(root: str, tmp: str, text: str) -> subprocess.CompletedProcess:
@@ -166,8 +196,11 @@ def main() -> int:
         for label, text in units:
             done = compile_unit(args.mlx_root, tmp, text)
             lines = done.stderr.splitlines()
-            usage = " ".join(line.split("info    : ")[-1].strip() for line in lines
-                             if "registers" in line or "spill" in line)  # fmt: skip
+            usage = " ".join(
+                line.split("info    : ")[-1].strip()
+                for line in lines
+                if "registers" in line or "spill" in line
+            )
             print(f"{label}: {'ok' if done.returncode == 0 else 'FAILED'} {usage}", flush=True)
             if done.returncode:
                 print(done.stderr)

@@ -78,8 +78,9 @@ def sweep_kind(candidates, swiglu, x, proj, flat, experts, top_k, flops) -> dict
 
         def run(tiling=tiling, order=order, tiles=tiles):
             act = KernelActivation(SWIGLU_KIND) if swiglu else None
-            return grouped.grouped_gemm(x, proj, order, tiles, activation=act, top_k=top_k,
-                                        tiling=tiling)  # fmt: skip
+            return grouped.grouped_gemm(
+                x, proj, order, tiles, activation=act, top_k=top_k, tiling=tiling
+            )
 
         def batch(run=run):
             return [run() for _ in range(BATCH)]
@@ -127,12 +128,15 @@ def main() -> int:
             row = {"shape": shape, "tokens": tokens, "rows_per_expert": pairs / experts}
             for swiglu, kind in ((True, "gate_up"), (False, "down")):
                 flops = 2 * pairs * hidden * width * (2 if swiglu else 1)
-                args_ = (x, gate_up, flat, experts, top_k) if swiglu else (
-                    h, down, flat, experts, 1)  # fmt: skip
+                args_ = (
+                    (x, gate_up, flat, experts, top_k) if swiglu else (h, down, flat, experts, 1)
+                )
                 row[kind] = sweep_kind(candidates[swiglu], swiglu, *args_, flops)
                 ok = [(v["tflops"], k) for k, v in row[kind].items() if isinstance(v, dict)]
-                print(f"{shape} {tokens} tokens {kind}: best {max(ok) if ok else row[kind]}",
-                      flush=True)  # fmt: skip
+                print(
+                    f"{shape} {tokens} tokens {kind}: best {max(ok) if ok else row[kind]}",
+                    flush=True,
+                )
             results["rows"].append(row)
             with open(os.path.join(args.out, "tune.json"), "w") as f:
                 json.dump(results, f, indent=1)

@@ -60,24 +60,43 @@ def both_orders(group, family, quantized, split, names):
     split(after)
     report = moefuse_runtime.install(after, group=group, reserve_bytes=0, dense=DENSE)
     ok = same(logits_sequence(after), reference)
-    emit(group, names[0], family, ok, fused=fused_count(after), total=report.total,
-         notes=list(report.notes), dense_fused=dense_fused(after),
-         dense_total=report.dense_total)  # fmt: skip
+    emit(
+        group,
+        names[0],
+        family,
+        ok,
+        fused=fused_count(after),
+        total=report.total,
+        notes=list(report.notes),
+        dense_fused=dense_fused(after),
+        dense_total=report.dense_total,
+    )
 
     before = build_family(family, quantized, VLM)
     moefuse_runtime.install(before, reserve_bytes=0, dense=DENSE)
     split(before)
     ok = same(logits_sequence(before), reference)
-    emit(group, names[1], family, ok, fused=fused_count(before), total=report.total,
-         dense_fused=dense_fused(before), dense_total=report.dense_total)  # fmt: skip
+    emit(
+        group,
+        names[1],
+        family,
+        ok,
+        fused=fused_count(before),
+        total=report.total,
+        dense_fused=dense_fused(before),
+        dense_total=report.dense_total,
+    )
     return reference_model, reference, before, report.total
 
 
 def tensor_parallel(group, family, quantized):
     reference_model, reference, before, total = both_orders(
-        group, family, quantized, lambda m: m.shard(group),
+        group,
+        family,
+        quantized,
+        lambda m: m.shard(group),
         ("shard-then-install", "install-then-shard"),
-    )  # fmt: skip
+    )
     moefuse_runtime.uninstall(before)
     ok = same(logits_sequence(before), reference) and same_parameters(before, reference_model)
     emit(group, "uninstall-after-shard", family, ok, fused=fused_count(before), total=total)
@@ -90,9 +109,12 @@ def pipelined(model):
 
 def pipeline(group, family, quantized):
     both_orders(
-        group, family, quantized, lambda m: pipelined(m).pipeline(group),
+        group,
+        family,
+        quantized,
+        lambda m: pipelined(m).pipeline(group),
         ("pipeline-then-install", "install-then-pipeline"),
-    )  # fmt: skip
+    )
 
 
 def agreement(group, family, quantized):
@@ -142,9 +164,15 @@ def fault(group, family, quantized):
 
         projections.mismatch, installer.headroom = faulty_mismatch, faulty_headroom
     report = moefuse_runtime.install(model, group=group, reserve_bytes=0)
-    emit(group, "fault", family, same(logits_sequence(model), reference),
-         fused=len(report.fused), total=report.total,
-         skipped=[report.skipped[p] for p in sorted(report.skipped)])  # fmt: skip
+    emit(
+        group,
+        "fault",
+        family,
+        same(logits_sequence(model), reference),
+        fused=len(report.fused),
+        total=report.total,
+        skipped=[report.skipped[p] for p in sorted(report.skipped)],
+    )
 
 
 def segments(group, family, quantized):

@@ -36,9 +36,21 @@ def kernels_on(monkeypatch):
     monkeypatch.setenv("MOEFUSE_KERNEL", "1")
 
 
-def quantized_layer(dims, width, experts, *, bits=4, group_size=64, dtype=mx.bfloat16,
-                    quantize_down=True, seed=0, mode="affine", bias=False,
-                    global_scale=False, down_mode=None):  # fmt: skip
+def quantized_layer(
+    dims,
+    width,
+    experts,
+    *,
+    bits=4,
+    group_size=64,
+    dtype=mx.bfloat16,
+    quantize_down=True,
+    seed=0,
+    mode="affine",
+    bias=False,
+    global_scale=False,
+    down_mode=None,
+):
     """A SwitchGLU quantized in ``mode`` (bits and group size of the float
     modes are their own); ``bias``: random Linear biases; ``down_mode``:
     down in another mode than gate and up."""
@@ -69,8 +81,14 @@ def dense_weight(proj) -> np.ndarray:
     if scale is None:
         w = mx.dequantize(proj.weight, proj.scales, proj.get("biases"), *args, mode=mode)
     else:  # per expert (nvfp4): dequantize takes one scalar
-        w = mx.stack([mx.dequantize(proj.weight[e], proj.scales[e], None, *args, mode=mode,
-                                    global_scale=scale[e]) for e in range(scale.size)])  # fmt: skip
+        w = mx.stack(
+            [
+                mx.dequantize(
+                    proj.weight[e], proj.scales[e], None, *args, mode=mode, global_scale=scale[e]
+                )
+                for e in range(scale.size)
+            ]
+        )
     return np.array(w.astype(mx.float32))
 
 

@@ -186,8 +186,10 @@ def test_sharded_blocks_stay_uncompiled():
     block.sharding_group = mx.distributed.init()
     notes = blocks.compile_blocks(block, is_fused)
     assert not blocks.is_compiled(block)
-    assert notes == ["MoE blocks: 1 not compiled, sharded (Block.sharding_group): "
-                     "collectives stay outside compiled graphs"]  # fmt: skip
+    assert notes == [
+        "MoE blocks: 1 not compiled, sharded (Block.sharding_group): "
+        "collectives stay outside compiled graphs"
+    ]
 
 
 def test_install_compiles_blocks_only_around_kernel_layers(monkeypatch):
@@ -210,8 +212,7 @@ def test_install_compiles_blocks_only_around_kernel_layers(monkeypatch):
     assert [s.graph for s in compiled_states(copied)] == [None, None]
     assert mx.array_equal(logits_sequence(copied)[-1], logits_sequence(model)[-1]).item()
     moefuse_runtime.uninstall(model)
-    assert not any(blocks.is_compiled(m) or blocks.STATE in m.__dict__
-                   for m in model.modules())  # fmt: skip
+    assert not any(blocks.is_compiled(m) or blocks.STATE in m.__dict__ for m in model.modules())
 
 
 @pytest.mark.skipif(backend() != "cuda", reason="the CUDA kernels: lent GPU")

@@ -150,13 +150,17 @@ def test_run_keeps_the_next_sitecustomize(tmp_path):
     # a mark in this process's builtins (the environment would be inherited
     # from `moefuse run`'s own process, which runs the user's sitecustomize too)
     (user / "sitecustomize.py").write_text("import builtins\nbuiltins.USER_SITE_RAN = 'yes'\n")
-    code = ("import builtins as b, sys; "
-            "print(getattr(b, 'USER_SITE_RAN', 'no'), 'wrapt' in sys.modules)")  # fmt: skip
+    code = (
+        "import builtins as b, sys; "
+        "print(getattr(b, 'USER_SITE_RAN', 'no'), 'wrapt' in sys.modules)"
+    )
     done = run(["moefuse", "run", "--", sys.executable, "-c", code], env={"PYTHONPATH": str(user)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["yes", "True"]  # the user's ran, and ours
     (user / "sitecustomize.py").write_text("raise KeyError('broken')\n")
-    done = run(["moefuse", "run", "--", sys.executable, "-c", "print('went on')"],
-               env={"PYTHONPATH": str(user)})  # fmt: skip
+    done = run(
+        ["moefuse", "run", "--", sys.executable, "-c", "print('went on')"],
+        env={"PYTHONPATH": str(user)},
+    )
     assert done.returncode == 0 and done.stdout.strip() == "went on"
     assert "Error in sitecustomize" in done.stderr and "KeyError: 'broken'" in done.stderr

@@ -45,7 +45,7 @@ FORMAT_CASES = {
         "down_mode": "affine",
         "bits": 8,
         "group_size": 32,
-    },  # fmt: skip
+    },
 }
 
 

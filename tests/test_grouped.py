@@ -137,14 +137,26 @@ CHECKPOINTS = {
     "Qwen3-30B-A3B 3-bit": ((2048, 768), {"bits": 3}, None, "swiglu"),
     "Qwen3-30B-A3B 5-bit": ((2048, 768), {"bits": 5}, None, "swiglu"),
     "Qwen3-30B-A3B 6-bit": ((2048, 768), {"bits": 6}, None, "swiglu"),
-    "GPT-OSS-120B mxfp4, biases": ((2880, 2880), {"mode": "mxfp4", "bias": True}, SwigluOAI(),
-                                   "swiglu oai"),
-    "DeepSeek-V3 mxfp4, clamped": ((7168, 2048), {"mode": "mxfp4"}, DeepseekV41SwiGLU(10.0),
-                                   "limited swiglu"),
+    "GPT-OSS-120B mxfp4, biases": (
+        (2880, 2880),
+        {"mode": "mxfp4", "bias": True},
+        SwigluOAI(),
+        "swiglu oai",
+    ),
+    "DeepSeek-V3 mxfp4, clamped": (
+        (7168, 2048),
+        {"mode": "mxfp4"},
+        DeepseekV41SwiGLU(10.0),
+        "limited swiglu",
+    ),
     "Mixtral-8x7B 4-bit": ((4096, 14336), {"bits": 4}, None, "swiglu"),
-    "nvfp4, down global scale": ((2048, 768), {"mode": "nvfp4", "global_scale": True}, None,
-                                 "swiglu"),
-}  # fmt: skip
+    "nvfp4, down global scale": (
+        (2048, 768),
+        {"mode": "nvfp4", "global_scale": True},
+        None,
+        "swiglu",
+    ),
+}
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
@@ -173,8 +185,12 @@ def test_decode_range_follows_the_measured_crossovers(as_cuda):
     # expert (128 experts: 64 pairs); where the tensor cores are missing, up
     # to one per expert against gather_qmm; 32 pairs at least, 128 at most.
     assert [cuda.max_pairs_for(e, tensor_cores=True) for e in (8, 64, 128, 256, 512)] == [
-        32, 32, 64, 128, 128
-    ]  # fmt: skip
+        32,
+        32,
+        64,
+        128,
+        128,
+    ]
     assert [cuda.max_pairs_for(e) for e in (8, 64, 128, 256)] == [32, 64, 128, 128]
     layer = quantized_layer(64, 64, 128)
     moefuse_runtime.install(layer, reserve_bytes=0)
@@ -272,8 +288,16 @@ def test_every_output_element_is_written(swiglu, rows_per_expert):
     tiling = grouped.tiling_for(cuda.device_arch(), rows_per_expert, swiglu, proj.bits)
     order, tiles, _ = grouped.route(indices, 5, (tiling.bm, tiling.bm))
     act = SWIGLU_ACT if swiglu else None
-    out = grouped.grouped_gemm(x, proj, order, tiles, activation=act, top_k=2 if swiglu else 1,
-                               tiling=tiling, init_value=float("nan"))  # fmt: skip
+    out = grouped.grouped_gemm(
+        x,
+        proj,
+        order,
+        tiles,
+        activation=act,
+        top_k=2 if swiglu else 1,
+        tiling=tiling,
+        init_value=float("nan"),
+    )
     assert out.shape == (pairs, proj.weight.shape[-2] // (2 if swiglu else 1))  # 96 or 2880
     assert not mx.isnan(out).any().item()
 
@@ -285,8 +309,7 @@ SHARED_AND_REGISTERS = [
 ]
 
 
-WORDWISE = [(2, 32, mx.bfloat16), (3, 32, mx.bfloat16), (5, 64, mx.bfloat16),
-            (6, 128, mx.float16)]  # fmt: skip
+WORDWISE = [(2, 32, mx.bfloat16), (3, 32, mx.bfloat16), (5, 64, mx.bfloat16), (6, 128, mx.float16)]
 
 
 @needs_cuda
@@ -300,8 +323,9 @@ def test_dequant_in_registers_equals_shared(bits, group_size, dtype, swiglu, til
     # 7 experts, 2, 14 or 40 rows each.
     hidden = 2912 if group_size == 32 else 2944
     width = 90 if swiglu else 96 if group_size == 32 else 384
-    layer = quantized_layer(hidden, width, 7, bits=bits, group_size=group_size, dtype=dtype,
-                            quantize_down=not swiglu)  # fmt: skip
+    layer = quantized_layer(
+        hidden, width, 7, bits=bits, group_size=group_size, dtype=dtype, quantize_down=not swiglu
+    )
     report = moefuse_runtime.install(layer, reserve_bytes=0)
     assert report.fused, str(report)
     proj = QuantizedArrays.of(layer.gate_up_proj if swiglu else layer.down_proj)
@@ -311,10 +335,18 @@ def test_dequant_in_registers_equals_shared(bits, group_size, dtype, swiglu, til
     indices = mx.random.randint(0, 7, (pairs,)).astype(mx.uint32)
     order, tiles, _ = grouped.route(indices, 7, (tilings[0].bm, tilings[0].bm))
     shared, registers = (
-        grouped.grouped_gemm(x, proj, order, tiles, activation=SWIGLU_ACT if swiglu else None,
-                             top_k=2 if swiglu else 1, tiling=tiling, init_value=float("nan"))
+        grouped.grouped_gemm(
+            x,
+            proj,
+            order,
+            tiles,
+            activation=SWIGLU_ACT if swiglu else None,
+            top_k=2 if swiglu else 1,
+            tiling=tiling,
+            init_value=float("nan"),
+        )
         for tiling in tilings
-    )  # fmt: skip
+    )
     assert not mx.isnan(registers).any().item()
     assert mx.array_equal(shared, registers).item()
 
@@ -327,8 +359,12 @@ def test_route_matches_the_routing():
     assert np.array(indices)[order].tolist() == [0] * 80 + [2] * 40 + [5] * 120
     live = tiles_64[tiles_64[:, 0] >= 0]
     assert live.tolist() == [
-        [0, 0, 64, 0], [0, 64, 80, 0], [2, 80, 120, 0], [5, 120, 184, 0], [5, 184, 240, 0]
-    ]  # fmt: skip
+        [0, 0, 64, 0],
+        [0, 64, 80, 0],
+        [2, 80, 120, 0],
+        [5, 120, 184, 0],
+        [5, 184, 240, 0],
+    ]
     assert len(tiles_64) == grouped.max_tiles(240, 7, 64)
     assert (tiles_64[len(live) :, 0] == -1).all()
     assert tiles_16.tolist() == np.array(emulated_route(indices, 7, (16, 16))[1]).tolist()
@@ -404,10 +440,12 @@ def emulated_route(flat_indices, experts, bms):
     ids = idx[order]
     schedules = []
     for bm in bms:
-        tiles = [[e, s, min(s + bm, end), 0]
-                 for e in range(experts)
-                 for start, end in [(np.searchsorted(ids, e), np.searchsorted(ids, e, "right"))]
-                 for s in range(start, end, bm)]  # fmt: skip
+        tiles = [
+            [e, s, min(s + bm, end), 0]
+            for e in range(experts)
+            for start, end in [(np.searchsorted(ids, e), np.searchsorted(ids, e, "right"))]
+            for s in range(start, end, bm)
+        ]
         tiles += [[-1, 0, 0, 0]] * (grouped.max_tiles(idx.size, experts, bm) - len(tiles))
         schedules.append(mx.array(np.array(tiles, np.int32)))
     return mx.array(order), *schedules
@@ -415,8 +453,11 @@ def emulated_route(flat_indices, experts, bms):
 
 def emulated_gemm(x, proj, order, tiles, *, activation, top_k, tiling, init_value=None):
     """What grouped_gemm computes, in numpy float32, row by row of every tile."""
-    w = np.array(mx.dequantize(proj.weight, proj.scales, proj.biases, proj.group_size,
-                               proj.bits).astype(mx.float32))  # fmt: skip
+    w = np.array(
+        mx.dequantize(proj.weight, proj.scales, proj.biases, proj.group_size, proj.bits).astype(
+            mx.float32
+        )
+    )
     xs, order = np.array(x.astype(mx.float32)), np.array(order)
     swiglu = activation is not None
     n = w.shape[1] // (2 if swiglu else 1)
@@ -482,8 +523,12 @@ def test_route_emulation_matches_the_known_routing():
     # The same routing as test_route_matches_the_routing (GPU), emulated.
     tiles = np.array(emulated_route(mx.array([5, 0, 5, 5, 2, 0] * 40), 7, (64, 64))[1])
     assert tiles[tiles[:, 0] >= 0].tolist() == [
-        [0, 0, 64, 0], [0, 64, 80, 0], [2, 80, 120, 0], [5, 120, 184, 0], [5, 184, 240, 0]
-    ]  # fmt: skip
+        [0, 0, 64, 0],
+        [0, 64, 80, 0],
+        [2, 80, 120, 0],
+        [5, 120, 184, 0],
+        [5, 184, 240, 0],
+    ]
 
 
 def test_header_inlines_common_once():
@@ -527,13 +572,30 @@ def test_launch_bounds_declare_the_kernel_mlx_generates():
     # MLX names a custom kernel custom_kernel_<name><template hash> (seen in an
     # NVRTC error on the H100: ..._bfloat16_t_4_32_2048_768_t_8_16_128_1_4_4)
     # and passes the inputs as const pointers in order, then the output.
-    template = (("T", mx.bfloat16), ("BITS", 4), ("GROUP", 32), ("K", 2048), ("N", 768),
-                ("SWIGLU", True), ("TOP_K", 8), ("BM", 16), ("BN", 128), ("WARPS_M", 1),
-                ("WARPS_N", 4), ("STAGES", 4), ("B_REGS", True))  # fmt: skip
+    template = (
+        ("T", mx.bfloat16),
+        ("BITS", 4),
+        ("GROUP", 32),
+        ("K", 2048),
+        ("N", 768),
+        ("SWIGLU", True),
+        ("TOP_K", 8),
+        ("BM", 16),
+        ("BN", 128),
+        ("WARPS_M", 1),
+        ("WARPS_N", 4),
+        ("STAGES", 4),
+        ("B_REGS", True),
+    )
     tiling = grouped.Tiling(16, 128, 1, 4, 4, min_blocks=3, b_regs=True)
-    inputs = (("x", mx.bfloat16, 2), ("w", mx.uint32, 3), ("scales", mx.uint8, 3),
-              ("global_scale", mx.float32, 1), ("order", mx.uint32, 1),
-              ("tiles", mx.int32, 2))  # fmt: skip
+    inputs = (
+        ("x", mx.bfloat16, 2),
+        ("w", mx.uint32, 3),
+        ("scales", mx.uint8, 3),
+        ("global_scale", mx.float32, 1),
+        ("order", mx.uint32, 1),
+        ("tiles", mx.int32, 2),
+    )
     spec = jit.KernelSpec("moefuse_grouped_gemm", inputs, (("out", mx.bfloat16),), template, "", "")
     text = grouped._launch_bounds(spec, tiling)
     assert (

@@ -216,9 +216,21 @@ def fused_counts_and_digests_on_two_ranks(tmp_path, model_dir, script: str) -> d
         out_dir = tmp_path / mode
         out_dir.mkdir()
         launch = [
-            PYTHON, "-c", LAUNCH, "--backend", "ring", "-n", "2", "-p", str(free_port()),
-            "--", PYTHON, str(tmp_path / "script.py"), str(model_dir), str(out_dir),
-        ]  # fmt: skip
+            PYTHON,
+            "-c",
+            LAUNCH,
+            "--backend",
+            "ring",
+            "-n",
+            "2",
+            "-p",
+            str(free_port()),
+            "--",
+            PYTHON,
+            str(tmp_path / "script.py"),
+            str(model_dir),
+            str(out_dir),
+        ]
         out = run(["moefuse", "run", "--", *launch], env={"EXO_FUSED_MOE": mode}, timeout=240)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         results[mode] = [(out_dir / f"rank{r}.txt").read_text().split() for r in (0, 1)]

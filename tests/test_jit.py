@@ -25,8 +25,14 @@ CXX = shutil.which("g++")
 @pytest.mark.skipif(CXX is None, reason="needs g++ for libstdc++'s std::hash")
 def test_std_hash_is_libstdcxx(tmp_path):
     # MLX names a custom kernel's module by std::hash<std::string> of its source
-    spec = jit.KernelSpec("k", (("x", mx.bfloat16, 2),), (("out", mx.bfloat16),),
-                          (("T", mx.bfloat16), ("N", 3)), "// h\n", "out[0] = x[0];")  # fmt: skip
+    spec = jit.KernelSpec(
+        "k",
+        (("x", mx.bfloat16, 2),),
+        (("out", mx.bfloat16),),
+        (("T", mx.bfloat16), ("N", 3)),
+        "// h\n",
+        "out[0] = x[0];",
+    )
     samples = ["", "a", "abcdefg", "abcdefgh", "abcdefghi", "x" * 1000, spec.mlx_source()]
     program = tmp_path / "hash.cpp"
     program.write_text(
@@ -54,8 +60,10 @@ def test_mlx_source_follows_build_kernel():
     # inputs the body names, the outputs, the template constants, the body
     spec = grouped.route_spec(128, (16, 64))
     text = spec.mlx_source()
-    assert text.startswith('\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include '
-                           "<cooperative_groups.h>\n\n" + spec.header)  # fmt: skip
+    assert text.startswith(
+        '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include '
+        "<cooperative_groups.h>\n\n" + spec.header
+    )
     assert (
         "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
         "__global__ void custom_kernel_moefuse_route_128_16_64(\n"
@@ -63,11 +71,13 @@ def test_mlx_source_follows_build_kernel():
         "    const __grid_constant__ Shape experts_shape,\n"
         "    uint32_t* order,\n    int32_t* tiles_a,\n    int32_t* tiles_b) {\n"
         "  constexpr int E = 128;\n  constexpr int BM_A = 16;\n  constexpr int BM_B = 64;\n\n"
-        + grouped.ROUTE_SOURCE + "\n}\n\n} // namespace mlx::core::cu\n"
+        + grouped.ROUTE_SOURCE
+        + "\n}\n\n} // namespace mlx::core::cu\n"
     ) in text
     template = (("T", mx.float16), ("B", False), ("N", 7))
-    typed = jit.KernelSpec("g", (("x", mx.float16, 2),), (("out", mx.float16),), template, "",
-                           "out[0] = x[0];")  # fmt: skip
+    typed = jit.KernelSpec(
+        "g", (("x", mx.float16, 2),), (("out", mx.float16),), template, "", "out[0] = x[0];"
+    )
     assert typed.kernel_name == "custom_kernel_g_float16_t_f_7"
     assert "  using T = __half;\n  constexpr bool B = false;\n  constexpr int N = 7;\n" in (
         typed.mlx_source()
@@ -269,8 +279,7 @@ def route_of(tokens: int, experts: int, top_k: int) -> mx.array:
 
 @pytest.mark.parametrize("mode", ["affine", "mxfp4"])
 @pytest.mark.parametrize("quantize_down", [True, False])
-def test_install_prepares_every_variant_a_call_launches(launches, monkeypatch, mode,
-                                                        quantize_down):  # fmt: skip
+def test_install_prepares_every_variant_a_call_launches(launches, monkeypatch, mode, quantize_down):
     prepared: list[jit.KernelSpec] = []
 
     def record_all(specs, arch, workers=None, compiler=None):
@@ -307,8 +316,10 @@ def test_a_call_reads_the_arrays_and_launches_nothing_else(launches, monkeypatch
     down_scales = layer.down_proj.scales = layer.down_proj.scales * 2
     mx.disable_compile()  # the compiled calls run as Python: their inputs are seen
     try:
-        for tokens, gemms in ((1, {"moefuse_gate_up", "moefuse_down"}),
-                              (300, {grouped.ROUTE_NAME, grouped.GEMM_NAME})):  # fmt: skip
+        for tokens, gemms in (
+            (1, {"moefuse_gate_up", "moefuse_down"}),
+            (300, {grouped.ROUTE_NAME, grouped.GEMM_NAME}),
+        ):
             launches.clear()
             x = mx.zeros((1, tokens, 256), mx.bfloat16)
             mx.eval(layer(x, route_of(tokens, 64, 4)))

@@ -19,9 +19,15 @@ pytestmark = pytest.mark.skipif(backend() != "cuda", reason="MLX's CUDA backend 
 def generated_source(capfd, kernel, spec: jit.KernelSpec, inputs: list[mx.array]) -> str:
     """What MLX prints as the source it builds (nothing is launched)."""
     capfd.readouterr()
-    kernel(inputs=inputs, template=list(spec.template), grid=(32, 1, 1), threadgroup=(32, 1, 1),
-           output_shapes=[(1,)] * len(spec.outputs), output_dtypes=[d for _, d in spec.outputs],
-           verbose=True)  # fmt: skip
+    kernel(
+        inputs=inputs,
+        template=list(spec.template),
+        grid=(32, 1, 1),
+        threadgroup=(32, 1, 1),
+        output_shapes=[(1,)] * len(spec.outputs),
+        output_dtypes=[d for _, d in spec.outputs],
+        verbose=True,
+    )
     return capfd.readouterr().out
 
 
@@ -45,8 +51,9 @@ def test_mlx_builds_the_predicted_kernel_sources(capfd, mode):
     assert f"```\n{gemv.mlx_source()}\n```" in generated_source(capfd, kernel, gemv, stand_in(gemv))
     tiling = grouped.Tiling(16, 128, 1, 4, 4, min_blocks=4, b_regs=True)
     gemm = grouped.gemm_spec(proj, mx.bfloat16, 256, SWIGLU_ACT, 4, tiling)
-    kernel = grouped._gemm_kernel(gemm.header, tiling.shared_bytes(4),
-                                  tuple(n for n, _, _ in gemm.inputs), gemm.source)  # fmt: skip
+    kernel = grouped._gemm_kernel(
+        gemm.header, tiling.shared_bytes(4), tuple(n for n, _, _ in gemm.inputs), gemm.source
+    )
     assert f"```\n{gemm.mlx_source()}\n```" in generated_source(capfd, kernel, gemm, stand_in(gemm))
 
 
@@ -56,13 +63,29 @@ def test_mlx_launches_the_module_filed_in_its_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("MOEFUSE_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(jit, "_prepared", set())
     header = f"// probe {tmp_path}\n"  # a module name no earlier run has used
-    spec = jit.KernelSpec("moefuse_probe", (("x", mx.float32, 1),), (("out", mx.float32),),
-                          (), header, "out[threadIdx.x] = x[threadIdx.x] + 1.0f;")  # fmt: skip
+    spec = jit.KernelSpec(
+        "moefuse_probe",
+        (("x", mx.float32, 1),),
+        (("out", mx.float32),),
+        (),
+        header,
+        "out[threadIdx.x] = x[threadIdx.x] + 1.0f;",
+    )
     other = dataclasses.replace(spec, source="out[threadIdx.x] = 7.0f;")
     module = jit.compile_spec(other, jit.kernel_arch())
     jit.write_mlx_cache(spec, module)
-    kernel = mx.fast.cuda_kernel(name="moefuse_probe", input_names=["x"], output_names=["out"],
-                                 source=spec.source, header=header)  # fmt: skip
-    (out,) = kernel(inputs=[mx.zeros((32,))], grid=(32, 1, 1), threadgroup=(32, 1, 1),
-                    output_shapes=[(32,)], output_dtypes=[mx.float32])  # fmt: skip
+    kernel = mx.fast.cuda_kernel(
+        name="moefuse_probe",
+        input_names=["x"],
+        output_names=["out"],
+        source=spec.source,
+        header=header,
+    )
+    (out,) = kernel(
+        inputs=[mx.zeros((32,))],
+        grid=(32, 1, 1),
+        threadgroup=(32, 1, 1),
+        output_shapes=[(32,)],
+        output_dtypes=[mx.float32],
+    )
     assert out.tolist() == [7.0] * 32

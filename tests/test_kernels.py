@@ -78,8 +78,10 @@ def test_float_and_float32_scales_are_not_taken():
     assert "float32 scales" in kernels.why_not_kernel(layer.gate_proj.to_quantized(64, 4))
 
 
-@pytest.mark.parametrize(("mode", "global_scale"), [("mxfp4", False), ("nvfp4", False),
-                                                    ("nvfp4", True), ("mxfp8", False)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("mode", "global_scale"),
+    [("mxfp4", False), ("nvfp4", False), ("nvfp4", True), ("mxfp8", False)],
+)
 def test_float_formats_are_taken(mode, global_scale):
     layer = switch_glu(128, 64, 4)
     layer.set_dtype(mx.bfloat16)

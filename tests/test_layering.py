@@ -86,6 +86,17 @@ def test_the_finder_finds_a_loop():
 def test_lower_modules_never_reach_up():
     edges = graph()
     top = {"moefuse_runtime.installer", "moefuse_runtime.hooks", "moefuse_runtime.cli"}
-    for low in ("layer", "halves", "projections", "twins", "walk", "first_forward", "blocks",
-                "dense", "config", "memory", "report"):  # fmt: skip
+    for low in (
+        "layer",
+        "halves",
+        "projections",
+        "twins",
+        "walk",
+        "first_forward",
+        "blocks",
+        "dense",
+        "config",
+        "memory",
+        "report",
+    ):
         assert not edges[f"moefuse_runtime.{low}"] & top, low

@@ -69,7 +69,8 @@ def test_fused_layer_shape_and_repr():
     # gate_proj and up_proj are halves of gate_up_proj: no parameters of their own
     assert isinstance(layer["gate_proj"], Half) and isinstance(layer["up_proj"], Half)
     assert {k.split(".")[0] for k, _ in tree_flatten(layer.parameters())} == {
-        "gate_up_proj", "down_proj"
+        "gate_up_proj",
+        "down_proj",
     }
     assert "FusedSwitchGLU" in repr(model)
 

@@ -116,8 +116,20 @@ def test_the_server_benchmark_runs_real_servers(tmp_path):
     # `moefuse bench --server --quick`: a plain and a fused mlx_lm.server on the
     # tiny demo model, every workload streamed; the figures exist and agree
     out = tmp_path / "bench"
-    done = run(["moefuse", "bench", "--server", "--quick", "--server-preset", "tiny",
-                    "--server-rounds", "1", "--out", str(out)])  # fmt: skip
+    done = run(
+        [
+            "moefuse",
+            "bench",
+            "--server",
+            "--quick",
+            "--server-preset",
+            "tiny",
+            "--server-rounds",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads((out / "server.json").read_text())
     summary = result["summary"]

@@ -55,17 +55,39 @@ def free_port():
 
 def launch(tmp_path, check, family_names, quantized=False, dense=False, vlm=False):
     """Run one check on 2 ranks; return {rank: [records]}."""
-    command = [
-        sys.executable, "-c", LAUNCH,
-        "--backend", "ring", "-n", str(RANKS), "-p", str(free_port()),
-        "--", sys.executable, str(HERE / "dist_worker.py"), check,
-        "--out", str(tmp_path), "--families", *family_names,
-    ] + (["--quantized"] if quantized else []) + (["--dense"] if dense else []) + (
-        ["--vlm"] if vlm else [])  # fmt: skip
+    command = (
+        [
+            sys.executable,
+            "-c",
+            LAUNCH,
+            "--backend",
+            "ring",
+            "-n",
+            str(RANKS),
+            "-p",
+            str(free_port()),
+            "--",
+            sys.executable,
+            str(HERE / "dist_worker.py"),
+            check,
+            "--out",
+            str(tmp_path),
+            "--families",
+            *family_names,
+        ]
+        + (["--quantized"] if quantized else [])
+        + (["--dense"] if dense else [])
+        + (["--vlm"] if vlm else [])
+    )
     process = subprocess.Popen(
-        command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+        command,
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         output, _ = process.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -89,9 +111,10 @@ def _vlm_sharded() -> list[str]:
     except ImportError:  # mlx-vlm is pinned in requirements-test.txt
         return []
     return [
-        f for f in vlm_families.buildable()
+        f
+        for f in vlm_families.buildable()
         if hasattr(vlm_families.language_model_class(f), "shard")
-    ]  # fmt: skip
+    ]
 
 
 VLM_SHARDED = _vlm_sharded()
@@ -154,9 +177,11 @@ def test_group_agrees_on_every_verdict(tmp_path):
     records = launch(tmp_path, "agreement", ["qwen3_moe", "deepseek_v3"], quantized=True)
     for family in ("qwen3_moe", "deepseek_v3"):
         rows = {
-            (r["rank"], r["check"]): r for rank in records for r in records[rank]
+            (r["rank"], r["check"]): r
+            for rank in records
+            for r in records[rank]
             if r["family"] == family
-        }  # fmt: skip
+        }
         # With the group: rank 1 lacks headroom, so neither rank fuses.
         assert rows[(0, "agreement-group")]["fused"] == 0
         assert rows[(1, "agreement-group")]["fused"] == 0
@@ -182,9 +207,10 @@ def test_a_fault_on_one_rank_is_its_verdict(tmp_path):
     faulted = rows[1]["skipped"]
     assert any("failed while checking (RuntimeError: injected in checking)" in r for r in faulted)
     assert any("failed while checking (OSError: injected in the probe)" in r for r in faulted)
-    assert rows[0]["skipped"] == [
-        "rank 1 could not fuse this layer (verdicts agreed across ranks)"
-    ] * 2
+    assert (
+        rows[0]["skipped"]
+        == ["rank 1 could not fuse this layer (verdicts agreed across ranks)"] * 2
+    )
 
 
 def test_sharding_the_stacked_tensor_as_one_segment_is_caught(tmp_path):

@@ -161,8 +161,10 @@ def test_metal_gate_up_kernel_gets_the_views(monkeypatch):
 
 
 FORMATS = [("affine", bits, gs) for bits in (2, 3, 4, 5, 6, 8) for gs in (32, 64, 128)] + [
-    ("mxfp4", 4, 32), ("mxfp8", 8, 32), ("nvfp4", 4, 16)
-]  # fmt: skip
+    ("mxfp4", 4, 32),
+    ("mxfp8", 8, 32),
+    ("nvfp4", 4, 16),
+]
 
 
 @pytest.mark.parametrize(("mode", "bits", "group_size"), FORMATS)

@@ -108,9 +108,14 @@ VLM_OVERRIDES: dict[str, dict] = {
 
 VISION_CONFIGS = {
     "ernie4_5_moe_vl": {"depth": 1, "spatial_merge_size": 2},
-    "glm4v_moe": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-                  "patch_size": 14},
-}  # fmt: skip
+    "glm4v_moe": {
+        "depth": 1,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "patch_size": 14,
+    },
+}
 """Vision configs of families whose language model reads one (the spatial
 merge size, for rotary position ids); the vision tower is not built."""
 

@@ -43,8 +43,11 @@ def _run_the_next_sitecustomize() -> None:
     try:
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
     except Exception as error:  # noqa: BLE001 - as Python's site does: report, go on
-        print(f"Error in sitecustomize ({spec.origin}); set PYTHONVERBOSE for traceback:\n"
-              f"{type(error).__name__}: {error}", file=sys.stderr)  # fmt: skip
+        print(
+            f"Error in sitecustomize ({spec.origin}); set PYTHONVERBOSE for traceback:\n"
+            f"{type(error).__name__}: {error}",
+            file=sys.stderr,
+        )
 
 
 _run_the_next_sitecustomize()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
+from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -163,20 +164,20 @@ def kernels_for(layer: nn.Module, why_not_forward: str | None) -> tuple[LayerKer
     if reason:
         return None, f"gather_qmm ({reason})"
     experts = layer.gate_up_proj["weight"].shape[0]
-    dtypes = _dtypes(layer.gate_up_proj)
-    if not dtypes:
+    gate_up_dtypes = _dtypes(layer.gate_up_proj)
+    if not gate_up_dtypes:
         return None, "gather_qmm (gate_up_proj takes no bf16 or fp16 activations)"
     # the down kernel reads gate_up's output, in the activation dtype
-    down_dtypes = set() if why_not_kernel(layer.down_proj) else _dtypes(layer.down_proj) & dtypes
+    down_dtypes = set() if why_not_kernel(layer.down_proj) else _dtypes(layer.down_proj)
+    down_dtypes &= gate_up_dtypes
     down = bool(down_dtypes)
-    dtypes = tuple(d for d in KERNEL_DTYPES if d in (down_dtypes if down else dtypes))
+    dtypes = tuple(d for d in KERNEL_DTYPES if d in (down_dtypes if down else gate_up_dtypes))
     activation = kernel_activation(getattr(layer, "activation", None))
     tiling = down_tiling_for(layer.down_proj) if down else DOWN_TILING
     arch = device_arch()
+    why_not_tensor_cores: str | None = why_not_grouped(layer)
     if arch_number(arch) < MIN_TENSOR_CORE_ARCH:
         why_not_tensor_cores = f"{arch or 'this GPU'} is older than sm_{MIN_TENSOR_CORE_ARCH}"
-    else:
-        why_not_tensor_cores = why_not_grouped(layer)
     max_pairs = max_pairs_for(experts, tensor_cores=why_not_tensor_cores is None)
     decode = DecodeKernels(
         down, max_pairs, down_tiling=tiling, activation=activation, dtypes=dtypes
@@ -189,7 +190,7 @@ def kernels_for(layer: nn.Module, why_not_forward: str | None) -> tuple[LayerKer
     return kernels, f"{kernels.path} ({why_not_tensor_cores})"
 
 
-def _dtypes(proj: nn.Module) -> set:
+def _dtypes(proj: nn.Module) -> set[mx.Dtype]:
     """The activation dtypes the kernels can read this projection with."""
     arrays = QuantizedArrays.of(proj)
     return {d for d in KERNEL_DTYPES if arrays.takes(d)}
@@ -213,7 +214,8 @@ def activation_dtypes(block: nn.Module, taken: tuple[mx.Dtype, ...]) -> tuple[mx
     """The activation dtypes a fused layer of this block will see: the dtype of
     the block's first parameter of a ``taken`` dtype (the router's, or affine
     scales), else every taken dtype."""
-    for _, value in tree_flatten(block.parameters()):
+    leaves = cast(list[tuple[str, mx.array]], tree_flatten(block.parameters()))
+    for _, value in leaves:
         if value.dtype in taken:
             return (value.dtype,)
     return taken
@@ -235,6 +237,8 @@ def prepare_kernels(blocks: Iterable[tuple[nn.Module, tuple[str, ...]]]) -> tupl
     build: BuildReport = prepare_all(specs, kernel_arch())
     notes = [build.summary()]
     if unknown:
-        notes.append(f"CUDA kernels: {unknown} layers' blocks name no top-k; "
-                     "they compile at their first calls")  # fmt: skip
+        notes.append(
+            f"CUDA kernels: {unknown} layers' blocks name no top-k; "
+            "they compile at their first calls"
+        )
     return tuple(notes)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.nn as nn
 import numpy as np
@@ -20,8 +21,16 @@ import numpy as np
 NONE, SWIGLU, SWIGLU_F32, LIMITED, CLAMPED, OAI, GELU_TANH, SITU = range(8)
 """The kernels' ACT constants (common.cuh: Act)."""
 
-NAMES = ("mlx activation", "swiglu", "swiglu fp32", "limited swiglu", "clamped swiglu",
-         "swiglu oai", "geglu", "situ")  # fmt: skip
+NAMES = (
+    "mlx activation",
+    "swiglu",
+    "swiglu fp32",
+    "limited swiglu",
+    "clamped swiglu",
+    "swiglu oai",
+    "geglu",
+    "situ",
+)
 
 
 @dataclass(frozen=True)
@@ -124,7 +133,7 @@ KNOWN: dict[tuple[str, str], Callable[[nn.Module], KernelActivation | None]] = {
 its parameters have none. Keys by name: nothing here imports a model."""
 
 
-def kernel_activation(module: object) -> KernelActivation:
+def kernel_activation(module: Any) -> KernelActivation:
     """The epilogue activation for a SwitchGLU's ``activation`` (NONE: the
     module runs between the kernels)."""
     cls = type(module)

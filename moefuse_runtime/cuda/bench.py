@@ -35,15 +35,18 @@ switched between rounds by their class (`use_blocks`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import mlx.core as mx
 
 from .. import bench, blocks
 from ..installer import install
 from ..walk import find_switch_glus
+from . import jit
 
 LAYER_SHAPES = {"qwen3-30b-a3b": (2048, 128, 8, 768), "mixtral-8x7b": (4096, 8, 2, 14336)}
 LAYER_TOKENS = (512, 2048)
@@ -67,11 +70,14 @@ def seconds_of(fn: Callable[[], object], inner: int = 1) -> float:
     return (time.perf_counter() - start) / inner
 
 
-def interleaved(variants: dict[str, Callable[[], object]], rounds: int,
-                prepare: Callable[[str], object] = lambda _: None) -> dict[str, list]:  # fmt: skip
+def interleaved(
+    variants: dict[str, Callable[[], object]],
+    rounds: int,
+    prepare: Callable[[str], object] = lambda _: None,
+) -> dict[str, list]:
     """Seconds per variant per round, variants alternating; one warm-up round.
     ``prepare(name)`` runs before each variant's call, outside the timing."""
-    times: dict[str, list] = {k: [] for k in variants}
+    times: dict[str, Any] = {k: [] for k in variants}  # seconds, or why the variant failed
     for r in range(rounds + 1):
         for name, fn in variants.items():
             try:
@@ -141,8 +147,13 @@ def _ratios(times: dict[str, list], base: str = "unfused") -> dict[str, float]:
     return out
 
 
-def bench_model(layers: int, rounds: int, log: Callable[[str], None],
-                prefill_tokens=PREFILL_TOKENS, decode_batches=DECODE_BATCHES) -> dict:  # fmt: skip
+def bench_model(
+    layers: int,
+    rounds: int,
+    log: Callable[[str], None],
+    prefill_tokens=PREFILL_TOKENS,
+    decode_batches=DECODE_BATCHES,
+) -> dict:
     """Prefill tok/s and batched decode steps: unfused, fused, bound."""
     from mlx_lm.models.cache import make_prompt_cache  # prefill: an empty cache
 
@@ -152,8 +163,13 @@ def bench_model(layers: int, rounds: int, log: Callable[[str], None],
     def trunk(model, tokens, cache):
         return model.model(tokens, cache=cache)  # hidden states of every layer
 
-    result = {"layers": layers, "paths": sorted({r.compute_path for r in report.layers}),
-              "notes": list(report.notes), "prefill": [], "decode": []}  # fmt: skip
+    result: dict[str, Any] = {
+        "layers": layers,
+        "paths": sorted({r.compute_path for r in report.layers}),
+        "notes": list(report.notes),
+        "prefill": [],
+        "decode": [],
+    }
     prefill_variants = ("unfused", "fused", "bound")  # no prompt runs compiled blocks
 
     def prefill_fn(name, prompt):
@@ -165,11 +181,15 @@ def bench_model(layers: int, rounds: int, log: Callable[[str], None],
 
     for n in prefill_tokens:
         prompt = mx.random.randint(0, 1000, (1, n))
-        times = interleaved({k: prefill_fn(k, prompt) for k in prefill_variants}, rounds,
-                            prepare=setup.use)  # fmt: skip
-        row = {"tokens": n, "tok_s": {k: n / statistics.median(v) for k, v in times.items()
-                                      if isinstance(v, list)},
-               "speedup": _ratios(times), "failures": _failures(times)}  # fmt: skip
+        times = interleaved(
+            {k: prefill_fn(k, prompt) for k in prefill_variants}, rounds, prepare=setup.use
+        )
+        row: dict[str, Any] = {
+            "tokens": n,
+            "tok_s": {k: n / statistics.median(v) for k, v in times.items() if isinstance(v, list)},
+            "speedup": _ratios(times),
+            "failures": _failures(times),
+        }
         result["prefill"].append(row)
         log(f"prefill {n}: " + _format(row["tok_s"], "tok/s") + _format_ratios(row["speedup"]))
     for batch in decode_batches:
@@ -185,12 +205,20 @@ def bench_model(layers: int, rounds: int, log: Callable[[str], None],
             return run
 
         times = interleaved({k: decode_fn(k) for k in setup.DECODE}, rounds, prepare=setup.use)
-        row = {"sequences": batch, "step_ms": {k: 1e3 * statistics.median(v)
-                                               for k, v in times.items() if isinstance(v, list)},
-               "speedup": _ratios(times), "failures": _failures(times)}  # fmt: skip
+        row = {
+            "sequences": batch,
+            "step_ms": {
+                k: 1e3 * statistics.median(v) for k, v in times.items() if isinstance(v, list)
+            },
+            "speedup": _ratios(times),
+            "failures": _failures(times),
+        }
         result["decode"].append(row)
-        log(f"decode step, {batch} sequences: " + _format(row["step_ms"], "ms")
-            + _format_ratios(row["speedup"]))  # fmt: skip
+        log(
+            f"decode step, {batch} sequences: "
+            + _format(row["step_ms"], "ms")
+            + _format_ratios(row["speedup"])
+        )
     setup.use("fused")
     bench.free(plain, fused)
     return result
@@ -213,8 +241,7 @@ class _Variants:
     """One unfused and one fused model, and the variants timed on them: the
     fused model's kernels and compiled blocks are switched per variant."""
 
-    DECODE = ("unfused", "fused", "fused_uncompiled_blocks", "bound",
-              "bound_compiled_blocks")  # fmt: skip
+    DECODE = ("unfused", "fused", "fused_uncompiled_blocks", "bound", "bound_compiled_blocks")
 
     def __init__(self, plain, fused) -> None:
         self.plain, self.fused = plain, fused
@@ -242,9 +269,14 @@ class _Variants:
         return self.model(name)
 
 
-def bench_stream(layers: int, rounds: int, log: Callable[[str], None],
-                 tokens: int = STREAM_TOKENS, preset: str = "qwen3-30b-a3b",
-                 dtype: mx.Dtype = mx.bfloat16) -> dict:  # fmt: skip
+def bench_stream(
+    layers: int,
+    rounds: int,
+    log: Callable[[str], None],
+    tokens: int = STREAM_TOKENS,
+    preset: str = "qwen3-30b-a3b",
+    dtype: mx.Dtype = mx.bfloat16,
+) -> dict:
     """Single-stream decode with mlx-lm's own loop, variants interleaved per
     round: tok/s of each round (tokens after the first over their seconds)
     and of its median interval; ratios paired per round against unfused."""
@@ -253,22 +285,30 @@ def bench_stream(layers: int, rounds: int, log: Callable[[str], None],
     plain, fused, report = _model_pair(layers, preset, dtype)
     setup = _Variants(plain, fused)
     prompt = mx.random.randint(0, 1000, (STREAM_PROMPT,)).astype(mx.uint32)
-    seconds = {k: [] for k in setup.DECODE}  # mean seconds per token, per round
-    median = {k: [] for k in setup.DECODE}
+    seconds: dict[str, list[float]] = {k: [] for k in setup.DECODE}  # mean per token, per round
+    median: dict[str, list[float]] = {k: [] for k in setup.DECODE}
     for r in range(rounds + 1):  # round 0 warms up (kernels, traces)
         for name in setup.DECODE:
             _, gaps = decode_intervals(setup.use(name), prompt, tokens)
             if r:
                 seconds[name].append(sum(gaps) / len(gaps))
                 median[name].append(statistics.median(gaps))
-    result = {"layers": layers, "tokens": tokens, "rounds": rounds,
-              "paths": sorted({r.compute_path for r in report.layers}),
-              "notes": list(report.notes),
-              "tok_s": {k: 1 / statistics.median(v) for k, v in seconds.items()},
-              "speedup": _ratios(seconds), "speedup_median_interval": _ratios(median),
-              "seconds_per_token": seconds}  # fmt: skip
-    log(f"single-stream decode, {layers} layers, {tokens} tokens: "
-        + _format(result["tok_s"], "tok/s") + _format_ratios(result["speedup"]))  # fmt: skip
+    result: dict[str, Any] = {
+        "layers": layers,
+        "tokens": tokens,
+        "rounds": rounds,
+        "paths": sorted({r.compute_path for r in report.layers}),
+        "notes": list(report.notes),
+        "tok_s": {k: 1 / statistics.median(v) for k, v in seconds.items()},
+        "speedup": _ratios(seconds),
+        "speedup_median_interval": _ratios(median),
+        "seconds_per_token": seconds,
+    }
+    log(
+        f"single-stream decode, {layers} layers, {tokens} tokens: "
+        + _format(result["tok_s"], "tok/s")
+        + _format_ratios(result["speedup"])
+    )
     setup.use("fused")
     bench.free(plain, fused)
     return result
@@ -295,16 +335,20 @@ def bench_fidelity(layers: int, tokens: int, log: Callable[[str], None]) -> dict
     ref = reference(prompt).astype(mx.float32)
     mx.eval(ref)
     ref_top = mx.argmax(ref, axis=-1)
-    result = {"layers": layers, "tokens": tokens}
+    result: dict[str, Any] = {"layers": layers, "tokens": tokens}
     for name, model in (("unfused", plain), ("fused", fused)):
         logits = model(prompt).astype(mx.float32)
         agree = mx.mean(mx.argmax(logits, axis=-1) == ref_top).item()
         error = (mx.linalg.norm((logits - ref).flatten()) / mx.linalg.norm(ref.flatten())).item()
         result[name] = {"top1_agreement": agree, "logits_rel_error": error}
-    log(f"fidelity vs float32, {layers} layers, {tokens} tokens: "
-        + ", ".join(f"{k} top-1 {v['top1_agreement']:.4f} (logits rel. error "
-                    f"{v['logits_rel_error']:.2e})" for k, v in result.items()
-                    if isinstance(v, dict)))  # fmt: skip
+    log(
+        f"fidelity vs float32, {layers} layers, {tokens} tokens: "
+        + ", ".join(
+            f"{k} top-1 {v['top1_agreement']:.4f} (logits rel. error {v['logits_rel_error']:.2e})"
+            for k, v in result.items()
+            if isinstance(v, dict)
+        )
+    )
     bench.free(plain, fused, reference)
     return result
 
@@ -331,8 +375,9 @@ def torch_grouped_mm_seconds(hidden: int, experts: int, width: int, indices, rou
     if not torch.cuda.is_available() or not hasattr(torch, "_grouped_mm"):
         return None
     idx = np.array(indices).reshape(-1)
-    offs = torch.tensor(np.cumsum(np.bincount(idx, minlength=experts)), dtype=torch.int32,
-                        device="cuda")  # fmt: skip
+    offs = torch.tensor(
+        np.cumsum(np.bincount(idx, minlength=experts)), dtype=torch.int32, device="cuda"
+    )
     bf16 = {"device": "cuda", "dtype": torch.bfloat16}
     a, h = torch.randn(idx.size, hidden, **bf16), torch.randn(idx.size, width, **bf16)
     w1 = torch.randn(experts, hidden, 2 * width, **bf16)
@@ -368,18 +413,32 @@ def bench_layers(rounds: int, log: Callable[[str], None]) -> list[dict]:
             dense_w = mx.random.normal((hidden, 3 * width)).astype(mx.bfloat16)
             mx.eval(x, indices, dense_x, dense_w)
             flops = 2 * pairs * hidden * 3 * width  # gate, up and down
-            times = interleaved({
-                "unfused": lambda u=unfused, x=x, i=indices: u(x, i),
-                "fused": lambda f=fused, x=x, i=indices: f(x, i),
-                "dense_bf16_matmul": lambda a=dense_x, b=dense_w: a @ b,
-            }, rounds)  # fmt: skip
-            tflops = {k: flops / statistics.median(v) / 1e12 for k, v in times.items()
-                      if isinstance(v, list)}  # fmt: skip
+            times = interleaved(
+                {
+                    "unfused": functools.partial(unfused, x, indices),
+                    "fused": functools.partial(fused, x, indices),
+                    "dense_bf16_matmul": functools.partial(mx.matmul, dense_x, dense_w),
+                },
+                rounds,
+            )
+            tflops = {
+                k: flops / statistics.median(v) / 1e12
+                for k, v in times.items()
+                if isinstance(v, list)
+            }
             peer = torch_grouped_mm_seconds(hidden, experts, width, indices, rounds)
             if peer is not None:
                 tflops["torch_grouped_mm_bf16"] = flops / peer / 1e12
-            rows.append({"shape": shape, "tokens": n, "pairs": pairs, "flops": flops,
-                         "tflops": tflops, "failures": _failures(times)})  # fmt: skip
+            rows.append(
+                {
+                    "shape": shape,
+                    "tokens": n,
+                    "pairs": pairs,
+                    "flops": flops,
+                    "tflops": tflops,
+                    "failures": _failures(times),
+                }
+            )
             log(f"layer {shape} {n} tokens: " + _format(tflops, "TFLOP/s"))
         bench.free(unfused, fused)
     return rows
@@ -415,8 +474,10 @@ def bench_pairs(rounds: int, log: Callable[[str], None]) -> list[dict]:
         x = mx.random.normal((n, hidden)).astype(mx.bfloat16)
         indices = mx.random.randint(0, experts, (n, top_k)).astype(mx.uint32)
         mx.eval(x, indices)
-        variants = {"unfused": lambda x=x, i=indices: unfused(x, i),
-                    **{p: on(p, x, indices) for p in forced}}  # fmt: skip
+        variants = {
+            "unfused": lambda x=x, i=indices: unfused(x, i),
+            **{p: on(p, x, indices) for p in forced},
+        }
         if n * top_k > 4096:
             del variants["decode_kernels"]  # a GEMV per pair: far behind, and slow to time
         times = interleaved(variants, rounds)
@@ -429,17 +490,27 @@ def bench_pairs(rounds: int, log: Callable[[str], None]) -> list[dict]:
     return rows
 
 
-def run(out_dir: str, *, layers: int = 48, rounds: int = 7, parts=("layers", "model", "pairs"),
-        prefill_tokens=PREFILL_TOKENS, decode_batches=DECODE_BATCHES,
-        stream_tokens: int = STREAM_TOKENS,
-        log: Callable[[str], None] = lambda _: None) -> dict:  # fmt: skip
+def run(
+    out_dir: str,
+    *,
+    layers: int = 48,
+    rounds: int = 7,
+    parts=("layers", "model", "pairs"),
+    prefill_tokens=PREFILL_TOKENS,
+    decode_batches=DECODE_BATCHES,
+    stream_tokens: int = STREAM_TOKENS,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict:
     """The CUDA suite; writes ``cuda.json`` (after each part) and ``cuda.png``."""
     import json
     import os
 
     os.makedirs(out_dir, exist_ok=True)
-    result = {"device": mx.device_info().get("device_name"), "mlx": mx.__version__,
-              "streaming_bandwidth_bytes_per_s": bench.streaming_bandwidth()}  # fmt: skip
+    result: dict[str, Any] = {
+        "device": mx.device_info().get("device_name"),
+        "mlx": jit.mlx_version(),
+        "streaming_bandwidth_bytes_per_s": bench.streaming_bandwidth(),
+    }
     for part in parts:
         if part == "layers":
             result["layers"] = bench_layers(rounds, log)
@@ -490,8 +561,9 @@ def plot(result: dict, path: str) -> None:
         right.bar([p + 0.2 for p in pos], bound, width=0.4, label="FFN-free bound")
         right.set_xticks(list(pos), labels, rotation=30, fontsize=7)
         layers = model.get("layers") or result.get("stream", {}).get("layers")
-        right.set(ylabel="speed-up over unfused (median of paired rounds)",
-                  title=f"{layers}-layer model")  # fmt: skip
+        right.set(
+            ylabel="speed-up over unfused (median of paired rounds)", title=f"{layers}-layer model"
+        )
         right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -502,8 +574,13 @@ def _plot_pairs(ax, rows: list[dict]) -> None:
         points = [(r["pairs"], r["ms"][path_name]) for r in rows if path_name in r["ms"]]
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", label=path_name)
-    ax.set(xscale="log", yscale="log", xlabel="(token, expert) pairs", ylabel="ms per layer",
-           title="Qwen3-30B-A3B MoE layer, 4-bit, per path")  # fmt: skip
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="(token, expert) pairs",
+        ylabel="ms per layer",
+        title="Qwen3-30B-A3B MoE layer, 4-bit, per path",
+    )
     if rows:
         ax.legend(fontsize=7)
 
@@ -511,6 +588,9 @@ def _plot_pairs(ax, rows: list[dict]) -> None:
 def _plot_stream_rounds(ax, stream: dict) -> None:
     for name, seconds in stream["seconds_per_token"].items():
         ax.plot(range(1, len(seconds) + 1), [1e3 * s for s in seconds], marker="o", label=name)
-    ax.set(xlabel="round", ylabel="ms per token (mean over the round)",
-           title=f"single-stream decode, {stream['tokens']} tokens per round")  # fmt: skip
+    ax.set(
+        xlabel="round",
+        ylabel="ms per token (mean over the round)",
+        title=f"single-stream decode, {stream['tokens']} tokens per round",
+    )
     ax.legend(fontsize=7)

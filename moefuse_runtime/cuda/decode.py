@@ -115,9 +115,13 @@ def columns(proj: QuantizedArrays, activation: KernelActivation | None) -> tuple
 
 
 def gemv_spec(
-    proj: QuantizedArrays, dtype: mx.Dtype, k: int, activation: KernelActivation | None,
-    x_div: int, outs: int,
-) -> jit.KernelSpec:  # fmt: skip
+    proj: QuantizedArrays,
+    dtype: mx.Dtype,
+    k: int,
+    activation: KernelActivation | None,
+    x_div: int,
+    outs: int,
+) -> jit.KernelSpec:
     """The kernel variant `gather_qmv` launches for these weights and inputs
     (x of ``dtype``, width ``k``): what install compiles ahead of the call."""
     *_, args = proj.inputs()
@@ -127,8 +131,12 @@ def gemv_spec(
         name=GEMV_NAMES[activation is not None],
         inputs=(("x", dtype, 2), *proj.input_specs(), ("indices", mx.uint32, 1)),
         outputs=(("out", dtype),),
-        template=(*proj.template(dtype, k, n, activation is not None), *act.template(),
-                  ("X_DIV", x_div), ("OUTS", outs)),  # fmt: skip
+        template=(
+            *proj.template(dtype, k, n, activation is not None),
+            *act.template(),
+            ("X_DIV", x_div),
+            ("OUTS", outs),
+        ),
         header=source.kernel_header("gemv.cuh", jit.kernel_arch()),
         source=GEMV_SOURCE.format(args=args),
     )
@@ -274,9 +282,13 @@ class DecodeKernels(PortableDtypes):
         return h if module is None else apply_module(module, h)
 
     def ffn(
-        self, x: mx.array, indices: mx.array, gate_up: QuantizedArrays, down: QuantizedArrays,
+        self,
+        x: mx.array,
+        indices: mx.array,
+        gate_up: QuantizedArrays,
+        down: QuantizedArrays,
         module=None,
-    ) -> mx.array:  # fmt: skip
+    ) -> mx.array:
         """The whole FFN on the two kernels: (..., top_k, hidden), as SwitchGLU."""
         flat = flat_uint32(indices)
         h = self.gate_up(x, flat, indices.shape[-1], gate_up, module)

@@ -108,8 +108,17 @@ class QuantizedArrays(NamedTuple):
 
     @classmethod
     def of(cls, proj: nn.Module) -> QuantizedArrays:
-        arrays = (proj.get(name) for name in ARRAY_NAMES)
-        return cls(*arrays, proj.mode, proj.bits, proj.group_size)
+        get = proj.get
+        return cls(
+            proj["weight"],
+            proj["scales"],
+            get("biases"),
+            get("bias"),
+            get("global_scale"),
+            proj.mode,
+            proj.bits,
+            proj.group_size,
+        )
 
     @property
     def arrays(self) -> tuple[mx.array, ...]:
@@ -124,8 +133,17 @@ class QuantizedArrays(NamedTuple):
 
     @classmethod
     def rebuilt(cls, arrays: tuple[mx.array, ...], layout: Layout) -> QuantizedArrays:
-        values = dict(zip(layout.names, arrays, strict=True))
-        return cls(*(values.get(name) for name in ARRAY_NAMES), *layout[1:])
+        got = dict(zip(layout.names, arrays, strict=True))
+        return cls(
+            got["weight"],
+            got["scales"],
+            got.get("biases"),
+            got.get("bias"),
+            got.get("global_scale"),
+            layout.mode,
+            layout.bits,
+            layout.group_size,
+        )
 
     def takes(self, dtype: mx.Dtype) -> bool:
         """Whether the kernels can read these weights with activations of ``dtype``
@@ -137,8 +155,15 @@ class QuantizedArrays(NamedTuple):
     def template(self, dtype: mx.Dtype, k: int, n: int, gate_up: bool) -> tuple:
         """The template constants both kernels take for this format and shape
         (activations of ``dtype``, ``k`` inputs and ``n`` outputs per row)."""
-        return (("T", dtype), ("MODE", MODES[self.mode]), ("BITS", self.bits),
-                ("GROUP", self.group_size), ("K", k), ("N", n), ("GATE_UP", gate_up))  # fmt: skip
+        return (
+            ("T", dtype),
+            ("MODE", MODES[self.mode]),
+            ("BITS", self.bits),
+            ("GROUP", self.group_size),
+            ("K", k),
+            ("N", n),
+            ("GATE_UP", gate_up),
+        )
 
     def input_specs(self) -> tuple[tuple[str, mx.Dtype, int], ...]:
         """(name, dtype, ndim) of the kernel inputs `inputs` passes (jit.KernelSpec)."""

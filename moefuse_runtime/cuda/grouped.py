@@ -127,10 +127,12 @@ def _buckets(
     found = {e["max_rows_per_expert"] for entries in table.values() for e in entries}
     limits = tuple(sorted(t for t in found if t is not None and t >= 1))
     tilings = tuple(
-        (tiling_for(arch, rows, True, bits[0]),
-         None if bits[1] is None else tiling_for(arch, rows, False, bits[1]))
+        (
+            tiling_for(arch, rows, True, bits[0]),
+            None if bits[1] is None else tiling_for(arch, rows, False, bits[1]),
+        )
         for rows in (*limits, math.inf)
-    )  # fmt: skip
+    )
     return limits, tilings
 
 
@@ -229,9 +231,13 @@ def _launch_bounds(spec: jit.KernelSpec, tiling: Tiling) -> str:
 
 
 def gemm_spec(
-    proj: QuantizedArrays, dtype: mx.Dtype, k: int, activation: KernelActivation | None,
-    top_k: int, tiling: Tiling,
-) -> jit.KernelSpec:  # fmt: skip
+    proj: QuantizedArrays,
+    dtype: mx.Dtype,
+    k: int,
+    activation: KernelActivation | None,
+    top_k: int,
+    tiling: Tiling,
+) -> jit.KernelSpec:
     """The grouped GEMM variant `grouped_gemm` launches for these weights,
     inputs (x of ``dtype``, width ``k``) and tiling."""
     n, _ = columns(proj, activation)
@@ -239,14 +245,24 @@ def gemm_spec(
     *_, args = proj.inputs()
     spec = jit.KernelSpec(
         name=GEMM_NAME,
-        inputs=(("x", dtype, 2), *proj.input_specs(), ("order", mx.uint32, 1),
-                ("tiles", mx.int32, 2)),  # fmt: skip
+        inputs=(
+            ("x", dtype, 2),
+            *proj.input_specs(),
+            ("order", mx.uint32, 1),
+            ("tiles", mx.int32, 2),
+        ),
         outputs=(("out", dtype),),
         template=(
-            *proj.template(dtype, k, n, activation is not None), *act.template(),
-            ("TOP_K", top_k), ("BM", tiling.bm), ("BN", tiling.bn), ("WARPS_M", tiling.warps_m),
-            ("WARPS_N", tiling.warps_n), ("STAGES", tiling.stages), ("B_REGS", tiling.b_regs),
-        ),  # fmt: skip
+            *proj.template(dtype, k, n, activation is not None),
+            *act.template(),
+            ("TOP_K", top_k),
+            ("BM", tiling.bm),
+            ("BN", tiling.bn),
+            ("WARPS_M", tiling.warps_m),
+            ("WARPS_N", tiling.warps_n),
+            ("STAGES", tiling.stages),
+            ("B_REGS", tiling.b_regs),
+        ),
         header=source.kernel_header("grouped_gemm.cuh", jit.kernel_arch()),
         source=GEMM_SOURCE.format(args=args),
     )
@@ -408,9 +424,14 @@ class GroupedKernels(PortableDtypes):
         bms = (gate_up_tiling.bm, (down_tiling or gate_up_tiling).bm)
         order, gate_up_tiles, down_tiles = route(flat_uint32(indices), experts, bms)
         h = grouped_gemm(
-            x.reshape(-1, x.shape[-1]), gate_up, order, gate_up_tiles,
-            activation=activation, top_k=indices.shape[-1], tiling=gate_up_tiling,
-        )  # fmt: skip
+            x.reshape(-1, x.shape[-1]),
+            gate_up,
+            order,
+            gate_up_tiles,
+            activation=activation,
+            top_k=indices.shape[-1],
+            tiling=gate_up_tiling,
+        )
         if module is not None:
             h = apply_module(module, h)
         if down is None:  # the layer's own down_proj, on h back in pair order (MLX

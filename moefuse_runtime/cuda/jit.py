@@ -50,6 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
+from typing import cast
 
 import mlx.core as mx
 
@@ -60,15 +61,23 @@ from .nvrtc import NvrtcError
 logger = logging.getLogger(__name__)
 
 CUDA_TYPES = {
-    mx.bfloat16: "__nv_bfloat16", mx.float16: "__half", mx.float32: "float",
-    mx.uint8: "uint8_t", mx.uint32: "uint32_t", mx.int32: "int32_t",
-}  # fmt: skip
+    mx.bfloat16: "__nv_bfloat16",
+    mx.float16: "__half",
+    mx.float32: "float",
+    mx.uint8: "uint8_t",
+    mx.uint32: "uint32_t",
+    mx.int32: "int32_t",
+}
 """MLX's ``dtype_to_cuda_type`` (mlx/backend/cuda/utils.cpp), for the dtypes the kernels take."""
 
 TYPE_STRINGS = {
-    mx.bfloat16: "bfloat16_t", mx.float16: "float16_t", mx.float32: "float",
-    mx.uint8: "uint8_t", mx.uint32: "uint32_t", mx.int32: "int32_t",
-}  # fmt: skip
+    mx.bfloat16: "bfloat16_t",
+    mx.float16: "float16_t",
+    mx.float32: "float",
+    mx.uint8: "uint8_t",
+    mx.uint32: "uint32_t",
+    mx.int32: "int32_t",
+}
 """MLX's ``get_type_string`` (mlx/backend/common/compiled.cpp): dtypes in kernel names."""
 
 MLX_DEFAULT_HEADER = (
@@ -121,14 +130,17 @@ class KernelSpec:
             elif isinstance(value, int):
                 parts.append(f"_{value}")
             else:
-                parts.append(f"_{TYPE_STRINGS[value]}")
+                parts.append(f"_{TYPE_STRINGS[cast(mx.Dtype, value)]}")
         return f"custom_kernel_{self.name}{''.join(parts)}"
 
     def mlx_source(self) -> str:
         """The translation unit MLX builds (custom_kernel.cpp: ``build_kernel``)."""
-        lines = [MLX_DEFAULT_HEADER, self.header,
-                 "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n",
-                 f"__global__ void {self.kernel_name}(\n"]  # fmt: skip
+        lines = [
+            MLX_DEFAULT_HEADER,
+            self.header,
+            "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n",
+            f"__global__ void {self.kernel_name}(\n",
+        ]
         for name, dtype, ndim in self.inputs:
             lines.append(f"    const {CUDA_TYPES[dtype]}* {name},\n")
             if ndim > 0:
@@ -144,7 +156,7 @@ class KernelSpec:
             elif isinstance(value, int):
                 lines.append(f"  constexpr int {name} = {value};\n")
             else:
-                lines.append(f"  using {name} = {CUDA_TYPES[value]};\n")
+                lines.append(f"  using {name} = {CUDA_TYPES[cast(mx.Dtype, value)]};\n")
         if self.template:
             lines.append("\n")
         lines += [self.source, "\n}\n\n} // namespace mlx::core::cu\n"]
@@ -182,6 +194,11 @@ def std_hash(data: bytes) -> int:
 
 
 # -- the device ---------------------------------------------------------------
+
+
+def mlx_version() -> str:
+    """MLX's version, which names its caches (MLX's stubs do not declare it)."""
+    return str(getattr(mx, "__version__"))  # noqa: B009
 
 
 def device_arch() -> str:
@@ -227,9 +244,10 @@ def mlx_cache_dir() -> Path:
     own = os.environ.get("MLX_PTX_CACHE_DIR")
     if own:
         return Path(own)
-    tmp = next((os.environ[v] for v in ("TMPDIR", "TMP", "TEMP", "TEMPDIR") if os.environ.get(v)),
-               "/tmp")  # fmt: skip
-    return Path(tmp) / "mlx" / mx.__version__ / "ptx"
+    tmp = next(
+        (os.environ[v] for v in ("TMPDIR", "TMP", "TEMP", "TEMPDIR") if os.environ.get(v)), "/tmp"
+    )
+    return Path(tmp) / "mlx" / mlx_version() / "ptx"
 
 
 def mlx_module_path(directory: Path, module_name: str) -> Path:
@@ -281,7 +299,7 @@ class Module:
 
 
 def store_path(module_name: str) -> Path:
-    return cache_dir() / "kernels" / mx.__version__ / f"{module_name}.bin"
+    return cache_dir() / "kernels" / mlx_version() / f"{module_name}.bin"
 
 
 def read_store(module_name: str) -> Module | None:
@@ -373,9 +391,11 @@ def compile_spec(spec: KernelSpec, arch: str) -> Module:
     }
     try:
         done = subprocess.run(
-            [sys.executable, "-I", "-S", nvrtc.__file__], input=json.dumps(request).encode(),
-            capture_output=True, timeout=COMPILE_TIMEOUT_S,
-        )  # fmt: skip
+            [sys.executable, "-I", "-S", nvrtc.__file__],
+            input=json.dumps(request).encode(),
+            capture_output=True,
+            timeout=COMPILE_TIMEOUT_S,
+        )
     except (OSError, subprocess.TimeoutExpired) as error:
         raise NvrtcError(f"compile worker: {error}") from None
     if done.returncode != 0:
@@ -459,9 +479,11 @@ MAX_WORKERS = 8
 
 
 def prepare_all(
-    specs: Iterable[KernelSpec], arch: str, workers: int | None = None,
+    specs: Iterable[KernelSpec],
+    arch: str,
+    workers: int | None = None,
     compiler: Compiler = compile_spec,
-) -> BuildReport:  # fmt: skip
+) -> BuildReport:
     """`prepare` every distinct variant, in parallel."""
     start = time.perf_counter()
     unique = list(dict.fromkeys(specs))
@@ -473,8 +495,12 @@ def prepare_all(
                 counts[outcome] += 1
     if counts[FAILED]:
         reason = next((_failures[s] for s in unique if s in _failures), "")
-        logger.warning("%d CUDA kernel variants not compiled ahead (%s): MLX compiles them "
-                       "at their first launch", counts[FAILED], reason)  # fmt: skip
+        logger.warning(
+            "%d CUDA kernel variants not compiled ahead (%s): MLX compiles them "
+            "at their first launch",
+            counts[FAILED],
+            reason,
+        )
     return BuildReport(counts, time.perf_counter() - start)
 
 

@@ -51,8 +51,10 @@ class Nvrtc:
             if lib.nvrtcCompileProgram(prog, len(options), args) != 0:
                 raise NvrtcError(f"compile failed: {self._log(prog)[-2000:]}")
             lowered = ctypes.c_char_p()
-            self._check(lib.nvrtcGetLoweredName(prog, kernel.encode(), ctypes.byref(lowered)),
-                        "nvrtcGetLoweredName")  # fmt: skip
+            self._check(
+                lib.nvrtcGetLoweredName(prog, kernel.encode(), ctypes.byref(lowered)),
+                "nvrtcGetLoweredName",
+            )
             size = ctypes.c_size_t()
             self._check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
             binary = ctypes.create_string_buffer(size.value)
