@@ -4,7 +4,7 @@ At one token a MoE block (router, softmax, top-k, the fused layer, the
 weighted sum) is a dozen small ops. On CUDA, with the fused layer on the
 kernels, their host work (Python, graph building, launches) costs more than
 their GPU time, and single-stream decode waits on the host
-(docs/kernels.md). `compile_blocks` rebinds the class of each module that
+(docs/design.md). `compile_blocks` rebinds the class of each module that
 holds a fused SwitchGLU to a twin, ``Compiled<Class>``, whose calls of up to
 `COMPILED_TOKENS` tokens run the block's own forward under ``mx.compile``:
 the first call of a shape traces it, later ones replay the graph without

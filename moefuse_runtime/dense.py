@@ -35,7 +35,7 @@ def why_not_fusable(module: nn.Module) -> str | None:
     if reason:
         return reason
     if backend() == "cuda" and not hasattr(module["gate_proj"], "bits"):
-        # Measured on an H100: cuBLAS may sum a float matmul twice as wide in
+        # cuBLAS may sum a float matmul twice as wide in
         # another order (step3p5's MLP, float32: last-digit differences).
         return "float dense matmuls are not bitwise stable under stacking on CUDA; kept unfused"
     return why_forward_not_alike(type(module))

@@ -52,9 +52,8 @@ def supported() -> tuple[type, ...]:
 CUDA_FLOAT_OFFSET_LIMIT = 1 << 31
 """MLX 0.32.4's CUDA ``gather_mm`` on its sorted path (SwitchGLU at >= 64
 token-expert pairs) faults with an illegal memory access once an expert's byte
-offset in a float weight reaches 2**31 (measured on an H100: 64 x 4096 x 7168
-bf16 faults, 37 x 4096 x 7168 runs; the 4-bit ``gather_qmm`` path runs at
-256 x 4096 x 7168). Stacking gate and up doubles the offsets, so a layer
+offset in a float weight reaches 2**31 (docs/benchmarks.md; the quantized
+``gather_qmm`` path does not). Stacking gate and up doubles the offsets, so a layer
 whose unfused weights are safe can cross it: such layers stay unfused there."""
 
 

@@ -9,15 +9,11 @@ import argparse
 import json
 
 import mlx.core as mx
-from helpers import build_family, logits_sequence
+from helpers import build_family, logits_sequence, same
 from mlx.utils import tree_flatten
 from mlx_lm.models.pipeline import PipelineMixin
 
 import moefuse_runtime
-
-
-def same(a, b):
-    return all(mx.array_equal(x, y).item() for x, y in zip(a, b, strict=True))
 
 
 def same_parameters(a, b):

@@ -96,6 +96,11 @@ def build_family(family: str, quantized: bool, vlm: bool = False) -> nn.Module:
     return model
 
 
+def same(outputs: list[mx.array], others: list[mx.array]) -> bool:
+    """Bitwise equal, pair by pair."""
+    return all(mx.array_equal(a, b).item() for a, b in zip(outputs, others, strict=True))
+
+
 def logits_sequence(model: nn.Module) -> list[mx.array]:
     """Logits of a batch-2 prompt, then of greedy decode steps with a KV cache.
 

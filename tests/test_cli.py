@@ -134,7 +134,7 @@ def test_bench_cuda_says_it_needs_cuda(tmp_path):
     from moefuse_runtime.memory import backend
 
     if backend() == "cuda":
-        pytest.skip("this machine has CUDA: the CUDA bench runs (docs/kernels.md)")
+        pytest.skip("this machine has CUDA: the CUDA bench runs (docs/benchmarks.md)")
     done = run(["moefuse", "bench", "--cuda", "layers", "--out", str(tmp_path)])
     assert done.returncode == 2
     assert f"needs MLX's CUDA backend (this machine: {backend()})" in done.stderr

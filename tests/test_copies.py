@@ -8,19 +8,14 @@ from __future__ import annotations
 import copy
 import pickle
 
-import mlx.core as mx
 import pytest
-from helpers import build_family, logits_sequence
+from helpers import build_family, logits_sequence, same
 
 import moefuse_runtime
 from moefuse_runtime import blocks, first_forward, installer, twins
 from moefuse_runtime.layer import FusedSwitchGLU
 
 COPIES = {"pickle": lambda m: pickle.loads(pickle.dumps(m)), "deepcopy": copy.deepcopy}
-
-
-def same(a, b) -> bool:
-    return all(mx.array_equal(x, y).item() for x, y in zip(a, b, strict=True))
 
 
 def switch_glus(model):

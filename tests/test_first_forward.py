@@ -6,7 +6,7 @@ import sys
 
 import mlx.core as mx
 from conftest import run
-from helpers import build_family, logits_sequence
+from helpers import build_family, logits_sequence, same
 
 import moefuse_runtime
 from moefuse_runtime import first_forward, installer
@@ -119,7 +119,3 @@ def test_load_model_as_vllm_mlx_calls_it(demo_model):
     assert logits and logits == [
         line for line in fused.stdout.splitlines() if line.startswith("LOGITS")
     ]
-
-
-def same(outputs: list[mx.array], others: list[mx.array]) -> bool:
-    return all(mx.array_equal(a, b).item() for a, b in zip(outputs, others, strict=True))

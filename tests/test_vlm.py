@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("mlx_vlm", reason="mlx-vlm is pinned in requirements-test.txt")
 
 import vlm_families  # noqa: E402
-from helpers import build_family, logits_sequence, quantize_model  # noqa: E402
+from helpers import build_family, logits_sequence, quantize_model, same  # noqa: E402
 from mlx_vlm.models import switch_layers as vlm  # noqa: E402
 from vlm_layers import call_args, vlm_layer  # noqa: E402
 
@@ -245,7 +245,3 @@ def test_cuda_kernel_output_goes_through_combine(as_cuda, monkeypatch):
 
     layer.kernels = Emulated()
     assert mx.array_equal(layer(x, indices, weights, shared), expected).item()
-
-
-def same(outputs: list[mx.array], others: list[mx.array]) -> bool:
-    return all(mx.array_equal(a, b).item() for a, b in zip(outputs, others, strict=True))

@@ -8,7 +8,7 @@
 // The block's x row is staged once in shared memory, as floats; up to eight
 // units of weights (common.cuh: Packing; 16 bytes, or 32 wordwise codes) per
 // lane are in flight before any arithmetic. Affine weights are dequantized
-// to T, as MLX's; the float formats' codes times their group's scale. Tuning and measurements: decode.py and docs/kernels.md.
+// to T, as MLX's; the float formats' codes times their group's scale. Tilings: decode.py.
 #pragma once
 
 #include "common.cuh"

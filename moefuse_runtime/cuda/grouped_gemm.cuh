@@ -307,8 +307,9 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const S* scales, con
           }
         } else if (i < BN * B_CHUNKS) {
           const bool ok = q_ok[j] && kt * BK + (i % B_CHUNKS) * B_VALS < K;
-          // a row's 16 or 32 bytes per k-tile: the L2 fetches 256 (GPU time
-          // at 32 tokens: 4-bit gate_up 132 -> 117 us, 8-bit 266 -> 183)
+          // a row's 16 or 32 bytes per k-tile: the L2 fetches the 256 around
+          // them, which the row's next k-tiles read (DRAM serves single
+          // sectors poorly)
           cp_async_16<256>(q_stage + q_swizzle<B_CHUNKS>(i / B_CHUNKS, i % B_CHUNKS),
                            ok ? w + q_src[j] + kt * (BK * BITS / 32) : w, ok);
         }
@@ -330,8 +331,7 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const S* scales, con
   // Scales and biases ride in registers, SCALE_RING k-tiles deep: tile kt+1's
   // are loaded SCALE_RING - 1 iterations before its dequantization. With few
   // rows per expert an iteration is short, and one iteration of lead left
-  // every iteration waiting on a DRAM load (measured on an H100: 2.6 us per
-  // k-tile at 2-4 rows per expert, flat in the rows).
+  // every iteration waiting on a DRAM load.
   Scale scale[SCALE_RING][B_ITERS][CHUNK_GROUPS];
   auto fetch_scales = [&](int kt, int slot) {
 #pragma unroll
