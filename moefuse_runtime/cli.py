@@ -1,4 +1,4 @@
-"""``moefuse``: run, inspect, make-demo-model, demo, bench.
+"""``moefuse``: run, inspect, make-demo-model, demo, bench, tune.
 
 Errors a user can make (a missing folder, a folder that is not a model, a
 model without MoE layers, a command that does not exist) end with one line on
@@ -221,6 +221,50 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0 if result["model"]["greedy_tokens_match"] else 1
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Measure the tensor-core tilings on this GPU; write a tile table."""
+    from tqdm import tqdm
+
+    from .cuda import device, jit, tiles, tune
+    from .cuda.formats import FORMATS
+    from .memory import backend
+
+    if backend() != "cuda":
+        print(
+            f"moefuse tune: needs MLX's CUDA backend (this machine: {backend()})", file=sys.stderr
+        )
+        return 1
+    if args.model:
+        try:
+            shape = tune.shape_of_model(_model_dir(args.model, "tune"))
+        except ValueError as error:
+            raise UsageError(f"moefuse tune: {error}") from None
+    elif args.bits not in FORMATS["affine"][0]:
+        raise UsageError(
+            f"moefuse tune: --bits {args.bits}: the kernels read {FORMATS['affine'][0]}"
+        )
+    else:
+        hidden, experts, top_k, width = LAYER_SHAPES[args.preset]
+        shape = tune.Shape(args.preset, hidden, experts, top_k, width, args.bits)
+    arch, name = jit.device_arch(), jit.device_name()
+    limits = device.device_limits(arch)
+    print(f"tuning {shape} on {name} ({arch}; {limits})", file=sys.stderr)
+
+    def progress(items, total):
+        return tqdm(items, total=total, desc="moefuse tune", unit="tiling", file=sys.stderr)
+
+    points = tune.measure(shape, args.tokens, limits, tune.GpuTimer(), progress)
+    base = tiles.table_for(name, arch)
+    table = tune.table(shape, points, name, arch, base)
+    tiles.parse(str(args.out), table)  # the file reads back as a table
+    tune.write(Path(args.out), table)
+    for point in points:
+        kernel = "gate_up" if point.gate_up else "down"
+        print(f"{point.tokens} tokens, {kernel}: {point.best()}", file=sys.stderr)
+    print(f"wrote {args.out}: MOEFUSE_TILES={args.out} uses it")
+    return 0
+
+
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="moefuse", description="Run-time gate/up fusion for MLX MoE models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -329,6 +373,27 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "--server-args", nargs="*", default=SERVER_ARGS, help="--server: arguments to mlx_lm.server"
     )
     p.set_defaults(handler=cmd_bench)
+
+    p = commands.add_parser(
+        "tune",
+        help="measure the tensor-core tilings on this GPU and write a tile table",
+        description="Time every candidate tiling of the tensor-core kernels that fits this "
+        "GPU, for one MoE layer shape at several token counts, and write the fastest as a "
+        "tile table (JSON): MOEFUSE_TILES=FILE uses it. Needs MLX's CUDA backend.",
+    )
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--model", metavar="MODEL_DIR", help="tune for this model's MoE layers")
+    shape.add_argument("--preset", default="qwen3-30b-a3b", choices=sorted(LAYER_SHAPES))
+    p.add_argument("--bits", type=positive_int, default=4, help="--preset: weight bits (affine)")
+    p.add_argument(
+        "--tokens",
+        nargs="+",
+        type=positive_int,
+        default=[16, 32, 64, 128, 256, 512, 1024, 2048, 4096],
+        help="token counts to measure",
+    )
+    p.add_argument("--out", default="moefuse-tiles.json", help="the table to write")
+    p.set_defaults(handler=cmd_tune)
     return parser
 
 

@@ -13,6 +13,10 @@ KERNEL_ENV = "MOEFUSE_KERNEL"
 CACHE_ENV = "MOEFUSE_CACHE_DIR"
 """Where compiled CUDA kernels are kept (default: ``$XDG_CACHE_HOME/moefuse_runtime``)."""
 
+TILES_ENV = "MOEFUSE_TILES"
+"""A tile table of the user's (JSON, as ``moefuse tune`` writes), used on CUDA
+instead of the shipped tables."""
+
 RESERVE_ENV = "MOEFUSE_RESERVE_GB"
 """Memory (in GB, 10**9 bytes) that fusing must leave free on the device."""
 

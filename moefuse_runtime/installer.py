@@ -19,7 +19,7 @@ from typing import cast
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import blocks, first_forward, projections
+from . import blocks, cuda, first_forward, projections
 from .config import ENABLE_ENV, check_env, check_flag, check_reserve, env_flag
 from .cuda import prepare_kernels
 from .dense import DENSE_MLP
@@ -82,6 +82,7 @@ def install(
     if group is not None and not isinstance(group, mx.distributed.Group):
         raise TypeError(f"install: group must be an mx.distributed.Group or None, not {group!r}")
     check_env()
+    cuda.check_env()
     with SWAPS:
         return _install(model, enabled, reserve_bytes, group, dense)
 
@@ -143,6 +144,7 @@ def plan(model: nn.Module, *, reserve_bytes: int | None = None, dense: bool = Fa
     check_flag("plan", "dense", dense)
     reserve_bytes = check_reserve("plan", reserve_bytes)
     check_env()
+    cuda.check_env()
     if not env_flag(ENABLE_ENV, default=True):
         return _disabled_report(model, dense, f"disabled by {ENABLE_ENV}=0")
     reserve = default_reserve_bytes() if reserve_bytes is None else reserve_bytes

@@ -1,60 +1,63 @@
-"""Compile every kernel configuration with nvcc, without a GPU.
+"""Compile every kernel configuration with nvcc for every architecture, no GPU.
 
-MLX builds a `mx.fast.cuda_kernel` at its first call, on the device; a typo
-costs a GPU round trip. This script writes the translation unit MLX would
-build for each configuration (signature, template constants and launch
-bounds as mlx/backend/cuda/custom_kernel.cpp and moefuse_runtime/cuda write
-them) and compiles it for sm_90a, printing registers and spills.
+MLX builds an ``mx.fast.cuda_kernel`` at its first launch, on the device; a
+typo or a spill would cost a GPU round trip. This script writes the
+translation unit MLX would build for each variant (`jit.KernelSpec.mlx_source`:
+signature, template constants and launch bounds exactly as the launchers
+give them), with the stand-in of MLX's device/utils.cuh that the package's
+own compiles use, and compiles them with nvcc for each architecture as MLX's
+NVRTC would (``sm_XXa`` from sm_90 on), several variants per translation
+unit. Per architecture it prints each variant's registers, spills and
+shared memory (static from ptxas, dynamic from the launcher), and checks the
+dynamic shared memory against the architecture's limit (cuda/device.py).
 
-    python scripts/check_kernel_source.py MLX_SOURCE_ROOT [--grouped-only]
+    python scripts/check_kernel_source.py [--arch sm_80 sm_86 ...] [--candidates]
+        [--filter TEXT ...] [--jobs N]
 
-MLX_SOURCE_ROOT is a checkout of ml-explore/mlx (for device/utils.cuh).
+The variants: the decode kernels for every format, dtype and activation
+kind; the tensor-core kernels for every tiling of tiles.json (with
+``--candidates`` also `moefuse tune`'s) and every format and dtype; the
+route kernel. Exit status 1 if any variant fails to compile, spills more
+than 16 bytes, or needs more shared memory than its architecture has.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
+import os
+import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlx.core as mx
 
-from moefuse_runtime.cuda import activations, decode, formats, grouped, source
+from moefuse_runtime.cuda import activations, decode, device, formats, grouped, jit, tiles, tune
 
-DTYPES = {mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
+ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120", "sm_121")
+"""What MLX's CUDA backend builds for (A100, RTX 30/A10, RTX 40/L40, H100/H200,
+B200, RTX 50, GB10)."""
 
+SPILL_LIMIT = 16
+UNIT_SIZE = 24
+"""Variants per translation unit: the compiler's start-up is paid once per unit."""
 
-def translation_unit(name: str, header: str, params: str, template: list, body: str) -> str:
-    lines = [
-        '#include "mlx/backend/cuda/device/utils.cuh"',
-        "#include <cooperative_groups.h>",
-        header,
-        "namespace mlx::core::cu {",
-        "namespace cg = cooperative_groups;",
-        f"__global__ void {name}({params}) {{",
-    ]
-    for key, value in template:
-        if key == "T":
-            lines.append(f"  using T = {DTYPES[value]};")
-        elif isinstance(value, bool):
-            lines.append(f"  constexpr bool {key} = {'true' if value else 'false'};")
-        else:
-            lines.append(f"  constexpr int {key} = {value};")
-    return "\n".join([*lines, body, "}", "}"])
+Variant = tuple[str, jit.KernelSpec, int]
+"""(label, spec, dynamic shared memory in bytes)."""
 
 
 def weights(mode: str, bits: int, group: int, dtype, bias: bool) -> formats.QuantizedArrays:
     """Stand-in arrays of one format: only their presence and dtypes matter here."""
-    scales = mx.zeros((1,), dtype if mode == "affine" else mx.uint8)
+    scales = mx.zeros((1, 1, 1), dtype if mode == "affine" else mx.uint8)
     return formats.QuantizedArrays(
-        mx.zeros((1,), mx.uint32),
+        mx.zeros((1, 1, 1), mx.uint32),
         scales,
         scales if mode == "affine" else None,
-        mx.zeros((1,), dtype) if bias else None,
+        mx.zeros((1, 1), dtype) if bias else None,
         mx.zeros((1,), mx.float32) if mode == "nvfp4" else None,
         mode,
         bits,
@@ -62,11 +65,13 @@ def weights(mode: str, bits: int, group: int, dtype, bias: bool) -> formats.Quan
     )
 
 
-def variants():
+def formats_and_activations() -> Iterator[tuple]:
     """(dtype, weights, activation or None for down): every format and group
-    size with SwiGLU and with down; the float formats, and the bias, with
-    every activation once (bf16)."""
-    for dtype, (mode, (bit_set, groups)) in itertools.product(DTYPES, formats.FORMATS.items()):
+    size with SwiGLU and with down, in both dtypes; every activation kind
+    once (bf16, affine 4-bit with a bias)."""
+    for dtype, (mode, (bit_set, groups)) in itertools.product(
+        formats.KERNEL_DTYPES, formats.FORMATS.items()
+    ):
         for bits, group, gate_up in itertools.product(bit_set, groups, (True, False)):
             act = activations.KernelActivation(activations.SWIGLU) if gate_up else None
             yield dtype, weights(mode, bits, group, dtype, bias=mode == "mxfp4"), act
@@ -75,138 +80,149 @@ def variants():
         yield mx.bfloat16, weights("affine", 4, 64, mx.bfloat16, bias=True), act
 
 
-def gemv_units():
-    for dtype, proj, act in variants():
-        gate_up = act is not None
-        names, arrays, args = proj.inputs()
-        inputs = [("x", dtype), *zip(names, (a.dtype for a in arrays), strict=True)]
-        params = grouped.kernel_params([*inputs, ("indices", mx.uint32)], dtype)
-        template = [
-            *proj.template(mx.zeros((1, 2880), dtype), 768, gate_up),
-            *(act or activations.KernelActivation(0)).template(),
-            ("X_DIV", 8),
-            ("OUTS", 2),
-        ]
-        label = f"gemv {DTYPES[dtype]} {proj.mode} {proj.bits}-bit g{proj.group_size} "
-        label += f"act={act.name if act else 'down'} bias={proj.bias is not None}"
-        body = decode.GEMV_SOURCE.format(args=args)
-        yield (
-            label,
-            translation_unit(
-                "custom_kernel_gemv", source.header("gemv.cuh"), params, template, body
-            ),
-        )
-
-
-def table_tilings() -> set[tuple[bool, grouped.Tiling]]:
-    """(gate_up?, tiling) of every tiles.json entry."""
-    table = json.loads(source.read("tiles.json"))
-    return {
-        (kind == "gate_up", grouped.Tiling(**e["tiling"]))
-        for arch, kinds in table.items()
-        if arch != "comment"
-        for kind, entries in kinds.items()
-        for e in entries
-    }
-
-
-def candidate_tilings() -> set[tuple[bool, grouped.Tiling]]:
-    """(gate_up?, tiling) of every candidate of scripts/tune_grouped.py."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from tune_grouped import CANDIDATES
-
-    return {(swiglu, grouped.Tiling(*c)) for swiglu, cs in CANDIDATES.items() for c in cs}
-
-
-def grouped_units(tilings: set[tuple[bool, grouped.Tiling]]):
-    for (gate_up, tiling), (dtype, proj, act) in itertools.product(
-        sorted(tilings, key=str), list(variants())
-    ):
-        if tiling.why_not(gate_up, proj.bits) or gate_up != (act is not None):
-            continue
-        template = [
-            *proj.template(mx.zeros((1, 2880), dtype), 90 if gate_up else 2880, gate_up),
-            *(act or activations.KernelActivation(0)).template(),
-            ("TOP_K", 4),
-            ("BM", tiling.bm),
-            ("BN", tiling.bn),
-            ("WARPS_M", tiling.warps_m),
-            ("WARPS_N", tiling.warps_n),
-            ("STAGES", tiling.stages),
-            ("B_REGS", tiling.b_regs),
-        ]
-        names, arrays, args = proj.inputs()
-        inputs = [
-            ("x", dtype),
-            *zip(names, (a.dtype for a in arrays), strict=True),
-            ("order", mx.uint32),
-            ("tiles", mx.int32),
-        ]
-        params = grouped.kernel_params(inputs, dtype)
-        header = source.header("grouped_gemm.cuh")
-        if tiling.min_blocks > 1:
-            header += grouped._launch_bounds(grouped.GEMM_NAME, template, tiling, params)
-        name = grouped.kernel_name(grouped.GEMM_NAME, template)
-        label = f"grouped {DTYPES[dtype]} {proj.mode} {proj.bits}-bit g{proj.group_size} "
-        label += f"act={act.name if act else 'down'} bias={proj.bias is not None} {tiling}"
-        body = grouped.GEMM_SOURCE.format(args=args)
-        yield label, translation_unit(name, header, params, template, body)
-    params = "const uint32_t* experts, const __grid_constant__ Shape experts_shape, "
-    params += "uint32_t* order, int32_t* tiles_a, int32_t* tiles_b"
-    body = grouped.ROUTE_SOURCE
-    yield (
-        "route",
-        translation_unit(
-            "custom_kernel_route",
-            source.header("grouped_gemm.cuh"),
-            params,
-            [("E", 128), ("BM_A", 16), ("BM_B", 64)],
-            body,
-        ),
+def label_of(kind: str, dtype, proj, act) -> str:
+    name = jit.TYPE_STRINGS[dtype]
+    return f"{kind} {name} {proj.mode} {proj.bits}-bit g{proj.group_size} " + (
+        f"act={act.name if act else 'down'} bias={proj.bias is not None}"
     )
 
 
-def compile_unit(root: str, tmp: str, text: str) -> subprocess.CompletedProcess:
-    unit = Path(tmp) / "k.cu"
+def decode_variants() -> Iterator[Variant]:
+    settings = tiles.Decode()
+    for dtype, proj, act in formats_and_activations():
+        k = 2880  # a multiple of every format's load unit
+        outs = settings.gate_up_tiling[0] if act else settings.short_row_tiling[0]
+        spec = decode.gemv_spec(proj, dtype, k, act, 8 if act else 1, outs)
+        yield label_of("gemv", dtype, proj, act), spec, decode.shared_bytes(k)
+
+
+def tensor_core_variants(tilings: set[tuple[bool, tiles.Tiling]]) -> Iterator[Variant]:
+    roomiest = max(device.ARCH_LIMITS.values(), key=lambda limits: limits.shared_per_block)
+    for (gate_up, tiling), (dtype, proj, act) in itertools.product(
+        sorted(tilings, key=str), list(formats_and_activations())
+    ):
+        if gate_up != (act is not None) or tiling.why_not(gate_up, proj.bits, roomiest):
+            continue  # the other kernel's, or no GPU could take it
+        spec = grouped.gemm_spec(proj, dtype, 2880 if gate_up else 768, act, 4, tiling)
+        label = f"{label_of('grouped', dtype, proj, act)} {tiling}"
+        yield label, spec, tiling.shared_bytes(proj.bits)
+    yield "route", grouped.route_spec(128, (16, 64)), 0
+
+
+def table_tilings(candidates: bool) -> set[tuple[bool, tiles.Tiling]]:
+    tables, _ = tiles.shipped()
+    found = {
+        (gate_up, entry.tiling)
+        for table in tables.values()
+        for gate_up, entries in ((True, table.gate_up), (False, table.down))
+        for entry in entries
+    }
+    if candidates:
+        found |= {(gate_up, t) for t in tune.CANDIDATES for gate_up in (True, False)}
+    return found
+
+
+def compile_unit(arch: str, include: Path, variants: list[Variant], tmp: Path) -> dict:
+    """One translation unit of several variants for one architecture: per
+    kernel name, ptxas's registers, spills and static shared memory, or the
+    compiler's errors."""
+    number = jit.arch_number(arch)
+    target = jit.nvrtc_arch(arch).removeprefix("sm_")
+    text = "".join(spec.mlx_source() for _, spec, _ in variants)
+    unit = tmp / f"{arch}-{abs(hash(text))}.cu"
     unit.write_text(text)
-    command = ["nvcc", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-c"]
-    command += ["-o", f"{tmp}/k.o", f"-I{root}", "--resource-usage", str(unit)]
-    return subprocess.run(command, capture_output=True, text=True)
+    command = ["nvcc", "-std=c++17", f"-gencode=arch=compute_{target},code=sm_{target}", "-c"]
+    command += [
+        "-o",
+        str(unit.with_suffix(".o")),
+        f"-I{include}",
+        f"-I{jit.mlx_root() / 'include'}",
+    ]
+    command += ["--resource-usage", str(unit)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        return {"error": done.stderr[-3000:], "arch": number}
+    return parse_ptxas(done.stdout + done.stderr)
+
+
+_ENTRY = re.compile(r"Function properties for (\S+)|Compiling entry function '(\S+)'")
+
+
+def parse_ptxas(text: str) -> dict:
+    """Per mangled kernel name: registers, spill bytes, static shared memory."""
+    usage: dict[str, dict] = {}
+    current = None
+    for line in text.splitlines():
+        entry = _ENTRY.search(line)
+        if entry:
+            current = usage.setdefault(entry.group(1) or entry.group(2), {})
+            continue
+        if current is None:
+            continue
+        if m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line):
+            current["spills"] = max(int(m.group(1)), int(m.group(2)))
+        if m := re.search(r"Used (\d+) registers", line):
+            current["registers"] = int(m.group(1))
+        if m := re.search(r"(\d+) bytes smem", line):
+            current["smem"] = int(m.group(1))
+    return usage
+
+
+def check(arch: str, variants: list[Variant], include: Path, jobs: int) -> int:
+    """Compile and report one architecture's variants; the number of problems."""
+    limits = device.limits_of(arch)
+    fitting = [v for v in variants if v[2] <= limits.shared_per_block]
+    if len(fitting) < len(variants):
+        print(
+            f"{arch}: {len(variants) - len(fitting)} variants need more shared memory than "
+            f"{limits.shared_per_block} bytes: the selection never takes them here"
+        )
+    variants = fitting
+    units = [variants[i : i + UNIT_SIZE] for i in range(0, len(variants), UNIT_SIZE)]
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(jobs) as pool:
+        results = list(pool.map(lambda u: compile_unit(arch, include, u, Path(tmp)), units))
+    problems = 0
+    for unit, result in zip(units, results, strict=True):
+        if "error" in result:
+            problems += len(unit)
+            print(f"{arch}: a unit of {len(unit)} variants FAILED to compile:\n{result['error']}")
+            continue
+        for label, spec, dynamic in unit:
+            usage = next((u for name, u in result.items() if spec.kernel_name in name), None)
+            if usage is None:
+                problems += 1
+                print(f"{arch} {label}: no ptxas report")
+                continue
+            shared = dynamic + usage.get("smem", 0)
+            bad = usage.get("spills", 0) > SPILL_LIMIT or shared > limits.shared_per_block
+            problems += bad
+            print(
+                f"{arch} {label}: {usage.get('registers')} registers, "
+                f"{usage.get('spills', 0)} bytes spilled, {shared} bytes shared "
+                f"(of {limits.shared_per_block}){' PROBLEM' if bad else ''}",
+                flush=True,
+            )
+    print(f"{arch}: {len(variants) - problems}/{len(variants)} variants fine")
+    return problems
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mlx_root")
-    parser.add_argument("--grouped-only", action="store_true")
-    parser.add_argument(
-        "--candidates",
-        action="store_true",
-        help="the tilings scripts/tune_grouped.py sweeps, not tiles.json's",
-    )
-    parser.add_argument(
-        "--filter", nargs="*", default=[], help="only configurations whose label has all of these"
-    )
+    parser.add_argument("--arch", nargs="+", default=list(ARCHS))
+    parser.add_argument("--candidates", action="store_true", help="moefuse tune's tilings too")
+    parser.add_argument("--filter", nargs="*", default=[], help="labels with all of these")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
-    units = list(grouped_units(candidate_tilings() if args.candidates else table_tilings()))
-    if not args.grouped_only:
-        units = list(gemv_units()) + units
-    units = [(label, text) for label, text in units if all(f in label for f in args.filter)]
-    failures = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        for label, text in units:
-            done = compile_unit(args.mlx_root, tmp, text)
-            lines = done.stderr.splitlines()
-            usage = " ".join(
-                line.split("info    : ")[-1].strip()
-                for line in lines
-                if "registers" in line or "spill" in line
-            )
-            print(f"{label}: {'ok' if done.returncode == 0 else 'FAILED'} {usage}", flush=True)
-            if done.returncode:
-                print(done.stderr)
-                failures += 1
-    print(f"{len(units) - failures}/{len(units)} configurations compile")
-    return 1 if failures else 0
+    variants = [*decode_variants(), *tensor_core_variants(table_tilings(args.candidates))]
+    variants = [v for v in variants if all(f in v[0] for f in args.filter)]
+    unique = list({v[1].kernel_name: v for v in variants}.values())
+    with tempfile.TemporaryDirectory() as include:
+        stand_in = Path(include) / "mlx" / "backend" / "cuda" / "device" / "utils.cuh"
+        stand_in.parent.mkdir(parents=True)
+        stand_in.write_text(jit.UTILS_STAND_IN)
+        problems = sum(check(arch, unique, Path(include), args.jobs) for arch in args.arch)
+    print(f"{problems} problems over {len(args.arch)} architectures x {len(unique)} variants")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -58,11 +58,12 @@ def as_cuda(monkeypatch):
     import mlx.core as mx
 
     from moefuse_runtime import cuda
-    from moefuse_runtime.cuda import decode, grouped
+    from moefuse_runtime.cuda import decode, device, grouped
 
     arch = {"value": "sm_90"}
     monkeypatch.setattr(cuda, "backend", lambda: "cuda")
     monkeypatch.setattr(cuda, "device_arch", lambda: arch["value"])
+    monkeypatch.setattr(cuda, "device_limits", device.limits_of)  # the table's, not a driver's
     monkeypatch.setenv("MOEFUSE_KERNEL", "1")
     monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **_: object())
     factories = (decode._kernel, grouped._gemm_kernel, grouped._route_kernel)

@@ -5,13 +5,12 @@ Like the decode kernels, it sums in fp32 in another order than gather_qmm,
 so it is held to a stated tolerance against a float32 evaluation of the same
 dequantized weights, and to at most ``GATHER_SLACK`` times gather_qmm's own
 error on the same inputs. The GPU tests skip on the CPU with the reason and
-were run on the lent H100 (docs/kernels.md).
+were run on the lent H100 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -35,54 +34,11 @@ from mlx_lm.models.deepseek_v41 import DeepseekV41SwiGLU
 import moefuse_runtime
 from moefuse_runtime import cuda
 from moefuse_runtime.cuda import activations, grouped, jit, source
+from moefuse_runtime.cuda.device import ARCH_LIMITS
 from moefuse_runtime.cuda.formats import QuantizedArrays
 from moefuse_runtime.layer import kernel_paths
 
 # -- everywhere: which path, which tiles --------------------------------------
-
-
-def test_tile_table_has_a_catch_all_and_valid_tilings():
-    table = json.loads(source.read("tiles.json"))
-    for arch, kinds in table.items():
-        if arch == "comment":
-            continue
-        for kind, entries in kinds.items():
-            for bits in (4, 8):
-                mine = _reachable([e for e in entries if bits in e.get("bits", [bits])])
-                assert mine[-1]["max_rows_per_expert"] is None, (arch, kind, bits)
-                limits = [e["max_rows_per_expert"] for e in mine[:-1]]
-                assert limits == sorted(limits), (arch, kind, bits)
-                for entry in mine:
-                    tiling = grouped.Tiling(**entry["tiling"])
-                    assert tiling.why_not(kind == "gate_up", bits) is None, (arch, kind, tiling)
-
-
-def _reachable(entries: list[dict]) -> list[dict]:
-    """The entries up to the first catch-all (the lookup stops there)."""
-    ends = [i for i, e in enumerate(entries) if e["max_rows_per_expert"] is None]
-    return entries[: ends[0] + 1] if ends else entries
-
-
-def _entries(bits: int) -> list[dict]:
-    table = json.loads(source.read("tiles.json"))["default"]["gate_up"]
-    return _reachable([e for e in table if bits in e.get("bits", [bits])])
-
-
-@pytest.mark.parametrize("bits", [4, 8])
-def test_tiling_lookup_by_bits_and_rows_per_expert(bits):
-    entries = _entries(bits)
-    for i, entry in enumerate(entries):
-        limit = entry["max_rows_per_expert"]
-        lower = entries[i - 1]["max_rows_per_expert"] if i else 0
-        for rows in [lower + 0.5, limit] if limit else [lower + 0.5, 1e6]:
-            got = grouped.tiling_for("sm_00", rows, gate_up=True, bits=bits)
-            assert got == grouped.Tiling(**entry["tiling"]), (bits, rows)
-
-
-def test_unknown_device_takes_the_default_table():
-    assert grouped.tiling_for("sm_1000", 4, gate_up=False, bits=4) == grouped.tiling_for(
-        "default", 4, gate_up=False, bits=4
-    )
 
 
 def test_schedule_bound_covers_every_routing():
@@ -104,8 +60,9 @@ def test_tiling_sizes():
     assert grouped.Tiling(128, 128, 2, 4, 4, b_regs=True).shared_bytes(4) == (
         4 * 128 * 128 + 4 * 128 * 32
     )
-    assert "warp tiles" in grouped.Tiling(128, 64, 2, 4, 4).why_not(gate_up=True, bits=4)
-    assert "shared memory" in grouped.Tiling(256, 256, 2, 4, 8).why_not(gate_up=False, bits=8)
+    h100 = ARCH_LIMITS[90]
+    assert "warp tiles" in grouped.Tiling(128, 64, 2, 4, 4).why_not(True, 4, h100)
+    assert "shared memory" in grouped.Tiling(256, 256, 2, 4, 8).why_not(False, 8, h100)
 
 
 def test_both_paths_are_selected_with_their_pair_ranges(as_cuda):
@@ -113,7 +70,7 @@ def test_both_paths_are_selected_with_their_pair_ranges(as_cuda):
     report = moefuse_runtime.install(layer, reserve_bytes=0)
     kernels = layer.kernels
     assert kernels.decode.max_pairs == 32
-    assert kernels.grouped == grouped.GroupedKernels(True, 32, "sm_90")
+    assert kernels.grouped == grouped.GroupedKernels(True, 32, "h100", ARCH_LIMITS[90])
     assert report.layers[0].compute_path == (
         "cuda kernels <= 32 pairs (gate_up+swiglu, down: kernel); tensor cores above (down: kernel)"
     )
@@ -181,17 +138,8 @@ def test_pre_ampere_gpus_keep_gather_qmm_above_decode(as_cuda):
 
 
 def test_decode_range_follows_the_measured_crossovers(as_cuda):
-    # Against the tensor cores the decode kernels take up to half a pair per
-    # expert (128 experts: 64 pairs); where the tensor cores are missing, up
-    # to one per expert against gather_qmm; 32 pairs at least, 128 at most.
-    assert [cuda.max_pairs_for(e, tensor_cores=True) for e in (8, 64, 128, 256, 512)] == [
-        32,
-        32,
-        64,
-        128,
-        128,
-    ]
-    assert [cuda.max_pairs_for(e) for e in (8, 64, 128, 256)] == [32, 64, 128, 128]
+    # the decode kernels stop at half a pair per expert against the tensor
+    # cores, one per expert where they are missing (tests/test_tiles.py)
     layer = quantized_layer(64, 64, 128)
     moefuse_runtime.install(layer, reserve_bytes=0)
     assert layer.kernels.decode.max_pairs == 64 == layer.kernels.grouped.min_pairs
@@ -285,7 +233,8 @@ def test_every_output_element_is_written(swiglu, rows_per_expert):
     k = proj.weight.shape[-1] * 32 // proj.bits
     x = mx.random.normal((pairs // (2 if swiglu else 1), k)).astype(mx.bfloat16)
     indices = mx.random.randint(0, 5, (pairs,)).astype(mx.uint32)
-    tiling = grouped.tiling_for(cuda.device_arch(), rows_per_expert, swiglu, proj.bits)
+    tiling = grouped.GroupedKernels(True, 0).tilings(5 * rows_per_expert, 5, (proj.bits, proj.bits))
+    tiling = tiling[0 if swiglu else 1]
     order, tiles, _ = grouped.route(indices, 5, (tiling.bm, tiling.bm))
     act = SWIGLU_ACT if swiglu else None
     out = grouped.grouped_gemm(

@@ -309,7 +309,7 @@ def test_a_call_reads_the_arrays_and_launches_nothing_else(launches, monkeypatch
     # they are now (weights replaced after install are the ones launched)
     layer = quantized_layer(256, 128, 64)
     moefuse_runtime.install(layer, reserve_bytes=0)
-    for looked_up in ("tiling_for", "_table"):
+    for looked_up in ("buckets", "table_named"):
         monkeypatch.setattr(grouped, looked_up, lambda *_: pytest.fail("looked up per call"))
     monkeypatch.setattr(cuda.QuantizedArrays, "of", lambda *_: pytest.fail("read per call"))
     weight = layer.gate_up_proj.weight = layer.gate_up_proj.weight ^ 1  # other weights

@@ -5,7 +5,7 @@ so they are held to a stated tolerance, not bitwise equality: relative error
 against a float32 reference within ``TOLERANCE`` of the dtype, and never more
 than ``GATHER_SLACK`` times the error of MLX's own gather_qmm path on the
 same inputs. The GPU tests skip on CPU with the reason and were run on the
-lent H100 (docs/kernels.md).
+lent H100 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -30,9 +30,13 @@ from kernel_checks import (  # kernels_on: autouse, MOEFUSE_KERNEL=1
 import moefuse_runtime
 from moefuse_runtime.cuda import activations, formats
 from moefuse_runtime.cuda import decode as kernels
+from moefuse_runtime.cuda.device import ARCH_LIMITS
 from moefuse_runtime.cuda.formats import QuantizedArrays
+from moefuse_runtime.cuda.tiles import Decode
 from moefuse_runtime.layer import kernel_paths
 from moefuse_runtime.memory import backend
+
+H100 = ARCH_LIMITS[90]
 
 # -- everywhere: which path a layer takes, and why --------------------------
 
@@ -51,7 +55,7 @@ def test_every_affine_bit_width_is_taken(bits, group_size):
     layer = switch_glu(128, 64, 4)
     layer.set_dtype(mx.bfloat16)
     proj = layer.gate_proj.to_quantized(group_size, bits)
-    assert kernels.why_not_kernel(proj) is None
+    assert kernels.why_not_kernel(proj, H100) is None
     # 32-code units, BITS words each (3 and 5 bits cross words)
     assert formats.unit_values(bits) == 32
 
@@ -61,7 +65,7 @@ def test_bit_widths_outside_the_kernels_are_named():
     layer.set_dtype(mx.bfloat16)
     proj = layer.gate_proj.to_quantized(64, 4)
     proj.bits = 7  # no MLX mode has it today; a future width must not pass
-    assert "affine 7-bit" in kernels.why_not_kernel(proj)
+    assert "affine 7-bit" in kernels.why_not_kernel(proj, H100)
 
 
 def test_group_size_outside_the_kernels_is_named():
@@ -69,13 +73,13 @@ def test_group_size_outside_the_kernels_is_named():
     layer.set_dtype(mx.bfloat16)
     proj = layer.gate_proj.to_quantized(32, 4)
     proj.group_size = 256  # MLX quantizes with 32/64/128 today; a future size must not pass
-    assert "group size 256" in kernels.why_not_kernel(proj)
+    assert "group size 256" in kernels.why_not_kernel(proj, H100)
 
 
 def test_float_and_float32_scales_are_not_taken():
     layer = switch_glu(128, 64, 4)
-    assert "not quantized" in kernels.why_not_kernel(layer.gate_proj)
-    assert "float32 scales" in kernels.why_not_kernel(layer.gate_proj.to_quantized(64, 4))
+    assert "not quantized" in kernels.why_not_kernel(layer.gate_proj, H100)
+    assert "float32 scales" in kernels.why_not_kernel(layer.gate_proj.to_quantized(64, 4), H100)
 
 
 @pytest.mark.parametrize(
@@ -87,23 +91,23 @@ def test_float_formats_are_taken(mode, global_scale):
     layer.set_dtype(mx.bfloat16)
     (bits,), (group_size,) = formats.FORMATS[mode]
     proj = layer.gate_proj.to_quantized(group_size, bits, mode, global_scale=global_scale)
-    assert kernels.why_not_kernel(proj) is None
+    assert kernels.why_not_kernel(proj, H100) is None
 
 
 def test_bias_is_taken_in_the_activation_dtype():
     layer = switch_glu(128, 64, 4, bias=True)
     layer.set_dtype(mx.bfloat16)
     proj = layer.gate_proj.to_quantized(64, 4)
-    assert kernels.why_not_kernel(proj) is None
+    assert kernels.why_not_kernel(proj, H100) is None
     proj.bias = proj.bias.astype(mx.float32)
-    assert "float32 bias" in kernels.why_not_kernel(proj)
+    assert "float32 bias" in kernels.why_not_kernel(proj, H100)
 
 
 def test_selection_on_cuda(as_cuda):
     layer = quantized_layer(128, 64, 4)
     moefuse_runtime.install(layer, reserve_bytes=0)
     chosen, path = kernel_paths(layer)
-    assert chosen.decode == kernels.DecodeKernels(down=True, down_tiling=kernels.SHORT_ROW_TILING)
+    assert chosen.decode == kernels.DecodeKernels(down=True, down_tiling=Decode().short_row_tiling)
     assert path.startswith("cuda kernels")
 
 
@@ -113,9 +117,9 @@ def test_selection_on_cuda(as_cuda):
 )
 def test_down_tiling_follows_row_length(width, bits, tiling):
     # Qwen3-30B-A3B's 768-wide 4-bit rows are one 16-byte load per lane:
-    # four rows per warp; longer rows (Mixtral's 14336) one (docs/kernels.md).
+    # four rows per warp; longer rows (Mixtral's 14336) one (docs/benchmarks.md).
     down = nn.QuantizedLinear(width, 64, bias=False, group_size=32, bits=bits)
-    assert kernels.down_tiling_for(down) == tiling
+    assert kernels.down_tiling_for(down, Decode()) == tiling
 
 
 def test_env_turns_kernels_off(as_cuda, monkeypatch):
@@ -218,7 +222,7 @@ def test_duplicate_experts_within_a_token():
 
 TILINGS = [(1, 8), (1, 4), (2, 4), (2, 8), (4, 8), (4, 4)]
 """(outputs per warp, warps per block): the installed ones and the candidates
-that docs/kernels/tools/profile_formats.py times."""
+that scripts/profile/profile_formats.py times."""
 
 
 @needs_cuda
@@ -251,7 +255,7 @@ def test_every_output_element_is_written(swiglu, tiling):
     out = run(*tiling)
     assert out.shape == (6, proj.weight.shape[-2] // (2 if swiglu else 1))
     assert not mx.isnan(out).any().item()
-    installed = kernels.GATE_UP_TILING if swiglu else kernels.down_tiling_for(proj)
+    installed = Decode().gate_up_tiling if swiglu else kernels.down_tiling_for(proj, Decode())
     assert mx.array_equal(out, run(*installed)).item()
 
 

@@ -2,23 +2,26 @@
 
 Two paths, picked per call by the number of (token, expert) pairs:
 
-* `decode.DecodeKernels` (gemv.cuh): quantized GEMVs, up to
-  ``max(32, min(128, experts // 2))`` pairs (``experts`` where the
-  tensor-core path is missing; `decode.max_pairs_for`): decode steps.
+* `decode.DecodeKernels` (gemv.cuh): quantized GEMVs, up to about half a
+  pair per expert (one where the tensor-core path is missing; the tile
+  table's `tiles.Decode`): decode steps.
 * `grouped.GroupedKernels` (grouped_gemm.cuh): pairs grouped by expert,
   tensor-core GEMMs (mma.sync, sm_80 and newer), above that: prefill and
   batched decode.
 
-Both read affine 4- and 8-bit weights (group sizes 32/64/128), mxfp4,
-nvfp4 and mxfp8 (formats.py), with or without a Linear bias, bf16 or fp16
-activations, and run the forward of mlx-lm's or mlx-vlm's SwitchGLU with
-its activation in gate_up's epilogue when they know it (activations.py),
-else between the kernels. Everything else keeps ``gather_qmm``.
-`kernels_for` decides per layer, at install, and says why.
+Both read every format of formats.py (affine 2-6 and 8 bits, mxfp4, nvfp4,
+mxfp8), with or without a Linear bias, bf16 or fp16 activations, and run
+the forward of mlx-lm's or mlx-vlm's SwitchGLU with its activation in
+gate_up's epilogue when they know it (activations.py), else between the
+kernels. Everything else keeps ``gather_qmm``.
+`kernels_for` decides per layer, at install, and says why: the GPU's tile
+table (`tiles.table_for`) and limits (`device.device_limits`) are read
+there, so that no tiling past the GPU's limits is ever chosen.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import cast
@@ -27,20 +30,23 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..config import KERNEL_ENV, env_flag
+from ..config import KERNEL_ENV, TILES_ENV, env_flag
 from ..memory import backend
 from .activations import NONE, kernel_activation
-from .decode import (
-    DOWN_TILING,
-    DecodeKernels,
-    KernelPath,
-    down_tiling_for,
-    max_pairs_for,
-    why_not_kernel,
-)
+from .decode import DecodeKernels, KernelPath, down_tiling_for, why_not_kernel
+from .device import Limits, device_limits
 from .formats import KERNEL_DTYPES, Layout, QuantizedArrays
-from .grouped import OFFSET_LIMIT, GroupedKernels, why_not_grouped
-from .jit import BuildReport, KernelSpec, arch_number, device_arch, kernel_arch, prepare_all
+from .grouped import OFFSET_LIMIT, GroupedKernels, why_not_grouped, why_not_tiled
+from .jit import (
+    BuildReport,
+    KernelSpec,
+    arch_number,
+    device_arch,
+    device_name,
+    kernel_arch,
+    prepare_all,
+)
+from .tiles import table_for, user_table
 
 MIN_TENSOR_CORE_ARCH = 80
 """mma.sync m16n8k16 with bf16, ldmatrix and cp.async need sm_80 (Ampere) or newer."""
@@ -160,7 +166,9 @@ def kernels_for(layer: nn.Module, why_not_forward: str | None) -> tuple[LayerKer
         return None, f"gather_qmm ({KERNEL_ENV}=0)"
     if why_not_forward:
         return None, f"gather_qmm ({why_not_forward})"
-    reason = why_not_kernel(layer.gate_up_proj)
+    arch = device_arch()
+    limits = device_limits(arch)
+    reason = why_not_kernel(layer.gate_up_proj, limits)
     if reason:
         return None, f"gather_qmm ({reason})"
     experts = layer.gate_up_proj["weight"].shape[0]
@@ -168,26 +176,48 @@ def kernels_for(layer: nn.Module, why_not_forward: str | None) -> tuple[LayerKer
     if not gate_up_dtypes:
         return None, "gather_qmm (gate_up_proj takes no bf16 or fp16 activations)"
     # the down kernel reads gate_up's output, in the activation dtype
-    down_dtypes = set() if why_not_kernel(layer.down_proj) else _dtypes(layer.down_proj)
+    down_dtypes = set() if why_not_kernel(layer.down_proj, limits) else _dtypes(layer.down_proj)
     down_dtypes &= gate_up_dtypes
     down = bool(down_dtypes)
     dtypes = tuple(d for d in KERNEL_DTYPES if d in (down_dtypes if down else gate_up_dtypes))
     activation = kernel_activation(getattr(layer, "activation", None))
-    tiling = down_tiling_for(layer.down_proj) if down else DOWN_TILING
-    arch = device_arch()
-    why_not_tensor_cores: str | None = why_not_grouped(layer)
-    if arch_number(arch) < MIN_TENSOR_CORE_ARCH:
-        why_not_tensor_cores = f"{arch or 'this GPU'} is older than sm_{MIN_TENSOR_CORE_ARCH}"
-    max_pairs = max_pairs_for(experts, tensor_cores=why_not_tensor_cores is None)
+    table = table_for(device_name(), arch)
+    settings = table.decode
+    why_not_tensor_cores = _why_not_tensor_cores(layer, arch, table.name, limits, down)
     decode = DecodeKernels(
-        down, max_pairs, down_tiling=tiling, activation=activation, dtypes=dtypes
+        down,
+        settings.max_pairs_for(experts, tensor_cores=why_not_tensor_cores is None),
+        settings.gate_up_tiling,
+        down_tiling_for(layer.down_proj, settings) if down else settings.down_tiling,
+        activation=activation,
+        dtypes=dtypes,
     )
     if why_not_tensor_cores is None:
-        grouped = GroupedKernels(down, decode.max_pairs, arch, activation=activation, dtypes=dtypes)
+        grouped = GroupedKernels(
+            down, decode.max_pairs, table.name, limits, activation=activation, dtypes=dtypes
+        )
         kernels = LayerKernels.of(layer, decode, grouped)
         return kernels, kernels.path
     kernels = LayerKernels.of(layer, decode, None)
     return kernels, f"{kernels.path} ({why_not_tensor_cores})"
+
+
+def _why_not_tensor_cores(
+    layer: nn.Module, arch: str, table: str, limits: Limits, down: bool
+) -> str | None:
+    """Why calls above the decode range cannot take the tensor cores here."""
+    if arch_number(arch) < MIN_TENSOR_CORE_ARCH:
+        return f"{arch or 'this GPU'} is older than sm_{MIN_TENSOR_CORE_ARCH}"
+    bits = (layer.gate_up_proj.bits, layer.down_proj.bits if down else None)
+    return why_not_grouped(layer) or why_not_tiled(table, bits, limits)
+
+
+def check_env() -> None:
+    """``MOEFUSE_TILES``, read now on every backend: a file that is not a tile
+    table is a ValueError naming it."""
+    path = os.environ.get(TILES_ENV, "").strip()
+    if path:
+        user_table(path)
 
 
 def _dtypes(proj: nn.Module) -> set[mx.Dtype]:

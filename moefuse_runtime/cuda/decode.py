@@ -1,11 +1,9 @@
 """The CUDA decode path: gate_up + activation, and down, as two custom kernels.
 
 At one token a MoE layer reads each active expert's packed weights once and
-does almost no arithmetic, so it should run at memory speed. MLX's
-``gather_qmm`` reaches 6-31% of the H100's streaming bandwidth there; these
-kernels 38-46% (Qwen3-30B-A3B) to 62-68% (Mixtral) (GPU time,
-docs/kernels.md). They are quantized GEMVs over the routed experts: one warp
-per output row (four for short down rows), x staged once per block in
+does almost no arithmetic, so it should run at memory speed. These kernels
+are quantized GEMVs over the routed experts, built to keep loads in flight:
+one warp per output row (four for short down rows), x staged once per block in
 shared memory, up to eight units of packed weights in flight per lane (16
 bytes; 32 codes at 2, 3, 5 and 6 bits), affine weights dequantized to the
 activation dtype as MLX's, fp32 sums:
@@ -36,50 +34,25 @@ import mlx.nn as nn
 
 from . import jit, source
 from .activations import NONE, SWIGLU, KernelActivation
+from .device import Limits
 from .formats import Layout, PortableDtypes, QuantizedArrays, unit_values, why_not_format
-
-MIN_MAX_PAIRS, MAX_MAX_PAIRS = 32, 128
-"""Bounds of the decode kernels' pair range (`max_pairs_for`)."""
+from .tiles import Decode
 
 
-def max_pairs_for(experts: int, tensor_cores: bool = False) -> int:
-    """The most (token, expert) pairs the decode kernels take.
-
-    Measured on an H100 (docs/kernels.md). Against ``gather_qmm`` (GPUs
-    without the tensor-core path) they won at every count tried: up to 128
-    pairs over 128 experts (Qwen3-30B-A3B) and 32 over 8 (Mixtral), about
-    one pair per expert, or four on few experts. Against the tensor cores,
-    in a 48-layer decode step over 128 experts: ahead at 64 pairs (by 1.7%),
-    behind at 128 (by 7%; ab-decode-boundary.json): half a pair per expert.
-    A GEMV reads an expert once per pair, a grouped GEMM once per tile of
-    its rows, so the pairs per expert decide, floored at 32 pairs.
-    """
-    per_expert = experts // 2 if tensor_cores else experts
-    return max(MIN_MAX_PAIRS, min(MAX_MAX_PAIRS, per_expert))
-
-
-GATE_UP_TILING = DOWN_TILING = (1, 8)
-SHORT_ROW_TILING = (4, 8)
-"""(outputs per warp, warps per block), the best of those profiled on an
-H100 (docs/kernels.md). A down row that is at most one 16-byte load per lane
-(Qwen3-30B-A3B's width 768 at 4 bits) takes SHORT_ROW_TILING, four rows per
-warp: 9.1-9.3 us instead of 10.1. Long rows keep one per warp: Mixtral's
-down took 130 us with four, 52 us with one."""
-
-
-def down_tiling_for(down: nn.Module) -> tuple[int, int]:
-    """The down kernel's tiling for this projection's rows."""
+def down_tiling_for(down: nn.Module, settings: Decode) -> tuple[int, int]:
+    """The down kernel's tiling for this projection's rows: a row of a few
+    16-byte loads per lane (Qwen3-30B-A3B's width 768 at 4 bits) takes four
+    rows per warp, so that a warp's lanes all load; a longer row keeps a
+    warp to itself, its loads in flight along the row."""
     loads_per_row = down["weight"].shape[-1] // 4  # 4 packed uint32 per 16-byte load
-    return SHORT_ROW_TILING if loads_per_row <= 32 else DOWN_TILING
+    if loads_per_row <= settings.short_row_max_loads:
+        return settings.short_row_tiling
+    return settings.down_tiling
 
 
 def shared_bytes(k: int) -> int:
     """Dynamic shared memory of one block: its x row as fp32."""
     return 4 * k
-
-
-MAX_SHARED_BYTES = 200 * 1024
-"""Below the H100's 227 KiB per block, leaving room for two blocks per SM."""
 
 
 GEMV_SOURCE = (
@@ -183,16 +156,20 @@ def gather_qmv(
     return out
 
 
-def why_not_kernel(proj: nn.Module) -> str | None:
-    """Why this expert projection cannot run on the decode kernels, or None."""
+def why_not_kernel(proj: nn.Module, limits: Limits) -> str | None:
+    """Why this expert projection cannot run on the decode kernels of a GPU
+    of these limits, or None."""
     reason = why_not_format(proj)
     if reason:
         return reason
     k = proj["weight"].shape[-1] * 32 // proj.bits
     if k % unit_values(proj.bits):
         return f"input size {k} does not fill whole {unit_values(proj.bits)}-value units"
-    if shared_bytes(k) > MAX_SHARED_BYTES:
-        return f"input size {k} does not fit in shared memory"
+    if shared_bytes(k) > limits.shared_per_block:
+        return (
+            f"input size {k} needs {shared_bytes(k)} bytes of shared memory, "
+            f"{limits.shared_per_block} per block here"
+        )
     return None
 
 
@@ -206,13 +183,13 @@ class DecodeKernels(PortableDtypes):
     `gather_qmv`. With both kernels and a known activation the call runs
     under mx.compile (``compiled``): at decode sizes the layer's wall time is
     mostly host work per op, and a compiled call replays its graph without
-    running Python per op (docs/kernels.md).
+    running Python per op.
     """
 
     down: bool
-    max_pairs: int = MIN_MAX_PAIRS
-    gate_up_tiling: tuple[int, int] = GATE_UP_TILING
-    down_tiling: tuple[int, int] = DOWN_TILING
+    max_pairs: int = Decode.min_pairs
+    gate_up_tiling: tuple[int, int] = Decode.gate_up_tiling
+    down_tiling: tuple[int, int] = Decode.down_tiling
     compiled: bool = True
     activation: KernelActivation = KernelActivation(SWIGLU)
     dtypes: tuple = (mx.bfloat16,)

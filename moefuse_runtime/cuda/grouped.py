@@ -2,7 +2,7 @@
 
 Above the decode kernels' pair count (prefill, batched decode), MLX's sorted
 ``gather_qmm`` computes each (token, expert) pair as its own one-row matrix
-product: 5 TFLOP/s on an H100. Here the pairs are sorted by expert and each
+product. Here the pairs are sorted by expert and each
 expert's rows run as one GEMM on the tensor cores (grouped_gemm.cuh), packed
 weights dequantized into the mma fragments, fp32 accumulation:
 
@@ -11,11 +11,9 @@ weights dequantized into the mma fragments, fp32 accumulation:
     h     = grouped_gemm(x, gate_up)  act(gate, up), sorted rows
     y     = grouped_gemm(h, down)     each row back to its pair's place
 
-Tile shapes come from tiles.json (measured; scripts/tune_grouped.py), looked
-up by device, weight bits and rows per expert. Measured on an H100
-(docs/kernels.md): a Qwen3-30B-A3B layer at 2,048 tokens runs its kernels at
-about 150 TFLOP/s (gather_qmm: 4.8), prefill of a 48-layer model x15-16, and
-a 64-sequence decode step x1.61-1.66.
+Tile shapes come from a tile table (tiles.py: by device, weight bits and
+rows per expert, only those that fit the GPU); a fused layer binds
+them at install, one compiled function per bucket of the table (`bind`).
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,47 +31,9 @@ import mlx.core as mx
 from . import jit, source
 from .activations import NONE, SWIGLU, KernelActivation
 from .decode import KernelPath, apply_module, columns, flat_uint32
+from .device import SMALLEST, Limits
 from .formats import Layout, PortableDtypes, QuantizedArrays
-
-GEMM_BK = 64
-"""k values per pipeline stage (grouped_gemm.cuh: GEMM_BK)."""
-
-
-@dataclass(frozen=True)
-class Tiling:
-    """One block's work: BM x BN outputs, warps as WARPS_M x WARPS_N, a
-    STAGES-deep copy pipeline, at least MIN_BLOCKS blocks per SM (a register
-    cap the compiler honours through __launch_bounds__), and where packed
-    weights are dequantized: a shared tile per block, or with B_REGS each
-    warp's mma fragments (grouped_gemm.cuh)."""
-
-    bm: int
-    bn: int
-    warps_m: int
-    warps_n: int
-    stages: int
-    min_blocks: int = 1
-    b_regs: bool = False
-
-    @property
-    def threads(self) -> int:
-        return 32 * self.warps_m * self.warps_n
-
-    def shared_bytes(self, bits: int) -> int:
-        """A stages, packed B stages and (without B_REGS) two dequantized B
-        tiles, in 16-byte chunks."""
-        chunks = self.stages * (self.bm * 8 + self.bn * GEMM_BK * bits // 128)
-        return 16 * (chunks + (0 if self.b_regs else 2 * self.bn * 8))
-
-    def why_not(self, gate_up: bool, bits: int) -> str | None:
-        """Why the kernel's static checks would reject this tiling, or None."""
-        wm, wn = self.bm // self.warps_m, self.bn // self.warps_n
-        if wm % 16 or wn % (32 if gate_up else 16) or self.stages < 3:
-            return f"{self} does not split into warp tiles"
-        if self.shared_bytes(bits) > MAX_SHARED_BYTES:
-            return f"{self} needs {self.shared_bytes(bits)} bytes of shared memory"
-        return None
-
+from .tiles import Tiling, table_named
 
 OFFSET_LIMIT = 2**32
 """The kernels index x, h, packed weights and scales with 32-bit offsets
@@ -91,49 +50,35 @@ def why_not_grouped(layer) -> str | None:
     return None
 
 
-MAX_SHARED_BYTES = 227 * 1024
-"""Shared memory one block may have on sm_80 (A100) and sm_90 (H100)."""
-
-
 @cache
-def _table() -> dict:
-    return json.loads(source.read("tiles.json"))
+def buckets(
+    table: str, bits: tuple[int, int | None], limits: Limits
+) -> tuple[tuple[float, ...], tuple[tuple[Tiling, Tiling | None], ...]] | None:
+    """A table's (gate_up, down) tilings for these bits on a GPU of these
+    limits, as ``(limits of rows, tilings)``: a call of up to ``rows[i]`` rows
+    per expert takes ``tilings[i]``, one past them all the last. The table's
+    choice changes only at its limits of rows. None when some range has no
+    tiling that fits (`why_not_tiled`)."""
+    tile_table = table_named(table)
+    rows = tile_table.limits_of_rows()
+    tilings = []
+    for at in (*rows, math.inf):
+        gate_up = tile_table.tiling(at, True, bits[0], limits)
+        down = None if bits[1] is None else tile_table.tiling(at, False, bits[1], limits)
+        if gate_up is None or (bits[1] is not None and down is None):
+            return None
+        tilings.append((gate_up, down))
+    return rows, tuple(tilings)
 
 
-def tiling_for(arch: str, rows_per_expert: float, gate_up: bool, bits: int) -> Tiling:
-    """The measured tiling for this device, weight format and density
-    (tiles.json: the first entry whose ``bits``, if given, and
-    ``max_rows_per_expert``, if not null, hold)."""
-    table = _table()
-    by_kind = table.get(arch, table["default"])["gate_up" if gate_up else "down"]
-    for entry in by_kind:
-        if bits not in entry.get("bits", [bits]):
-            continue
-        if entry["max_rows_per_expert"] is None or rows_per_expert <= entry["max_rows_per_expert"]:
-            return Tiling(**entry["tiling"])
-    raise ValueError(f"tiles.json: no catch-all entry for {arch}")
-
-
-@cache
-def _buckets(
-    arch: str, bits: tuple[int, int | None]
-) -> tuple[tuple[float, ...], tuple[tuple[Tiling, Tiling | None], ...]]:
-    """The (gate_up, down) tilings of the table, as ``(limits, tilings)``: a
-    call of up to ``limits[i]`` rows per expert takes ``tilings[i]``, one past
-    them all the last. The table picks the first entry whose limit holds, so
-    its choice changes only at limits; a call has at least one row per
-    expert, so limits below one never count."""
-    table = _table().get(arch, _table()["default"])
-    found = {e["max_rows_per_expert"] for entries in table.values() for e in entries}
-    limits = tuple(sorted(t for t in found if t is not None and t >= 1))
-    tilings = tuple(
-        (
-            tiling_for(arch, rows, True, bits[0]),
-            None if bits[1] is None else tiling_for(arch, rows, False, bits[1]),
-        )
-        for rows in (*limits, math.inf)
+def why_not_tiled(table: str, bits: tuple[int, int | None], limits: Limits) -> str | None:
+    """Why no call of a layer of these bits could be tiled here, or None."""
+    if buckets(table, bits, limits) is not None:
+        return None
+    return (
+        f"no tiling of tile table {table!r} fits this GPU ({limits.shared_per_block} bytes "
+        f"of shared memory per block, {limits.threads_per_sm} threads per SM)"
     )
-    return limits, tilings
 
 
 def rows_per_expert(pairs: int, experts: int) -> float:
@@ -331,25 +276,37 @@ class GroupedKernels(PortableDtypes):
     gate_up always, with ``activation`` in its epilogue (NONE: the layer's
     own module runs between the kernels); down on the kernel when it
     qualifies (``down``), else the layer's own ``down_proj`` on the sorted
-    rows. ``dtypes``: the activation dtypes both formats take. ``arch`` picks
-    the tile table. With both kernels and a known activation the call runs
-    under mx.compile, the layer's arrays as inputs.
+    rows. ``dtypes``: the activation dtypes both formats take. ``table`` names
+    the tile table (`tiles.table_for`), whose tilings are taken only where
+    they fit ``limits`` (the GPU's). With both kernels and a known
+    activation the call runs under mx.compile, the layer's arrays as inputs.
     """
 
     down: bool
     min_pairs: int
-    arch: str = "default"
+    table: str = "h100"
+    limits: Limits = SMALLEST
     compiled: bool = True
     activation: KernelActivation = KernelActivation(SWIGLU)
     dtypes: tuple = (mx.bfloat16,)
+
+    def buckets(
+        self, bits: tuple[int, int | None]
+    ) -> tuple[tuple[float, ...], tuple[tuple[Tiling, Tiling | None], ...]]:
+        """`buckets` of this path's table and limits (kernels_for takes the
+        path only where they exist: `why_not_tiled`)."""
+        found = buckets(self.table, bits, self.limits)
+        if found is None:
+            raise ValueError(why_not_tiled(self.table, bits, self.limits))
+        return found
 
     def tilings(
         self, pairs: int, experts: int, bits: tuple[int, int | None]
     ) -> tuple[Tiling, Tiling | None]:
         """gate_up's and down's tilings for this many pairs and the two
-        projections' bits (None: down is not on the kernel), from tiles.json."""
-        limits, tilings = _buckets(self.arch, bits)
-        return tilings[bisect.bisect_left(limits, rows_per_expert(pairs, experts))]
+        projections' bits (None: down is not on the kernel)."""
+        rows, tilings = self.buckets(bits)
+        return tilings[bisect.bisect_left(rows, rows_per_expert(pairs, experts))]
 
     def __call__(self, layer, gate_up_proj, x: mx.array, indices: mx.array) -> mx.array:
         """The layer's routed output for this call, every format fact read
@@ -364,11 +321,11 @@ class GroupedKernels(PortableDtypes):
     def bind(self, gate_up_layout: Layout, down_layout: Layout | None, experts: int) -> KernelPath:
         """This path for a layer of ``experts`` whose projections have these
         layouts (None: down is not on the kernel), made at install: a call
-        picks its tilings by rows per expert (`_buckets`: a bisection),
+        picks its tilings by rows per expert (`buckets`: a bisection),
         reads the projections' arrays and launches."""
         down_layout = down_layout if self.down else None
         bits = (gate_up_layout.bits, None if down_layout is None else down_layout.bits)
-        limits, tilings = _buckets(self.arch, bits)
+        rows, tilings = self.buckets(bits)
         module_runs = self.activation.kind == NONE  # the layer's own activation
         if down_layout is None or not self.compiled or module_runs:
             return functools.partial(self._uncompiled, gate_up_layout, down_layout, experts)
@@ -376,7 +333,7 @@ class GroupedKernels(PortableDtypes):
         gate_up_arrays, down_arrays = gate_up_layout.arrays, down_layout.arrays
 
         def run(layer, gate_up_proj, x, indices):
-            ffn = ffns[bisect.bisect_left(limits, rows_per_expert(indices.size, experts))]
+            ffn = ffns[bisect.bisect_left(rows, rows_per_expert(indices.size, experts))]
             return ffn(x, indices, gate_up_arrays(gate_up_proj), down_arrays(layer["down_proj"]))
 
         return run
@@ -398,7 +355,7 @@ class GroupedKernels(PortableDtypes):
         self, experts: int, bits: tuple[int, int | None]
     ) -> list[tuple[Tiling, Tiling | None]]:
         """Every (gate_up, down) tiling pair some call can pick."""
-        return sorted(set(_buckets(self.arch, bits)[1]), key=str)
+        return sorted(set(self.buckets(bits)[1]), key=str)
 
     def specs(
         self, gate_up: QuantizedArrays, down: QuantizedArrays | None, dtype: mx.Dtype, top_k: int
@@ -435,7 +392,7 @@ class GroupedKernels(PortableDtypes):
         if module is not None:
             h = apply_module(module, h)
         if down is None:  # the layer's own down_proj, on h back in pair order (MLX
-            # 0.32.4's sorted float gather_mm gave wrong results at width 90 on an H100)
+            # 0.32.4's sorted float gather_mm gave wrong results at width 90)
             h = h[mx.argsort(order)].reshape(*indices.shape, 1, h.shape[-1])
             return down_proj(h, indices).squeeze(-2)
         y = grouped_gemm(h, down, order, down_tiles, activation=None, top_k=1, tiling=down_tiling)

@@ -206,6 +206,11 @@ def device_arch() -> str:
     return str(mx.device_info().get("architecture", ""))
 
 
+def device_name() -> str:
+    """The default GPU's name, as MLX reports it ('NVIDIA H100 80GB HBM3')."""
+    return str(mx.device_info().get("device_name", ""))
+
+
 def arch_number(arch: str) -> int:
     digits = arch.removeprefix("sm_").rstrip("a")
     return int(digits) if digits.isdigit() else 0

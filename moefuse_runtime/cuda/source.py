@@ -4,7 +4,7 @@
 
 * `header`: a .cuh file with its local ``#include "..."`` lines replaced by
   the included files (each once): the whole source as one string, which
-  scripts/check_kernel_source.py compiles with nvcc as MLX would;
+  MLX compiles where the package's files are not plain files on disk;
 * `kernel_header`, what the launchers pass: one ``#include`` of the file by
   its absolute path (NVRTC reads it, and its own includes beside it, from
   disk), and a line naming a digest of every kernel file and the GPU

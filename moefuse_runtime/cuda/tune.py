@@ -1,0 +1,287 @@
+"""``moefuse tune``: measure the tensor-core tilings on this GPU, write a tile table.
+
+For one MoE layer shape (a model's first SwitchGLU, or a preset), at each
+token count: every candidate tiling of the gate_up kernel and of the down
+kernel that fits this GPU (`Tiling.why_not` with its limits) and suits the
+count's rows per expert is timed on its own (pairs routed once, outside the
+timing; calls launched back to back, so that GPU time is what is timed),
+and the fastest kept. Counts whose fastest tiling is the same become one
+entry, up to the last such count's rows per expert; the last entry takes
+any count. The result is a table in tiles.json's form (`tiles.parse`): point
+``MOEFUSE_TILES`` at it, or contribute it to tiles.json. The decode
+settings are the table's this GPU uses now.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .device import Limits
+from .tiles import TileTable, Tiling
+
+TOKENS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+CANDIDATES = tuple(
+    Tiling(bm, bn, wm, wn, stages, min_blocks, b_regs=True)
+    for bm, bn, wm, wn, stages, min_blocks in (
+        (16, 64, 1, 2, 6, 8),
+        (16, 128, 1, 4, 4, 3),
+        (16, 128, 1, 4, 4, 4),
+        (16, 128, 1, 4, 4, 5),
+        (16, 128, 1, 4, 8, 4),
+        (16, 256, 1, 8, 4, 2),
+        (32, 128, 1, 4, 4, 2),
+        (32, 128, 1, 4, 4, 4),
+        (32, 128, 1, 4, 6, 4),
+        (64, 128, 1, 4, 4, 1),
+        (64, 128, 2, 4, 4, 1),
+        (64, 128, 2, 4, 4, 2),
+        (64, 256, 2, 4, 3, 1),
+        (128, 128, 2, 4, 3, 1),
+        (128, 128, 4, 2, 4, 1),
+    )
+)
+"""Tilings tried, dequantizing in the mma fragments (the shared-tile
+variants lost at every size measured), none spilling more than 16 bytes on
+any architecture (scripts/check_kernel_source.py --candidates; BM 128 x BN
+256 spills 68-168 bytes); each count tries those whose BM suits its rows
+per expert (`suits`)."""
+
+
+def suits(bm: int, rows_per_expert: float) -> bool:
+    """A BM worth trying at this density: neither mostly empty tiles nor
+    many tiles per expert where a larger BM would do."""
+    return min(64, rows_per_expert / 4) <= bm <= max(16, 4 * rows_per_expert)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One MoE layer: dimensions, experts per token, weight format."""
+
+    name: str
+    hidden: int
+    experts: int
+    top_k: int
+    width: int
+    bits: int = 4
+    group_size: int = 64
+    mode: str = "affine"
+
+
+Timer = Callable[[Shape, int, bool, Tiling], float]
+"""(shape, tokens, gate_up, tiling) -> seconds of one call of that kernel."""
+
+
+@dataclass
+class Point:
+    """One kernel at one token count: each candidate's TFLOP/s, or why not."""
+
+    tokens: int
+    rows_per_expert: float
+    gate_up: bool
+    results: dict[Tiling, float | str]
+
+    def best(self) -> Tiling | None:
+        timed = {t: r for t, r in self.results.items() if isinstance(r, float)}
+        return max(timed, key=lambda t: timed[t]) if timed else None
+
+
+def candidates_for(
+    rows_per_expert: float, gate_up: bool, bits: int, limits: Limits
+) -> list[Tiling]:
+    """The candidates this count tries: fit here, suit its rows per expert."""
+    return [
+        tiling
+        for tiling in CANDIDATES
+        if tiling.why_not(gate_up, bits, limits) is None and suits(tiling.bm, rows_per_expert)
+    ]
+
+
+def flops(shape: Shape, tokens: int, gate_up: bool) -> int:
+    pairs = tokens * shape.top_k
+    return 2 * pairs * shape.hidden * shape.width * (2 if gate_up else 1)
+
+
+def measure(
+    shape: Shape,
+    tokens: Iterable[int],
+    limits: Limits,
+    timer: Timer,
+    progress: Callable[[Iterable[Any], int], Iterable[Any]] = lambda items, total: items,
+) -> list[Point]:
+    """Every candidate at every count, for gate_up and for down."""
+    plan = []
+    for count in tokens:
+        rows = count * shape.top_k / shape.experts
+        for gate_up in (True, False):
+            plan += [
+                (count, rows, gate_up, t) for t in candidates_for(rows, gate_up, shape.bits, limits)
+            ]
+    points: dict[tuple[int, bool], Point] = {}
+    for count, rows, gate_up, tiling in progress(plan, len(plan)):
+        point = points.setdefault((count, gate_up), Point(count, rows, gate_up, {}))
+        try:
+            seconds = timer(shape, count, gate_up, tiling)
+            point.results[tiling] = flops(shape, count, gate_up) / seconds / 1e12
+        except Exception as error:  # noqa: BLE001 - a failing candidate is recorded
+            point.results[tiling] = f"failed: {type(error).__name__}: {error}"[:300]
+    return list(points.values())
+
+
+def entries(points: list[Point], gate_up: bool, bits: int) -> list[dict[str, Any]]:
+    """The table's entries for one kernel: runs of counts with the same best
+    tiling, each up to its last count's rows per expert; the last for any."""
+    ordered = sorted((p for p in points if p.gate_up == gate_up), key=lambda p: p.rows_per_expert)
+    runs: list[tuple[float, Tiling]] = []
+    for point in ordered:
+        best = point.best()
+        if best is None:
+            continue
+        if runs and runs[-1][1] == best:
+            runs[-1] = (point.rows_per_expert, best)
+        else:
+            runs.append((point.rows_per_expert, best))
+    if not runs:
+        raise RuntimeError(f"no tiling of {'gate_up' if gate_up else 'down'} ran on this GPU")
+    return [
+        {
+            "bits": [bits],
+            "max_rows_per_expert": None if i == len(runs) - 1 else limit,
+            "tiling": dataclasses.asdict(tiling),
+        }
+        for i, (limit, tiling) in enumerate(runs)
+    ]
+
+
+def table(
+    shape: Shape, points: list[Point], device: str, arch: str, base: TileTable
+) -> dict[str, Any]:
+    """The tile table, as JSON: the measured entries for these weight bits,
+    then ``base``'s for any other bits (its last entry of each kind holds
+    any), and ``base``'s decode settings."""
+
+    def after(kind: tuple) -> list[dict[str, Any]]:
+        return [
+            {
+                **({"bits": list(e.bits)} if e.bits else {}),
+                "max_rows_per_expert": e.max_rows_per_expert,
+                "tiling": dataclasses.asdict(e.tiling),
+            }
+            for e in kind
+        ]
+
+    decode = dataclasses.asdict(base.decode)
+    return {
+        "measured_on": f"{device} ({arch}), MLX {getattr(mx, '__version__', '?')}: {shape}",
+        "devices": [device],
+        "archs": [arch.rstrip("a")],
+        "decode": {k: list(v) if isinstance(v, tuple) else v for k, v in decode.items()},
+        "gate_up": entries(points, True, shape.bits) + after(base.gate_up),
+        "down": entries(points, False, shape.bits) + after(base.down),
+        "timings": timings(points),
+    }
+
+
+def timings(points: list[Point]) -> list[dict[str, Any]]:
+    """Every timing, kept in the table's file for the record."""
+    return [
+        {
+            "tokens": p.tokens,
+            "rows_per_expert": p.rows_per_expert,
+            "kernel": "gate_up" if p.gate_up else "down",
+            "tflops": {str(t): r for t, r in p.results.items()},
+            "best": str(p.best()),
+        }
+        for p in points
+    ]
+
+
+# -- on the GPU ----------------------------------------------------------------
+
+
+def shape_of_model(path: Path) -> Shape:
+    """The first SwitchGLU of a model directory (loaded lazily: no weights read)."""
+    from mlx_lm.utils import load_model
+
+    from ..walk import find_switch_glus
+    from . import top_k_of
+
+    model, _ = load_model(path, lazy=True, strict=False)
+    found = next(find_switch_glus(model), None)
+    top_k = top_k_of(model)
+    if found is None or top_k is None:
+        raise ValueError(f"{path}: no SwitchGLU layer (with its experts per token) to tune for")
+    gate, down = found[1]["gate_proj"], found[1]["down_proj"]
+    if getattr(gate, "bits", None) is None:
+        raise ValueError(f"{path}: its experts are not quantized; the kernels read quantized ones")
+    experts, width, _ = gate["weight"].shape
+    hidden = down["weight"].shape[1]
+    return Shape(path.name, hidden, experts, top_k, width, gate.bits, gate.group_size, gate.mode)
+
+
+class GpuTimer:
+    """Times one kernel's call on this GPU: a layer per shape made once,
+    pairs routed once per count."""
+
+    ROUNDS, BATCH = 5, 10
+
+    def __init__(self) -> None:
+        self._layers: dict[Shape, Any] = {}
+
+    def __call__(self, shape: Shape, tokens: int, gate_up: bool, tiling: Tiling) -> float:
+        from .activations import SWIGLU, KernelActivation
+        from .bench import seconds_of
+        from .formats import QuantizedArrays
+        from .grouped import grouped_gemm, route
+
+        proj = self._projection(shape, gate_up)
+        pairs = tokens * shape.top_k
+        rows = tokens if gate_up else pairs
+        x = mx.random.normal((rows, shape.hidden if gate_up else shape.width)).astype(mx.bfloat16)
+        flat = mx.random.randint(0, shape.experts, (pairs,)).astype(mx.uint32)
+        order, tiles, _ = route(flat, shape.experts, (tiling.bm, tiling.bm))
+        mx.eval(x, order, tiles)
+        arrays = QuantizedArrays.of(proj)
+        activation = KernelActivation(SWIGLU) if gate_up else None
+        top_k = shape.top_k if gate_up else 1
+
+        def batch() -> list[mx.array]:
+            return [
+                grouped_gemm(
+                    x, arrays, order, tiles, activation=activation, top_k=top_k, tiling=tiling
+                )
+                for _ in range(self.BATCH)
+            ]
+
+        seconds_of(batch)  # the kernel's first launch loads it
+        return statistics.median(seconds_of(batch) for _ in range(self.ROUNDS)) / self.BATCH
+
+    def _projection(self, shape: Shape, gate_up: bool) -> nn.Module:
+        if shape not in self._layers:
+            from mlx_lm.models.switch_layers import SwitchGLU
+
+            from ..installer import install
+
+            layer = SwitchGLU(shape.hidden, shape.width, shape.experts)
+            layer.set_dtype(mx.bfloat16)
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                layer[name] = layer[name].to_quantized(shape.group_size, shape.bits, shape.mode)
+            mx.eval(layer.parameters())
+            install(layer, reserve_bytes=0)
+            self._layers[shape] = layer
+        layer = self._layers[shape]
+        return layer["gate_up_proj"] if gate_up else layer["down_proj"]
+
+
+def write(out: Path, data: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1) + "\n")

@@ -1,0 +1,126 @@
+"""``moefuse tune``: its logic and its file format on the CPU, with a stand-in
+timer (the GPU run: docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from conftest import run
+from kernel_checks import kernels_on, quantized_layer  # noqa: F401 - kernels_on: autouse
+
+import moefuse_runtime
+from moefuse_runtime.cuda import tiles, tune
+from moefuse_runtime.cuda.device import ARCH_LIMITS, Limits
+from moefuse_runtime.cuda.tiles import Tiling
+
+SHAPE = tune.Shape("test", hidden=256, experts=64, top_k=4, width=128)
+
+
+FAST_FEW = Tiling(16, 128, 1, 4, 4, 4, True)
+FAST_MANY = Tiling(64, 128, 1, 4, 4, 1, True)
+
+
+def fake_timer(calls: list):
+    """FAST_FEW wins up to 8 rows per expert, FAST_MANY above, the others
+    by their shape (no ties); BN 256 at BM 16 fails."""
+
+    def timer(shape, tokens, gate_up, tiling):
+        calls.append((tokens, gate_up, tiling))
+        if tiling.bn == 256 and tiling.bm == 16:
+            raise RuntimeError("launch failed")
+        rows = tokens * shape.top_k / shape.experts
+        if tiling == (FAST_FEW if rows <= 8 else FAST_MANY):
+            return 1e-3
+        return 2e-3 + tiling.bm * 1e-6 + tiling.stages * 1e-7 + tiling.min_blocks * 1e-8
+
+    return timer
+
+
+def test_candidates_fit_the_gpu_and_suit_the_density():
+    rtx = ARCH_LIMITS[89]
+    for rows in (0.5, 2, 16, 64, 512):
+        for gate_up in (True, False):
+            chosen = tune.candidates_for(rows, gate_up, 8, rtx)
+            assert chosen
+            assert all(
+                t.why_not(gate_up, 8, rtx) is None and tune.suits(t.bm, rows) for t in chosen
+            )
+    big = Tiling(64, 128, 1, 4, 4, 1, True)  # 64 KB at 8 bits
+    small_gpu = Limits(shared_per_block=40 * 1024, threads_per_sm=1536)
+    assert big in tune.candidates_for(64, False, 8, ARCH_LIMITS[90])
+    assert big not in tune.candidates_for(64, False, 8, small_gpu)
+
+
+def test_measure_keeps_every_timing_and_the_fastest():
+    calls: list = []
+    seen = {}
+
+    def progress(items, total):
+        seen["total"] = total
+        return items
+
+    points = tune.measure(SHAPE, (32, 256), ARCH_LIMITS[90], fake_timer(calls), progress)
+    assert seen["total"] == len(calls) > 0
+    by = {(p.tokens, p.gate_up): p for p in points}
+    assert by[(32, True)].best() == FAST_FEW  # 2 rows per expert
+    assert by[(256, False)].best() == FAST_MANY  # 16 rows per expert
+    failed = [r for p in points for r in p.results.values() if isinstance(r, str)]
+    assert failed and all("launch failed" in r for r in failed)
+
+
+def test_the_table_merges_counts_and_reads_back(tmp_path, monkeypatch, as_cuda):
+    points = tune.measure(SHAPE, (16, 32, 64, 128, 512), ARCH_LIMITS[90], fake_timer([]))
+    base = tiles.table_for("NVIDIA H100 80GB HBM3", "sm_90")
+    table = tune.table(SHAPE, points, "Test GPU", "sm_90a", base)
+    gate_up = table["gate_up"]
+    # 1, 2, 4 and 8 rows per expert: BM 16 (BM 64 does not suit 8 rows);
+    # 32: BM 64, for any count above; then the base table's entries
+    assert [(e["max_rows_per_expert"], e["tiling"]["bm"]) for e in gate_up[:2]] == [
+        (8.0, 16),
+        (None, 64),
+    ]
+    assert gate_up[0]["bits"] == [4] and gate_up[2:] == json.loads(
+        json.dumps(tune.table(SHAPE, points, "x", "sm_90", base)["gate_up"][2:])
+    )
+    assert table["devices"] == ["Test GPU"] and table["archs"] == ["sm_90"]
+    assert len(table["timings"]) == len(points)
+    path = tmp_path / "table.json"
+    tune.write(path, table)
+    parsed = tiles.parse("tuned", json.loads(path.read_text()))
+    assert parsed.tiling(3, True, 4, ARCH_LIMITS[90]).bm == 16
+    assert parsed.tiling(8.5, True, 4, ARCH_LIMITS[90]).bm == 64
+    assert parsed.tiling(3, True, 8, ARCH_LIMITS[90]) == base.tiling(3, True, 8, ARCH_LIMITS[90])
+    monkeypatch.setenv("MOEFUSE_TILES", str(path))
+    layer = quantized_layer(256, 128, 64)
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    tilings = layer.kernels.grouped.reachable_tilings(64, (4, 4))
+    assert {pair[0].bm for pair in tilings} == {16, 64}
+
+
+def test_shape_of_a_model_directory(demo_model):
+    shape = tune.shape_of_model(demo_model)
+    config = json.loads((demo_model / "config.json").read_text())
+    assert (shape.hidden, shape.experts, shape.top_k, shape.bits) == (
+        config["hidden_size"],
+        config["num_experts"],
+        config["num_experts_per_tok"],
+        config["quantization"]["bits"],
+    )
+    assert shape.width == config["moe_intermediate_size"]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (["tune"], 1, "moefuse tune: needs MLX's CUDA backend (this machine: cpu)"),
+        (["tune", "--bits", "0"], 2, "--bits: must be at least 1"),
+        (["tune", "--preset", "nope"], 2, "invalid choice"),
+    ],
+)
+def test_tune_on_the_cpu_says_what_it_needs(args, code, words):
+    done = run([sys.executable, "-m", "moefuse_runtime.cli", *args], timeout=120)
+    assert done.returncode == code
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], done.stderr
