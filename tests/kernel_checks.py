@@ -129,7 +129,7 @@ def compare(layer, x, indices, dtype, path: str):
     report = moefuse_runtime.install(layer, reserve_bytes=0)
     assert report.fused, str(report)  # e.g. no headroom: too many test processes on one GPU
     kernels = layer.kernels
-    assert kernels.pick(layer, x, indices) is getattr(kernels, path)
+    assert kernels.pick(x, indices) is getattr(kernels, path)
     out = layer(x, indices)
     layer.kernels = None  # the same fused layer on gather_qmm
     expected = layer(x, indices)
