@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import ENABLE_ENV, env_flag
@@ -35,16 +36,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (--help says more)\n")
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1 (0 rounds or -1 steps
-    would end in a traceback or never end)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+def whole_number_from(lowest: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``lowest`` (0 rounds or
+    -1 steps would end in a traceback or never end)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be at least {lowest}, not {value}")
+        return value
+
+    return parse
+
+
+positive_int = whole_number_from(1)
+non_negative_int = whole_number_from(0)
 
 
 def gigabytes(text: str) -> float:
@@ -165,6 +174,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             smoke=args.quick,
             server_args=args.server_args,
             warmup=not args.quick,
+            starts=args.server_starts,
             log=print,
         )
         print(f"wrote {args.out}/server.json and {args.out}/server.png")
@@ -368,6 +378,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=2,
         help="--server: rounds of two fresh servers each",
+    )
+    p.add_argument(
+        "--server-starts",
+        type=non_negative_int,
+        default=4,
+        help="--server: start-only servers of each kind, timed until /health answers",
     )
     p.add_argument(
         "--server-args", nargs="*", default=SERVER_ARGS, help="--server: arguments to mlx_lm.server"

@@ -20,6 +20,14 @@ inside them. Clients stream (server-sent events), so each request gives its
 time to first token and the gaps between tokens. Reported per workload and
 server: aggregate tokens/s, TTFT and per-token latency p50/p99, the ratios
 fused/plain, and greedy agreement (temperature 0: the same text from both).
+Batched greedy decoding is not reproducible across runs of one server (which
+requests share a batch step depends on timing, and a batch's size changes
+the matmul kernels and their rounding), so agreement is also reported
+between runs of the same server: the reference for plain against fused.
+
+Start-up is also timed on its own (``starts``): servers started and stopped
+as soon as ``/health`` answers, plain and fused alternating, since one start
+per server and round says little about a difference of a second.
 JSON plus a PNG.
 """
 
@@ -40,6 +48,7 @@ import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -294,8 +303,21 @@ def serve_once(model: Path, fused: bool, workloads, log: Path, server_args: list
     return result
 
 
-def summarize(rounds: list[dict], workloads) -> dict:
-    """Medians over rounds per server, ratios fused/plain, and agreement."""
+def identical(first: list[str], second: list[str]) -> tuple[int, int]:
+    """How many of two runs' texts (the same prompts, in order) are equal."""
+    return sum(a == b for a, b in zip(first, second, strict=True)), len(first)
+
+
+def agreement(runs: list[tuple[dict, dict]], name: str) -> str:
+    """``"same/total"`` over pairs of runs of one workload."""
+    counts = [identical(a[name]["texts"], b[name]["texts"]) for a, b in runs]
+    return f"{sum(c[0] for c in counts)}/{sum(c[1] for c in counts)}"
+
+
+def summarize(rounds: list[dict], workloads, warmup: dict | None = None) -> dict:
+    """Medians over rounds per server, ratios fused/plain, and agreement:
+    plain against fused per round, and each server's runs (warm-up included)
+    against each other, which sets how much agreement batching allows."""
 
     def both(*keys: str) -> dict[str, float]:
         medians = {}
@@ -315,14 +337,13 @@ def summarize(rounds: list[dict], workloads) -> dict:
     for workload in workloads:
         row: dict = {m: both(workload.name, m) for m in METRICS}
         row["tok_per_s"]["ratio"] = row["tok_per_s"]["fused"] / row["tok_per_s"]["plain"]
-        pairs = [
-            pair
-            for r in rounds
-            for pair in zip(
-                r["plain"][workload.name]["texts"], r["fused"][workload.name]["texts"], strict=True
-            )
-        ]
-        row["greedy_identical"] = f"{sum(p == f for p, f in pairs)}/{len(pairs)}"
+        name = workload.name
+        row["greedy_identical"] = agreement([(r["plain"], r["fused"]) for r in rounds], name)
+        every = [*([warmup] if warmup else []), *rounds]
+        row["greedy_identical_same_server"] = {
+            server: agreement([(a[server], b[server]) for a, b in pairwise(every)], name)
+            for server in ("plain", "fused")
+        }
         summary[workload.name] = row
     return summary
 
@@ -337,6 +358,25 @@ METRICS = (
 )
 
 
+def time_starts(model: Path, starts: int, folder: Path, server_args: list[str]) -> dict:
+    """Seconds until ``/health`` answers, ``starts`` fresh servers of each
+    kind, alternating (plain, fused, fused, plain, ...); each stopped at once."""
+    seconds: dict[str, list[float]] = {"plain": [], "fused": []}
+    for i in range(starts):
+        for name in ("plain", "fused") if i % 2 == 0 else ("fused", "plain"):
+            server = Server(model, name == "fused", folder / f"start-{name}.log", server_args)
+            try:
+                seconds[name].append(server.wait_healthy())
+            finally:
+                server.stop()
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    return {
+        "seconds": seconds,
+        "median_s": medians,
+        "fused_minus_plain_s": medians["fused"] - medians["plain"],
+    }
+
+
 def run(
     out: str,
     *,
@@ -346,6 +386,7 @@ def run(
     smoke: bool,
     server_args: list[str],
     warmup: bool = True,
+    starts: int = 0,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Write the model, serve it plain and fused ``rounds`` times, interleaved.
@@ -353,6 +394,7 @@ def run(
     With ``warmup``, a round before them is run and kept apart (``warmup``
     in the JSON): on a machine that never ran MLX, the first server fills
     MLX's own disk cache of its kernels, which any server after it reads.
+    ``starts`` start-only servers of each kind are timed after the rounds.
     """
     import mlx.core as mx
 
@@ -384,13 +426,20 @@ def run(
             warmup_row = row
         else:
             results.append(row)
+    start_only = time_starts(model, starts, folder, server_args) if starts else None
+    if start_only:
+        log(
+            f"start-up, {starts} servers each: plain {start_only['median_s']['plain']:.2f} s, "
+            f"fused {start_only['median_s']['fused']:.2f} s (medians)"
+        )
     result = {
         "preset": preset,
         "layers": layers,
         "rounds": rounds,
         "server_args": server_args,
         "workloads": [asdict(w) for w in workloads],
-        "summary": summarize(results, workloads),
+        "summary": summarize(results, workloads, warmup_row),
+        "starts": start_only,
         "runs": results,
         "warmup": warmup_row,
     }

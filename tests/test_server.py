@@ -126,6 +126,8 @@ def test_the_server_benchmark_runs_real_servers(tmp_path):
             "tiny",
             "--server-rounds",
             "1",
+            "--server-starts",
+            "1",
             "--out",
             str(out),
         ]
@@ -140,6 +142,30 @@ def test_the_server_benchmark_runs_real_servers(tmp_path):
         assert row["ttft_p99_s"]["fused"] >= row["ttft_p50_s"]["fused"] > 0
         done_requests, total = map(int, row["greedy_identical"].split("/"))
         assert done_requests == total > 0  # the CPU path is bitwise
+        assert set(row["greedy_identical_same_server"]) == {"plain", "fused"}
+    starts = result["starts"]
+    assert [len(starts["seconds"][s]) for s in ("plain", "fused")] == [1, 1]
+    assert min(starts["median_s"].values()) > 0
     fused_log = result["runs"][0]["fused"]["install_log"]
     assert any("fused 4/4 SwitchGLU layers" in line for line in fused_log)
     assert (out / "server.png").stat().st_size > 0
+
+
+def test_agreement_is_counted_across_servers_and_within_each():
+    # plain against fused per round; each server's consecutive runs (warm-up
+    # first) against each other: the agreement batching alone allows
+    from moefuse_runtime.server_bench import Workload, summarize
+
+    def run_of(texts: list[str]) -> dict:
+        figures = {m: 1.0 for m in ("tok_per_s", "seconds", "ttft_p50_s", "ttft_p99_s")}
+        latency = {"token_latency_p50_s": 1.0, "token_latency_p99_s": 1.0}
+        return {"start_s": 1.0, "load_s": 1.0, "w": {**figures, **latency, "texts": texts}}
+
+    warmup = {"plain": run_of(["a", "b", "c"]), "fused": run_of(["a", "x", "c"])}
+    rounds = [
+        {"plain": run_of(["a", "b", "y"]), "fused": run_of(["a", "b", "c"])},
+        {"plain": run_of(["a", "b", "c"]), "fused": run_of(["z", "x", "c"])},
+    ]
+    row = summarize(rounds, [Workload("w", 3, 3, 1, 1)], warmup)["w"]
+    assert row["greedy_identical"] == "3/6"  # round 0: a, b; round 1: c
+    assert row["greedy_identical_same_server"] == {"plain": "4/6", "fused": "3/6"}
