@@ -175,6 +175,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             server_args=args.server_args,
             warmup=not args.quick,
             starts=args.server_starts,
+            bound=args.server_bound,
             log=print,
         )
         print(f"wrote {args.out}/server.json and {args.out}/server.png")
@@ -384,6 +385,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         type=non_negative_int,
         default=4,
         help="--server: start-only servers of each kind, timed until /health answers",
+    )
+    p.add_argument(
+        "--server-bound",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--server: a third server per round with every MoE FFN replaced by a broadcast "
+        "of its input (the most any FFN could give)",
     )
     p.add_argument(
         "--server-args", nargs="*", default=SERVER_ARGS, help="--server: arguments to mlx_lm.server"

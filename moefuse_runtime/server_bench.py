@@ -2,10 +2,16 @@
 
 ``moefuse bench --server`` writes a model directory (the demo model at a
 preset's dimensions: random 4-bit weights, the demo tokenizer, mlx-lm's
-``save_model``), then for each round starts two fresh servers in turn,
-plain (``python -m mlx_lm server``) and fused (the same command under
-``moefuse run``), each on 127.0.0.1 and stopped by its pid when done. On
-each server, in order:
+``save_model``), then for each round starts three fresh servers in turn,
+each on 127.0.0.1 and stopped by its pid when done:
+
+* ``plain``: ``python -m mlx_lm server``;
+* ``fused``: the same command under ``moefuse run``;
+* ``bound``: the plain server with every MoE FFN replaced by a broadcast of
+  its input (`serve_ffn_free`): the most any FFN could give this server, so
+  that a ratio can be read against what the rest of the server leaves.
+
+On each server, in order:
 
 * ``start``: seconds from the process start until ``/health`` answers;
 * ``load``: the first request (one token): the model loads, and in the fused
@@ -196,6 +202,30 @@ def _stream_chat(port: int, text: str, max_tokens: int, start: float) -> Reply:
     return reply
 
 
+FFN_FREE_LAUNCHER = "from moefuse_runtime.server_bench import serve_ffn_free; serve_ffn_free()"
+
+
+def serve_ffn_free() -> None:
+    """``mlx_lm``'s command line (``sys.argv``: ``server ...``) with every
+    SwitchGLU's forward replaced by a broadcast of its input: the server's
+    time without its MoE FFNs. Its replies mean nothing."""
+    import mlx.core as mx
+    from mlx_lm import cli
+    from mlx_lm.models import switch_layers
+
+    def ffn_free(self, x: mx.array, indices: mx.array) -> mx.array:
+        return mx.broadcast_to(mx.expand_dims(x, -2), (*indices.shape, x.shape[-1]))
+
+    switch_layers.SwitchGLU.__call__ = ffn_free  # type: ignore[method-assign]
+    cli.main()
+
+
+def order(round_index: int, kinds: tuple[str, ...]) -> tuple[str, ...]:
+    """The servers of a round, each round starting with the next kind."""
+    k = round_index % len(kinds)
+    return kinds[k:] + kinds[:k]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -205,12 +235,9 @@ def free_port() -> int:
 class Server:
     """One ``mlx_lm.server`` process on 127.0.0.1, in a session of its own."""
 
-    def __init__(self, model: Path, fused: bool, log: Path, server_args: list[str]):
+    def __init__(self, model: Path, kind: str, log: Path, server_args: list[str]):
         self.port = free_port()
-        command = [
-            sys.executable,
-            "-m",
-            "mlx_lm",
+        arguments = [
             "server",
             "--model",
             str(model),
@@ -220,9 +247,14 @@ class Server:
             str(self.port),
             *server_args,
         ]
-        if fused:
-            command = [sys.executable, "-m", "moefuse_runtime.cli", "run", "--", *command]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "EXO_FUSED_MOE": "1" if fused else "0"}
+        plain = [sys.executable, "-m", "mlx_lm", *arguments]
+        command = {
+            "plain": plain,
+            "fused": [sys.executable, "-m", "moefuse_runtime.cli", "run", "--", *plain],
+            "bound": [sys.executable, "-c", FFN_FREE_LAUNCHER, *arguments],
+        }[kind]
+        fuse = "1" if kind == "fused" else "0"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "EXO_FUSED_MOE": fuse}
         self.log_path = log
         self.log = open(log, "w")  # noqa: SIM115 - closed in stop()
         self.started = time.perf_counter()
@@ -285,9 +317,9 @@ def run_workload(port: int, workload: Workload, seed: int) -> dict:
     }
 
 
-def serve_once(model: Path, fused: bool, workloads, log: Path, server_args: list[str]) -> dict:
+def serve_once(model: Path, kind: str, workloads, log: Path, server_args: list[str]) -> dict:
     """A fresh server: its start, its first request, then each workload."""
-    server = Server(model, fused, log, server_args)
+    server = Server(model, kind, log, server_args)
     try:
         result: dict[str, Any] = {"start_s": server.wait_healthy()}
         load = time.perf_counter()
@@ -321,7 +353,7 @@ def summarize(rounds: list[dict], workloads, warmup: dict | None = None) -> dict
 
     def both(*keys: str) -> dict[str, float]:
         medians = {}
-        for server in ("plain", "fused"):
+        for server in rounds[0]:
             values = []
             for r in rounds:
                 value = r[server]
@@ -336,7 +368,10 @@ def summarize(rounds: list[dict], workloads, warmup: dict | None = None) -> dict
     start["fused_minus_plain"] = start["fused"] - start["plain"]
     for workload in workloads:
         row: dict = {m: both(workload.name, m) for m in METRICS}
-        row["tok_per_s"]["ratio"] = row["tok_per_s"]["fused"] / row["tok_per_s"]["plain"]
+        tok_per_s = row["tok_per_s"]
+        tok_per_s["ratio"] = tok_per_s["fused"] / tok_per_s["plain"]
+        if "bound" in tok_per_s:
+            tok_per_s["bound_ratio"] = tok_per_s["bound"] / tok_per_s["plain"]
         name = workload.name
         row["greedy_identical"] = agreement([(r["plain"], r["fused"]) for r in rounds], name)
         every = [*([warmup] if warmup else []), *rounds]
@@ -364,7 +399,7 @@ def time_starts(model: Path, starts: int, folder: Path, server_args: list[str]) 
     seconds: dict[str, list[float]] = {"plain": [], "fused": []}
     for i in range(starts):
         for name in ("plain", "fused") if i % 2 == 0 else ("fused", "plain"):
-            server = Server(model, name == "fused", folder / f"start-{name}.log", server_args)
+            server = Server(model, name, folder / f"start-{name}.log", server_args)
             try:
                 seconds[name].append(server.wait_healthy())
             finally:
@@ -387,14 +422,16 @@ def run(
     server_args: list[str],
     warmup: bool = True,
     starts: int = 0,
+    bound: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Write the model, serve it plain and fused ``rounds`` times, interleaved.
+    """Write the model, serve it plain, fused and (with ``bound``) FFN-free
+    ``rounds`` times, interleaved: each round starts with another kind.
 
     With ``warmup``, a round before them is run and kept apart (``warmup``
     in the JSON): on a machine that never ran MLX, the first server fills
     MLX's own disk cache of its kernels, which any server after it reads.
-    ``starts`` start-only servers of each kind are timed after the rounds.
+    ``starts`` start-only servers, plain and fused, are timed after the rounds.
     """
     import mlx.core as mx
 
@@ -405,13 +442,14 @@ def run(
     dtype = mx.float32 if smoke else mx.bfloat16
     model = demo.write_demo_model(folder / "model", preset, layers=layers, dtype=dtype)
     workloads = SMOKE_WORKLOADS if smoke else GPU_WORKLOADS
+    kinds = ("plain", "fused", "bound") if bound else ("plain", "fused")
     results: list[dict] = []
     warmup_row = None
     for i in range(-1 if warmup else 0, rounds):
         row = {}
-        for name in ("plain", "fused") if i % 2 == 0 else ("fused", "plain"):
+        for name in order(i, kinds):
             row[name] = serve_once(
-                model, name == "fused", workloads, folder / f"server-{name}-{i}.log", server_args
+                model, name, workloads, folder / f"server-{name}-{i}.log", server_args
             )
             figures = ", ".join(
                 f"{w.name} {row[name][w.name]['tok_per_s']:.1f} tok/s" for w in workloads
@@ -462,10 +500,12 @@ def plot(result: dict, path: Path) -> None:
         (axes[0], "tok_per_s", "aggregate tokens/s"),
         (axes[1], "ttft_p99_s", "time to first token, p99 (s)"),
     ):
-        for k, server in enumerate(("plain", "fused")):
+        servers = [k for k in ("plain", "fused", "bound") if k in summary[names[0]][metric]]
+        width = 0.8 / len(servers)
+        for k, server in enumerate(servers):
             values = [summary[n][metric][server] for n in names]
-            ax.bar([i + 0.4 * k for i in range(len(names))], values, 0.4, label=server)
-        ax.set_xticks([i + 0.2 for i in range(len(names))], names)
+            ax.bar([i + width * k for i in range(len(names))], values, width, label=server)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
         ax.set_ylabel(label)
         ax.legend()
     fig.suptitle(

@@ -113,8 +113,9 @@ def test_fused_server_answers_exactly_like_a_plain_one(program, demo_model, tmp_
 
 
 def test_the_server_benchmark_runs_real_servers(tmp_path):
-    # `moefuse bench --server --quick`: a plain and a fused mlx_lm.server on the
-    # tiny demo model, every workload streamed; the figures exist and agree
+    # `moefuse bench --server --quick`: a plain, a fused and an FFN-free
+    # mlx_lm.server on the tiny demo model, every workload streamed; the
+    # figures exist and plain and fused agree
     out = tmp_path / "bench"
     done = run(
         [
@@ -138,7 +139,8 @@ def test_the_server_benchmark_runs_real_servers(tmp_path):
     assert summary["start_s"]["plain"] > 0 and summary["start_s"]["fused"] > 0
     for workload in ("single", "concurrent", "long_prompts"):
         row = summary[workload]
-        assert row["tok_per_s"]["plain"] > 0 and row["tok_per_s"]["fused"] > 0
+        assert min(row["tok_per_s"][k] for k in ("plain", "fused", "bound")) > 0
+        assert row["tok_per_s"]["bound_ratio"] > 0
         assert row["ttft_p99_s"]["fused"] >= row["ttft_p50_s"]["fused"] > 0
         done_requests, total = map(int, row["greedy_identical"].split("/"))
         assert done_requests == total > 0  # the CPU path is bitwise
@@ -146,6 +148,9 @@ def test_the_server_benchmark_runs_real_servers(tmp_path):
     starts = result["starts"]
     assert [len(starts["seconds"][s]) for s in ("plain", "fused")] == [1, 1]
     assert min(starts["median_s"].values()) > 0
+    runs = result["runs"][0]
+    assert runs["bound"]["install_log"] == []  # FFN-free, not fused: other replies
+    assert runs["bound"]["concurrent"]["texts"] != runs["plain"]["concurrent"]["texts"]
     fused_log = result["runs"][0]["fused"]["install_log"]
     assert any("fused 4/4 SwitchGLU layers" in line for line in fused_log)
     assert (out / "server.png").stat().st_size > 0
