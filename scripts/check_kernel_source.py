@@ -50,11 +50,22 @@ Variant = tuple[str, jit.KernelSpec, int]
 """(label, spec, dynamic shared memory in bytes)."""
 
 
-def weights(mode: str, bits: int, group: int, dtype, bias: bool) -> formats.QuantizedArrays:
-    """Stand-in arrays of one format: only their presence and dtypes matter here."""
+GATE_UP_ROWS = 2 * 768
+"""The stand-in gate_up's output rows (gate and up of width 768: N = 768)."""
+DOWN_ROWS = 2880
+"""The stand-in down's output rows (N = 2880: a partial last column tile)."""
+
+
+def weights(
+    mode: str, bits: int, group: int, dtype, bias: bool, gate_up: bool
+) -> formats.QuantizedArrays:
+    """Stand-in arrays of one format: their presence and dtypes, and the weight's
+    output rows, which set the kernel's N (a template constant: with N = 0 the
+    compiler may drop the whole kernel, and its registers say nothing)."""
+    rows = GATE_UP_ROWS if gate_up else DOWN_ROWS
     scales = mx.zeros((1, 1, 1), dtype if mode == "affine" else mx.uint8)
     return formats.QuantizedArrays(
-        mx.zeros((1, 1, 1), mx.uint32),
+        mx.zeros((1, rows, 1), mx.uint32),
         scales,
         scales if mode == "affine" else None,
         mx.zeros((1, 1), dtype) if bias else None,
@@ -74,10 +85,11 @@ def formats_and_activations() -> Iterator[tuple]:
     ):
         for bits, group, gate_up in itertools.product(bit_set, groups, (True, False)):
             act = activations.KernelActivation(activations.SWIGLU) if gate_up else None
-            yield dtype, weights(mode, bits, group, dtype, bias=mode == "mxfp4"), act
+            proj = weights(mode, bits, group, dtype, bias=mode == "mxfp4", gate_up=gate_up)
+            yield dtype, proj, act
     for kind in range(len(activations.NAMES)):
         act = activations.KernelActivation(kind, 7.0, 1.702)
-        yield mx.bfloat16, weights("affine", 4, 64, mx.bfloat16, bias=True), act
+        yield mx.bfloat16, weights("affine", 4, 64, mx.bfloat16, bias=True, gate_up=True), act
 
 
 def label_of(kind: str, dtype, proj, act) -> str:
@@ -103,6 +115,8 @@ def tensor_core_variants(tilings: set[tuple[bool, tiles.Tiling]]) -> Iterator[Va
     ):
         if gate_up != (act is not None) or tiling.why_not(gate_up, proj.bits, roomiest):
             continue  # the other kernel's, or no GPU could take it
+        if not tune.tried(tiling, proj.bits):
+            continue  # a candidate `moefuse tune` leaves out at these bits
         spec = grouped.gemm_spec(proj, dtype, 2880 if gate_up else 768, act, 4, tiling)
         label = f"{label_of('grouped', dtype, proj, act)} {tiling}"
         yield label, spec, tiling.shared_bytes(proj.bits)
@@ -118,7 +132,7 @@ def table_tilings(candidates: bool) -> set[tuple[bool, tiles.Tiling]]:
         for entry in entries
     }
     if candidates:
-        found |= {(gate_up, t) for t in tune.CANDIDATES for gate_up in (True, False)}
+        found |= {(gate_up, t) for t in tune.CANDIDATES + tune.WIDE for gate_up in (True, False)}
     return found
 
 

@@ -239,6 +239,8 @@ SHARED_AND_REGISTERS = [
     (grouped.Tiling(16, 128, 1, 4, 4), grouped.Tiling(16, 128, 1, 4, 4, 4, b_regs=True)),
     (grouped.Tiling(32, 128, 1, 4, 4), grouped.Tiling(32, 128, 1, 4, 4, 4, b_regs=True)),
     (grouped.Tiling(64, 128, 2, 4, 4), grouped.Tiling(64, 128, 1, 4, 4, b_regs=True)),
+    # `moefuse tune`'s wide candidate against the shipped register tiling of its BM
+    (grouped.Tiling(128, 256, 2, 4, 3), grouped.Tiling(128, 128, 2, 4, 3, 1, b_regs=True)),
 ]
 
 
@@ -248,12 +250,14 @@ WORDWISE = [(2, 32, mx.bfloat16), (3, 32, mx.bfloat16), (5, 64, mx.bfloat16), (6
 @needs_cuda
 @pytest.mark.parametrize(("bits", "group_size", "dtype"), CASES + WORDWISE)
 @pytest.mark.parametrize("swiglu", [True, False])
-@pytest.mark.parametrize("tilings", SHARED_AND_REGISTERS, ids=["bm16", "bm32", "bm64"])
+@pytest.mark.parametrize(
+    "tilings", SHARED_AND_REGISTERS, ids=["bm16", "bm32", "bm64", "bm128-wide"]
+)
 def test_dequant_in_registers_equals_shared(bits, group_size, dtype, swiglu, tilings):
     # The same dequantized values in the same mma order: bitwise equal.
     # gate_up: hidden 2912 (group 32: a k tail) or 2944, width 90 (columns
     # past N); down: k 96 (group 32: a tail) or 384, 2912/2944 outputs.
-    # 7 experts, 2, 14 or 40 rows each.
+    # 7 experts, 2, 14, 40 or 170 rows each.
     hidden = 2912 if group_size == 32 else 2944
     width = 90 if swiglu else 96 if group_size == 32 else 384
     layer = quantized_layer(
@@ -263,7 +267,7 @@ def test_dequant_in_registers_equals_shared(bits, group_size, dtype, swiglu, til
     assert report.fused, str(report)
     proj = QuantizedArrays.of(layer.gate_up_proj if swiglu else layer.down_proj)
     k = proj.weight.shape[-1] * 32 // bits
-    pairs = {16: 14, 32: 98, 64: 280}[tilings[0].bm]
+    pairs = {16: 14, 32: 98, 64: 280, 128: 1190}[tilings[0].bm]
     x = mx.random.normal((pairs // (2 if swiglu else 1), k)).astype(dtype)
     indices = mx.random.randint(0, 7, (pairs,)).astype(mx.uint32)
     order, tiles, _ = grouped.route(indices, 7, (tilings[0].bm, tilings[0].bm))

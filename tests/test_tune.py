@@ -53,6 +53,18 @@ def test_candidates_fit_the_gpu_and_suit_the_density():
     assert big not in tune.candidates_for(64, False, 8, small_gpu)
 
 
+def test_the_wide_tilings_are_tried_where_they_fit_and_do_not_spill():
+    # BM 128 x BN 256 (8 warps, a shared dequantized tile): dense prefill, up
+    # to 6-bit weights (8-bit spills), where their 136-176 KiB fit
+    wide = set(tune.WIDE)
+    assert wide <= set(tune.candidates_for(128, True, 4, ARCH_LIMITS[90]))
+    assert wide <= set(tune.candidates_for(128, False, 4, ARCH_LIMITS[80]))
+    assert set(tune.candidates_for(128, False, 6, ARCH_LIMITS[80])) & wide == {tune.WIDE[0]}
+    assert not wide & set(tune.candidates_for(128, True, 8, ARCH_LIMITS[90]))
+    assert not wide & set(tune.candidates_for(128, True, 4, ARCH_LIMITS[89]))  # 99 KB
+    assert not wide & set(tune.candidates_for(2, True, 4, ARCH_LIMITS[90]))  # sparse
+
+
 def test_measure_keeps_every_timing_and_the_fastest():
     calls: list = []
     seen = {}

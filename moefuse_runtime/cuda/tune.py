@@ -51,10 +51,25 @@ CANDIDATES = tuple(
     )
 )
 """Tilings tried, dequantizing in the mma fragments (the shared-tile
-variants lost at every size measured), none spilling more than 16 bytes on
-any architecture (scripts/check_kernel_source.py --candidates; BM 128 x BN
-256 spills 68-168 bytes); each count tries those whose BM suits its rows
-per expert (`suits`)."""
+variants of these shapes lost at every size measured), none spilling more
+than 16 bytes on any architecture (scripts/check_kernel_source.py
+--candidates); each count tries those whose BM suits its rows per expert
+(`suits`), with `WIDE`."""
+
+
+WIDE = tuple(Tiling(128, 256, 2, 4, stages) for stages in (3, 4))
+"""The bf16 peers' prefill shape (BM 128 x BN 256, 8 warps of 64 x 64),
+dequantizing into a shared tile: its register variant spills at every
+width, this one not up to 6 bits; at 8 bits it spills 22-168 bytes
+(scripts/check_kernel_source.py --candidates), so it is tried up to
+`WIDE_MAX_BITS`. 136-176 KiB of shared memory: sm_80 (not every variant),
+sm_90 and sm_100."""
+WIDE_MAX_BITS = 6
+
+
+def tried(tiling: Tiling, bits: int) -> bool:
+    """Whether ``tune`` times this tiling for weights of ``bits``."""
+    return tiling not in WIDE or bits <= WIDE_MAX_BITS
 
 
 def suits(bm: int, rows_per_expert: float) -> bool:
@@ -101,8 +116,10 @@ def candidates_for(
     """The candidates this count tries: fit here, suit its rows per expert."""
     return [
         tiling
-        for tiling in CANDIDATES
-        if tiling.why_not(gate_up, bits, limits) is None and suits(tiling.bm, rows_per_expert)
+        for tiling in CANDIDATES + WIDE
+        if tried(tiling, bits)
+        and tiling.why_not(gate_up, bits, limits) is None
+        and suits(tiling.bm, rows_per_expert)
     ]
 
 
