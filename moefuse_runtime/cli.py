@@ -173,7 +173,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             rounds=args.server_rounds,
             smoke=args.quick,
             server_args=args.server_args,
-            warmup=not args.quick,
+            warmup=args.server_warmup and not args.quick,
             starts=args.server_starts,
             bound=args.server_bound,
             log=print,
@@ -385,6 +385,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         type=non_negative_int,
         default=4,
         help="--server: start-only servers of each kind, timed until /health answers",
+    )
+    p.add_argument(
+        "--server-warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--server: a round before the measured ones, kept apart (on a machine that never "
+        "ran MLX, its first server fills MLX's own kernel cache)",
     )
     p.add_argument(
         "--server-bound",

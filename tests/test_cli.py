@@ -164,3 +164,23 @@ def test_run_keeps_the_next_sitecustomize(tmp_path):
     )
     assert done.returncode == 0 and done.stdout.strip() == "went on"
     assert "Error in sitecustomize" in done.stderr and "KeyError: 'broken'" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], {"warmup": True, "bound": True, "starts": 4, "rounds": 2}),
+        (
+            ["--no-server-warmup", "--no-server-bound", "--server-starts", "0"],
+            {"warmup": False, "bound": False, "starts": 0, "rounds": 2},
+        ),
+        (["--quick", "--server-rounds", "1"], {"warmup": False, "rounds": 1}),
+    ],
+)
+def test_server_bench_options_reach_the_benchmark(monkeypatch, tmp_path, flags, expected):
+    from moefuse_runtime import cli, server_bench
+
+    seen = {}
+    monkeypatch.setattr(server_bench, "run", lambda out, **kwargs: seen.update(kwargs))
+    assert cli.main(["bench", "--server", "--out", str(tmp_path), *flags]) == 0
+    assert {key: seen[key] for key in expected} == expected
