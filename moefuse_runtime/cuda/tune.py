@@ -51,16 +51,17 @@ CANDIDATES = tuple(
     )
 )
 """Tilings tried, dequantizing in the mma fragments (the shared-tile
-variants of these shapes lost at every size measured), none spilling more
-than 16 bytes on any architecture (scripts/check_kernel_source.py
---candidates); each count tries those whose BM suits its rows per expert
+variants of these shapes lost at every size measured); the register-capped
+ones (``min_blocks`` > 1) spill a little for some formats below sm_100
+(scripts/check_kernel_source.py --candidates), which only their timing
+judges. Each count tries those whose BM suits its rows per expert
 (`suits`), with `WIDE`."""
 
 
 WIDE = tuple(Tiling(128, 256, 2, 4, stages) for stages in (3, 4))
 """The bf16 peers' prefill shape (BM 128 x BN 256, 8 warps of 64 x 64),
 dequantizing into a shared tile: its register variant spills at every
-width, this one not up to 6 bits; at 8 bits it spills 22-168 bytes
+width, this one at most 16 bytes up to 6 bits and more at 8
 (scripts/check_kernel_source.py --candidates), so it is tried up to
 `WIDE_MAX_BITS`. 136-176 KiB of shared memory: sm_80 (not every variant),
 sm_90 and sm_100."""
