@@ -313,6 +313,7 @@ def run_workload(port: int, workload: Workload, seed: int) -> dict:
         "token_latency_p50_s": percentile(gaps, 0.5),
         "token_latency_p99_s": percentile(gaps, 0.99),
         "retries": sum(r.retries for r in replies),
+        "ttfts_s": ttfts,
         "texts": [r.text for r in replies],
     }
 

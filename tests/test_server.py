@@ -142,6 +142,8 @@ def test_the_server_benchmark_runs_real_servers(tmp_path):
         assert min(row["tok_per_s"][k] for k in ("plain", "fused", "bound")) > 0
         assert row["tok_per_s"]["bound_ratio"] > 0
         assert row["ttft_p99_s"]["fused"] >= row["ttft_p50_s"]["fused"] > 0
+        requests = next(w["requests"] for w in result["workloads"] if w["name"] == workload)
+        assert len(result["runs"][0]["fused"][workload]["ttfts_s"]) == requests
         done_requests, total = map(int, row["greedy_identical"].split("/"))
         assert done_requests == total > 0  # the CPU path is bitwise
         assert set(row["greedy_identical_same_server"]) == {"plain", "fused"}
