@@ -500,7 +500,8 @@ __device__ void grouped_gemm(const T* x, const unsigned* w, const S* scales, con
   auto wordwise_pair = [&](const unsigned* row, int v, auto sb) {
     constexpr unsigned MASK = (1u << BITS) - 1u;
     const int bit = v * BITS, lo = bit >> 5, shift = bit & 31;
-    const unsigned next = shift + 2 * BITS > 32 ? row[lo + 1] : 0u;
+    // (2-bit: a pair never crosses a word, which the compiler cannot see)
+    const unsigned next = 32 % BITS != 0 && shift + 2 * BITS > 32 ? row[lo + 1] : 0u;
     const unsigned codes = __funnelshift_r(row[lo], next, shift);
     return affine_pair<T>(codes & MASK, (codes >> BITS) & MASK, sb);
   };
