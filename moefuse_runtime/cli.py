@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +21,6 @@ from .config import ENABLE_ENV, env_flag
 from .presets import DENSE_SHAPES, LAYER_SHAPES, PRESETS, TOKENS
 
 SITECUSTOMIZE_DIR = Path(__file__).resolve().parent / "_sitecustomize"
-
-
-SERVER_ARGS = ["--decode-concurrency", "32", "--prompt-concurrency", "8"]
 
 
 class UsageError(Exception):
@@ -172,6 +170,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             layers=args.server_layers,
             rounds=args.server_rounds,
             smoke=args.quick,
+            app=server_bench.APPS[args.server_app],
             server_args=args.server_args,
             warmup=args.server_warmup and not args.quick,
             starts=args.server_starts,
@@ -366,9 +365,15 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--server",
         action="store_true",
-        help="a real mlx_lm.server, plain and under `moefuse run`, on a model "
+        help="a real server (--server-app), plain and under `moefuse run`, on a model "
         "directory it writes: start-up, first request, single, concurrent and "
         "long-prompt workloads (with --quick: a tiny smoke run)",
+    )
+    p.add_argument(
+        "--server-app",
+        default="mlx_lm",
+        choices=("mlx_lm", "mlx_vlm"),
+        help="--server: mlx_lm.server or mlx_vlm.server",
     )
     p.add_argument("--server-preset", default="qwen3-30b-a3b", choices=sorted(PRESETS))
     p.add_argument(
@@ -401,7 +406,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "of its input (the most any FFN could give)",
     )
     p.add_argument(
-        "--server-args", nargs="*", default=SERVER_ARGS, help="--server: arguments to mlx_lm.server"
+        "--server-args",
+        type=shlex.split,
+        default=None,
+        metavar="'ARGS'",
+        help="--server: the server's arguments, one quoted string (--server-args "
+        "'--decode-concurrency 16'; default: mlx_lm.server --decode-concurrency 32 "
+        "--prompt-concurrency 8, mlx_vlm.server --max-num-seqs 32)",
     )
     p.set_defaults(handler=cmd_bench)
 

@@ -1,11 +1,13 @@
-"""A real-server benchmark: ``mlx_lm.server`` plain and under ``moefuse run``.
+"""A real-server benchmark: a server plain and under ``moefuse run``.
 
 ``moefuse bench --server`` writes a model directory (the demo model at a
 preset's dimensions: random 4-bit weights, the demo tokenizer, mlx-lm's
-``save_model``), then for each round starts three fresh servers in turn,
-each on 127.0.0.1 and stopped by its pid when done:
+``save_model``; mlx-vlm loads it as its own ``qwen3_moe``), then for each
+round starts three fresh servers of one program (`APPS`: ``mlx_lm.server``
+or ``mlx_vlm.server``) in turn, each on 127.0.0.1 and stopped by its pid
+when done:
 
-* ``plain``: ``python -m mlx_lm server``;
+* ``plain``: the program itself (``python -m mlx_lm server``, say);
 * ``fused``: the same command under ``moefuse run``;
 * ``bound``: the plain server with every MoE FFN replaced by a broadcast of
   its input (`serve_ffn_free`): the most any FFN could give this server, so
@@ -96,6 +98,29 @@ REQUEST_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
+class App:
+    """A server program: how ``python -m`` starts it, the arguments it gets
+    unless told otherwise, and whether a request must name the model."""
+
+    name: str
+    module: tuple[str, ...]
+    default_args: tuple[str, ...]
+    names_model: bool = False
+
+
+APPS = {
+    "mlx_lm": App(
+        "mlx_lm.server",
+        ("mlx_lm", "server"),
+        ("--decode-concurrency", "32", "--prompt-concurrency", "8"),
+    ),
+    # continuous batching by default; its request schema requires "model"
+    "mlx_vlm": App("mlx_vlm.server", ("mlx_vlm.server",), ("--max-num-seqs", "32"), True),
+}
+"""The programs the benchmark serves with, by ``--server-app`` name."""
+
+
+@dataclass(frozen=True)
 class Workload:
     """``requests`` requests of ``prompt_words`` words, ``in_flight`` at a time,
     ``max_tokens`` each."""
@@ -144,12 +169,13 @@ RETRIES = 3
 can be reset); each retry is counted in the results."""
 
 
-def stream_chat(port: int, text: str, max_tokens: int) -> Reply:
-    """One streamed chat completion at temperature 0, timed from its first try."""
+def stream_chat(port: int, text: str, max_tokens: int, model: str | None = None) -> Reply:
+    """One streamed chat completion at temperature 0, timed from its first try
+    (``model``: the name the request gives, where the server needs one)."""
     start = time.perf_counter()
     for attempt in range(RETRIES + 1):
         try:
-            reply = _stream_chat(port, text, max_tokens, start)
+            reply = _stream_chat(port, text, max_tokens, model, start)
         except (ConnectionError, http.client.RemoteDisconnected, urllib.error.URLError):
             if attempt == RETRIES:
                 raise
@@ -160,16 +186,15 @@ def stream_chat(port: int, text: str, max_tokens: int) -> Reply:
     raise AssertionError("unreachable")
 
 
-def _stream_chat(port: int, text: str, max_tokens: int, start: float) -> Reply:
-    body = json.dumps(
-        {
-            "messages": [{"role": "user", "content": text}],
-            "max_tokens": max_tokens,
-            "temperature": 0.0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-    ).encode()
+def _stream_chat(port: int, text: str, max_tokens: int, model: str | None, start: float) -> Reply:
+    fields = {
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    body = json.dumps(fields if model is None else {"model": model, **fields}).encode()
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/chat/completions",
         data=body,
@@ -206,18 +231,32 @@ FFN_FREE_LAUNCHER = "from moefuse_runtime.server_bench import serve_ffn_free; se
 
 
 def serve_ffn_free() -> None:
-    """``mlx_lm``'s command line (``sys.argv``: ``server ...``) with every
-    SwitchGLU's forward replaced by a broadcast of its input: the server's
-    time without its MoE FFNs. Its replies mean nothing."""
+    """A server's command line (``sys.argv[1]``: the module ``python -m``
+    runs, then its arguments) with the forward of its package's SwitchGLU
+    (mlx-lm's or mlx-vlm's) replaced by a broadcast of its input, combined
+    as that forward combines its output: the server's time without its MoE
+    FFNs. Its replies mean nothing."""
+    import importlib
+    import runpy
+
     import mlx.core as mx
-    from mlx_lm import cli
-    from mlx_lm.models import switch_layers
 
-    def ffn_free(self, x: mx.array, indices: mx.array) -> mx.array:
-        return mx.broadcast_to(mx.expand_dims(x, -2), (*indices.shape, x.shape[-1]))
+    from .layer import FLAVOURS
 
-    switch_layers.SwitchGLU.__call__ = ffn_free  # type: ignore[method-assign]
-    cli.main()
+    module = sys.argv[1]
+    for flavour in FLAVOURS:
+        if flavour.module.split(".")[0] != module.split(".")[0]:
+            continue
+        finish = flavour.finish
+
+        def ffn_free(self, x: mx.array, indices: mx.array, *args, finish=finish, **kwargs):
+            routed = mx.broadcast_to(mx.expand_dims(x, -2), (*indices.shape, x.shape[-1]))
+            return finish(self, routed, *args, **kwargs)
+
+        base = getattr(importlib.import_module(flavour.module), flavour.name)
+        base.__call__ = ffn_free
+    sys.argv = sys.argv[1:]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 def order(round_index: int, kinds: tuple[str, ...]) -> tuple[str, ...]:
@@ -233,12 +272,13 @@ def free_port() -> int:
 
 
 class Server:
-    """One ``mlx_lm.server`` process on 127.0.0.1, in a session of its own."""
+    """One server process (`App`) on 127.0.0.1, in a session of its own."""
 
-    def __init__(self, model: Path, kind: str, log: Path, server_args: list[str]):
+    def __init__(self, app: App, model: Path, kind: str, log: Path, server_args: list[str]):
         self.port = free_port()
+        self.model_name = str(model) if app.names_model else None
         arguments = [
-            "server",
+            *app.module,
             "--model",
             str(model),
             "--host",
@@ -247,7 +287,7 @@ class Server:
             str(self.port),
             *server_args,
         ]
-        plain = [sys.executable, "-m", "mlx_lm", *arguments]
+        plain = [sys.executable, "-m", *arguments]
         command = {
             "plain": plain,
             "fused": [sys.executable, "-m", "moefuse_runtime.cli", "run", "--", *plain],
@@ -275,6 +315,9 @@ class Server:
                 time.sleep(0.05)
         raise TimeoutError(f"no /health within {START_TIMEOUT_S} s")
 
+    def chat(self, text: str, max_tokens: int) -> Reply:
+        return stream_chat(self.port, text, max_tokens, self.model_name)
+
     def stop(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
@@ -293,12 +336,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run_workload(port: int, workload: Workload, seed: int) -> dict:
+def run_workload(server: Server, workload: Workload, seed: int) -> dict:
     """The workload's requests, ``in_flight`` at a time; its figures and texts."""
     prompts = [prompt(seed + i, workload.prompt_words) for i in range(workload.requests)]
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workload.in_flight) as pool:
-        replies = list(pool.map(lambda p: stream_chat(port, p, workload.max_tokens), prompts))
+        replies = list(pool.map(lambda p: server.chat(p, workload.max_tokens), prompts))
     seconds = time.perf_counter() - start
     tokens = sum(r.tokens for r in replies)
     ttfts = [r.ttft_s for r in replies]
@@ -318,16 +361,18 @@ def run_workload(port: int, workload: Workload, seed: int) -> dict:
     }
 
 
-def serve_once(model: Path, kind: str, workloads, log: Path, server_args: list[str]) -> dict:
+def serve_once(
+    app: App, model: Path, kind: str, workloads, log: Path, server_args: list[str]
+) -> dict:
     """A fresh server: its start, its first request, then each workload."""
-    server = Server(model, kind, log, server_args)
+    server = Server(app, model, kind, log, server_args)
     try:
         result: dict[str, Any] = {"start_s": server.wait_healthy()}
         load = time.perf_counter()
-        stream_chat(server.port, "Hello", 1)
+        server.chat("Hello", 1)
         result["load_s"] = time.perf_counter() - load
         for i, workload in enumerate(workloads):
-            result[workload.name] = run_workload(server.port, workload, seed=1000 * (i + 1))
+            result[workload.name] = run_workload(server, workload, seed=1000 * (i + 1))
     finally:
         server.stop()
     result["install_log"] = [
@@ -394,13 +439,13 @@ METRICS = (
 )
 
 
-def time_starts(model: Path, starts: int, folder: Path, server_args: list[str]) -> dict:
+def time_starts(app: App, model: Path, starts: int, folder: Path, server_args: list[str]) -> dict:
     """Seconds until ``/health`` answers, ``starts`` fresh servers of each
     kind, alternating (plain, fused, fused, plain, ...); each stopped at once."""
     seconds: dict[str, list[float]] = {"plain": [], "fused": []}
     for i in range(starts):
         for name in ("plain", "fused") if i % 2 == 0 else ("fused", "plain"):
-            server = Server(model, name, folder / f"start-{name}.log", server_args)
+            server = Server(app, model, name, folder / f"start-{name}.log", server_args)
             try:
                 seconds[name].append(server.wait_healthy())
             finally:
@@ -420,14 +465,16 @@ def run(
     layers: int | None,
     rounds: int,
     smoke: bool,
-    server_args: list[str],
+    app: App = APPS["mlx_lm"],
+    server_args: list[str] | None = None,
     warmup: bool = True,
     starts: int = 0,
     bound: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Write the model, serve it plain, fused and (with ``bound``) FFN-free
-    ``rounds`` times, interleaved: each round starts with another kind.
+    """Write the model, serve it with ``app`` plain, fused and (with
+    ``bound``) FFN-free ``rounds`` times, interleaved: each round starts with
+    another kind. ``server_args``: the app's own arguments if None.
 
     With ``warmup``, a round before them is run and kept apart (``warmup``
     in the JSON): on a machine that never ran MLX, the first server fills
@@ -440,6 +487,7 @@ def run(
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
+    server_args = list(app.default_args if server_args is None else server_args)
     dtype = mx.float32 if smoke else mx.bfloat16
     model = demo.write_demo_model(folder / "model", preset, layers=layers, dtype=dtype)
     workloads = SMOKE_WORKLOADS if smoke else GPU_WORKLOADS
@@ -450,7 +498,7 @@ def run(
         row = {}
         for name in order(i, kinds):
             row[name] = serve_once(
-                model, name, workloads, folder / f"server-{name}-{i}.log", server_args
+                app, model, name, workloads, folder / f"server-{name}-{i}.log", server_args
             )
             figures = ", ".join(
                 f"{w.name} {row[name][w.name]['tok_per_s']:.1f} tok/s" for w in workloads
@@ -465,13 +513,14 @@ def run(
             warmup_row = row
         else:
             results.append(row)
-    start_only = time_starts(model, starts, folder, server_args) if starts else None
+    start_only = time_starts(app, model, starts, folder, server_args) if starts else None
     if start_only:
         log(
             f"start-up, {starts} servers each: plain {start_only['median_s']['plain']:.2f} s, "
             f"fused {start_only['median_s']['fused']:.2f} s (medians)"
         )
     result = {
+        "app": app.name,
         "preset": preset,
         "layers": layers,
         "rounds": rounds,
@@ -510,7 +559,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel(label)
         ax.legend()
     fig.suptitle(
-        f"mlx_lm.server, {result['preset']} ({result['layers'] or 'all'} layers), "
+        f"{result['app']}, {result['preset']} ({result['layers'] or 'all'} layers), "
         f"medians of {result['rounds']} rounds of fresh servers"
     )
     fig.tight_layout()

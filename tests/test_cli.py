@@ -175,6 +175,12 @@ def test_run_keeps_the_next_sitecustomize(tmp_path):
             {"warmup": False, "bound": False, "starts": 0, "rounds": 2},
         ),
         (["--quick", "--server-rounds", "1"], {"warmup": False, "rounds": 1}),
+        (["--server-app", "mlx_vlm"], {"app": "mlx_vlm.server", "server_args": None}),
+        (
+            ["--server-args", "--decode-concurrency 8 --prompt-concurrency 2"],
+            {"server_args": ["--decode-concurrency", "8", "--prompt-concurrency", "2"]},
+        ),
+        (["--server-args=--trust-remote-code"], {"server_args": ["--trust-remote-code"]}),
     ],
 )
 def test_server_bench_options_reach_the_benchmark(monkeypatch, tmp_path, flags, expected):
@@ -183,4 +189,7 @@ def test_server_bench_options_reach_the_benchmark(monkeypatch, tmp_path, flags, 
     seen = {}
     monkeypatch.setattr(server_bench, "run", lambda out, **kwargs: seen.update(kwargs))
     assert cli.main(["bench", "--server", "--out", str(tmp_path), *flags]) == 0
+    seen["app"] = seen["app"].name
     assert {key: seen[key] for key in expected} == expected
+    if "app" not in expected:
+        assert seen["app"] == "mlx_lm.server"

@@ -112,10 +112,11 @@ def test_fused_server_answers_exactly_like_a_plain_one(program, demo_model, tmp_
     assert "fused" not in (tmp_path / "plain.log").read_text().lower()
 
 
-def test_the_server_benchmark_runs_real_servers(tmp_path):
+@pytest.mark.parametrize("app", ["mlx_lm", "mlx_vlm"])
+def test_the_server_benchmark_runs_real_servers(app, tmp_path):
     # `moefuse bench --server --quick`: a plain, a fused and an FFN-free
-    # mlx_lm.server on the tiny demo model, every workload streamed; the
-    # figures exist and plain and fused agree
+    # server on the tiny demo model, every workload streamed; the figures
+    # exist and plain and fused agree
     out = tmp_path / "bench"
     done = run(
         [
@@ -123,6 +124,8 @@ def test_the_server_benchmark_runs_real_servers(tmp_path):
             "bench",
             "--server",
             "--quick",
+            "--server-app",
+            app,
             "--server-preset",
             "tiny",
             "--server-rounds",
@@ -135,6 +138,7 @@ def test_the_server_benchmark_runs_real_servers(tmp_path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads((out / "server.json").read_text())
+    assert result["app"] == f"{app}.server"
     summary = result["summary"]
     assert summary["start_s"]["plain"] > 0 and summary["start_s"]["fused"] > 0
     for workload in ("single", "concurrent", "long_prompts"):
