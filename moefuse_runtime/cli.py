@@ -54,6 +54,17 @@ positive_int = whole_number_from(1)
 non_negative_int = whole_number_from(0)
 
 
+def sequences_by_tokens(text: str) -> tuple[int, int]:
+    """``8x948``: a batch of 8 prompts of up to 948 tokens."""
+    sequences, _, tokens = text.partition("x")
+    try:
+        return positive_int(sequences), positive_int(tokens)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be SEQUENCESxTOKENS of whole numbers from 1, e.g. 8x948, not {text!r}"
+        ) from None
+
+
 def gigabytes(text: str) -> float:
     """An argparse type: a finite, non-negative number of GB."""
     try:
@@ -197,6 +208,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             parts=args.cuda,
             prefill_tokens=args.prefill_tokens,
             decode_batches=args.decode_batches,
+            batched_prefill=args.batched_prefill,
             stream_tokens=args.decode_tokens,
             log=print,
         )
@@ -354,6 +366,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         type=int,
         default=[512, 2048],
         help="--cuda model: prompt lengths",
+    )
+    p.add_argument(
+        "--batched-prefill",
+        type=sequences_by_tokens,
+        default=None,
+        metavar="SEQUENCESxTOKENS",
+        help="--cuda model: also a right-padded batch of prompts, as mlx-lm's "
+        "BatchGenerator prefills concurrent requests (e.g. 8x948)",
     )
     p.add_argument(
         "--decode-batches",

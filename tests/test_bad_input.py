@@ -99,6 +99,8 @@ def odd_paths(tmp_path_factory):
         (["bench", "--rounds", "0"], 2, "--rounds: must be at least 1"),
         (["bench", "--server", "--server-rounds", "0"], 2, "--server-rounds: must be at"),
         (["bench", "--server", "--server-starts", "-1"], 2, "--server-starts: must be at least 0"),
+        (["bench", "--cuda", "model", "--batched-prefill", "8"], 2, "must be SEQUENCESxTOKENS"),
+        (["bench", "--cuda", "model", "--batched-prefill", "0x948"], 2, "e.g. 8x948, not '0x948'"),
         (["inspect", "{root}/config-only", "--reserve-gb", "inf"], 2, "--reserve-gb: must be"),
         (["inspect", "{root}/config-only"], 2, "no weights (*.safetensors)"),
         (["make-demo-model", "/dev/null"], 2, "exists and is not a directory"),

@@ -2,7 +2,9 @@
 
 For each, two servers on 127.0.0.1 serve the same demo model, one plain and one fused;
 the same chat requests (temperature 0) are sent to both concurrently, and the
-answers must be identical. Requests and waits are bounded.
+answers must be identical. Requests and waits are bounded. Also the server
+benchmark's smoke run for each, and the CUDA benchmark's stand-in for a
+server's batched prefill.
 """
 
 import json
@@ -180,3 +182,29 @@ def test_agreement_is_counted_across_servers_and_within_each():
     row = summarize(rounds, [Workload("w", 3, 3, 1, 1)], warmup)["w"]
     assert row["greedy_identical"] == "3/6"  # round 0: a, b; round 1: c
     assert row["greedy_identical_same_server"] == {"plain": "4/6", "fused": "3/6"}
+
+
+def test_the_benchmark_prefills_a_padded_batch_as_a_server_does():
+    # `bench --cuda model --batched-prefill`: prompts of several lengths
+    # right-padded into one batch, into mlx-lm's merged per-sequence caches
+    # prepared for that padding (BatchGenerator's prompt step). Each prompt's
+    # hidden states are those of prefilling it alone, and the fused model's
+    # the unfused one's, bitwise.
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from moefuse_runtime import install
+    from moefuse_runtime.cuda.bench import batched_prompt_cache, batched_prompts
+    from moefuse_runtime.demo import build_demo_model
+
+    plain, fused = (build_demo_model("tiny", layers=2, dtype=mx.float32) for _ in range(2))
+    install(fused)
+    prompts, lengths = batched_prompts(3, 40, vocabulary=31)
+    assert lengths == [40, 39, 38] and (prompts < 31).all().item()
+    assert prompts[1, 39].item() == 0 and prompts[2, 38:].tolist() == [0, 0]
+    hidden = plain.model(prompts, cache=batched_prompt_cache(plain, lengths))
+    for i, n in enumerate(lengths):
+        alone = plain.model(prompts[i : i + 1, :n], cache=make_prompt_cache(plain))
+        assert mx.array_equal(hidden[i, :n], alone[0]).item()
+    fused_hidden = fused.model(prompts, cache=batched_prompt_cache(fused, lengths))
+    assert mx.array_equal(fused_hidden, hidden).item()

@@ -7,6 +7,11 @@ One run measures, variants interleaved round by round, medians:
   64 sequences), for ``unfused`` (mlx-lm), ``fused`` (as install() selects:
   kernels) and ``bound`` (every MoE FFN replaced by a broadcast of its
   input: no FFN kernel can do better).
+  ``batched_prefill``: prompts of several sequences at once, right-padded
+  into one batch as mlx-lm's ``BatchGenerator`` prefills a server's
+  concurrent prompts (its attention takes an array mask), from random
+  tokens and from a 31-token vocabulary (the server benchmark's prompts'
+  words, whose routing crowds fewer experts).
 * ``layers``: one MoE layer's FLOP rate at 512 and 2,048 tokens (Qwen3 and
   Mixtral dimensions): unfused, fused, PyTorch's bf16 ``torch._grouped_mm``
   on the same routing (the peer, when PyTorch is there) and MLX's dense bf16
@@ -45,6 +50,7 @@ import mlx.core as mx
 
 from .. import bench, blocks
 from ..installer import install
+from ..server_bench import WORDS as SERVER_PROMPT_WORDS
 from ..walk import find_switch_glus
 from . import jit
 
@@ -146,14 +152,40 @@ def _ratios(times: dict[str, list], base: str = "unfused") -> dict[str, float]:
     return out
 
 
+def batched_prompt_cache(model, lengths: list[int]) -> list:
+    """The cache mlx-lm's BatchGenerator prefills a batch of new prompts into:
+    one cache per sequence, merged, prepared for the right padding of the
+    shorter prompts."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    per_sequence = [make_prompt_cache(model) for _ in lengths]
+    merged = [caches[0].merge(list(caches)) for caches in zip(*per_sequence, strict=True)]
+    longest = max(lengths)
+    for cache in merged:
+        cache.prepare(lengths=lengths, right_padding=[longest - n for n in lengths])
+    return merged
+
+
+def batched_prompts(sequences: int, tokens: int, vocabulary: int) -> tuple[mx.array, list[int]]:
+    """``sequences`` prompts of 95% to 100% of ``tokens`` tokens drawn from
+    ``vocabulary`` ids, right-padded with 0; and their lengths."""
+    lengths = [tokens - (tokens // 20) * i // max(1, sequences - 1) for i in range(sequences)]
+    ids = mx.random.randint(0, vocabulary, (sequences, tokens))
+    keep = mx.arange(tokens)[None] < mx.array(lengths)[:, None]
+    return mx.where(keep, ids, 0), lengths
+
+
 def bench_model(
     layers: int,
     rounds: int,
     log: Callable[[str], None],
     prefill_tokens=PREFILL_TOKENS,
     decode_batches=DECODE_BATCHES,
+    batched_prefill: tuple[int, int] | None = None,
 ) -> dict:
-    """Prefill tok/s and batched decode steps: unfused, fused, bound."""
+    """Prefill tok/s (one prompt; with ``batched_prefill`` (sequences,
+    tokens), also a padded batch of prompts) and batched decode steps:
+    unfused, fused, bound."""
     from mlx_lm.models.cache import make_prompt_cache  # prefill: an empty cache
 
     plain, fused, report = _model_pair(layers)
@@ -191,6 +223,44 @@ def bench_model(
         }
         result["prefill"].append(row)
         log(f"prefill {n}: " + _format(row["tok_s"], "tok/s") + _format_ratios(row["speedup"]))
+    if batched_prefill:
+        result["batched_prefill"] = []
+        sequences, n = batched_prefill
+        for vocabulary in (1000, len(SERVER_PROMPT_WORDS)):
+            prompts, lengths = batched_prompts(sequences, n, vocabulary)
+
+            def batched_fn(name, prompts=prompts, lengths=lengths):
+                def run():
+                    model = setup.model(name)
+                    return trunk(model, prompts, batched_prompt_cache(model, lengths))
+
+                return run
+
+            times = interleaved(
+                {k: batched_fn(k) for k in prefill_variants}, rounds, prepare=setup.use
+            )
+            padded = sequences * n
+            row = {
+                "sequences": sequences,
+                "tokens": n,
+                "vocabulary": vocabulary,
+                "seconds": {
+                    k: statistics.median(v) for k, v in times.items() if isinstance(v, list)
+                },
+                "padded_tok_s": {
+                    k: padded / statistics.median(v)
+                    for k, v in times.items()
+                    if isinstance(v, list)
+                },
+                "speedup": _ratios(times),
+                "failures": _failures(times),
+            }
+            result["batched_prefill"].append(row)
+            log(
+                f"batched prefill {sequences} x {n}, {vocabulary} token ids: "
+                + _format(row["seconds"], "s")
+                + _format_ratios(row["speedup"])
+            )
     for batch in decode_batches:
         caches = {}  # the last batch's caches go before this batch's are built
         for name in setup.DECODE:
@@ -497,6 +567,7 @@ def run(
     parts=("layers", "model", "pairs"),
     prefill_tokens=PREFILL_TOKENS,
     decode_batches=DECODE_BATCHES,
+    batched_prefill: tuple[int, int] | None = None,
     stream_tokens: int = STREAM_TOKENS,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict:
@@ -514,7 +585,9 @@ def run(
         if part == "layers":
             result["layers"] = bench_layers(rounds, log)
         elif part == "model":
-            result["model"] = bench_model(layers, rounds, log, prefill_tokens, decode_batches)
+            result["model"] = bench_model(
+                layers, rounds, log, prefill_tokens, decode_batches, batched_prefill
+            )
         elif part == "pairs":
             result["pairs"] = bench_pairs(rounds, log)
         elif part == "fidelity":
