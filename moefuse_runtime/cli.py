@@ -186,6 +186,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             warmup=args.server_warmup and not args.quick,
             starts=args.server_starts,
             bound=args.server_bound,
+            loop=args.server_loop,
             log=print,
         )
         print(f"wrote {args.out}/server.json and {args.out}/server.png")
@@ -388,6 +389,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         help="a real server (--server-app), plain and under `moefuse run`, on a model "
         "directory it writes: start-up, first request, single, concurrent and "
         "long-prompt workloads (with --quick: a tiny smoke run)",
+    )
+    p.add_argument(
+        "--server-loop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--server: also decode the single request's prompt in mlx-lm's own loop "
+        "(mlx_lm generate), plain and fused, to show what the server adds per token",
     )
     p.add_argument(
         "--server-app",

@@ -35,8 +35,11 @@ between runs of the same server: the reference for plain against fused.
 
 Start-up is also timed on its own (``starts``): servers started and stopped
 as soon as ``/health`` answers, plain and fused alternating, since one start
-per server and round says little about a difference of a second.
-JSON plus a PNG.
+per server and round says little about a difference of a second. And the
+single request's prompt is decoded in mlx-lm's own loop (``mlx_lm
+generate``, plain and under ``moefuse run``; `model_loop`): the model's
+time per token without a server, so that what the server adds per token
+stands beside the single-request ratio. JSON plus a PNG.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import http.client
 import json
 import os
 import random
+import re
 import signal
 import socket
 import statistics
@@ -458,6 +462,44 @@ def time_starts(app: App, model: Path, starts: int, folder: Path, server_args: l
     }
 
 
+GENERATION_RATE = re.compile(r"Generation: \d+ tokens, ([\d.]+) tokens-per-sec")
+
+
+def model_loop(model: Path, kind: str, workload: Workload, log: Path) -> float:
+    """Milliseconds per token of ``workload``'s first prompt decoded by
+    ``mlx_lm generate`` (plain, or fused under ``moefuse run``), which
+    times its own decode steps."""
+    command = [sys.executable, "-m", "mlx_lm", "generate", "--model", str(model)]
+    command += ["--prompt", prompt(1000, workload.prompt_words)]
+    command += ["--max-tokens", str(workload.max_tokens), "--temp", "0"]
+    if kind == "fused":
+        command = [sys.executable, "-m", "moefuse_runtime.cli", "run", "--", *command]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "EXO_FUSED_MOE": "1" if kind == "fused" else "0"}
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=REQUEST_TIMEOUT_S
+    )
+    log.write_text(done.stdout + done.stderr)
+    rate = GENERATION_RATE.search(done.stdout)
+    if done.returncode != 0 or rate is None:
+        raise RuntimeError(f"mlx_lm generate ({kind}) failed: {log.read_text()[-2000:]}")
+    return 1e3 / float(rate.group(1))
+
+
+def loop_figures(model: Path, single: Workload, summary: dict, folder: Path) -> dict:
+    """`model_loop` for plain and fused, and what the server adds per token:
+    the single request's per-token latency p50 minus the loop's."""
+    ms = {
+        kind: model_loop(model, kind, single, folder / f"loop-{kind}.log")
+        for kind in ("plain", "fused")
+    }
+    served = summary[single.name]["token_latency_p50_s"]
+    return {
+        "ms_per_token": ms,
+        "ratio": ms["plain"] / ms["fused"],
+        "server_adds_ms_per_token": {k: 1e3 * served[k] - ms[k] for k in ms},
+    }
+
+
 def run(
     out: str,
     *,
@@ -470,6 +512,7 @@ def run(
     warmup: bool = True,
     starts: int = 0,
     bound: bool = True,
+    loop: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Write the model, serve it with ``app`` plain, fused and (with
@@ -479,7 +522,8 @@ def run(
     With ``warmup``, a round before them is run and kept apart (``warmup``
     in the JSON): on a machine that never ran MLX, the first server fills
     MLX's own disk cache of its kernels, which any server after it reads.
-    ``starts`` start-only servers, plain and fused, are timed after the rounds.
+    ``starts`` start-only servers, plain and fused, are timed after the rounds;
+    with ``loop``, the single request's prompt in mlx-lm's own loop.
     """
     import mlx.core as mx
 
@@ -519,6 +563,17 @@ def run(
             f"start-up, {starts} servers each: plain {start_only['median_s']['plain']:.2f} s, "
             f"fused {start_only['median_s']['fused']:.2f} s (medians)"
         )
+    summary = summarize(results, workloads, warmup_row)
+    if loop:
+        summary["model_loop"] = loop_figures(model, workloads[0], summary, folder)
+        figures = summary["model_loop"]
+        log(
+            "mlx-lm's own loop: "
+            + ", ".join(f"{k} {v:.1f} ms/token" for k, v in figures["ms_per_token"].items())
+            + "; the server adds "
+            + ", ".join(f"{k} {v:.1f}" for k, v in figures["server_adds_ms_per_token"].items())
+            + " ms/token"
+        )
     result = {
         "app": app.name,
         "preset": preset,
@@ -526,7 +581,7 @@ def run(
         "rounds": rounds,
         "server_args": server_args,
         "workloads": [asdict(w) for w in workloads],
-        "summary": summarize(results, workloads, warmup_row),
+        "summary": summary,
         "starts": start_only,
         "runs": results,
         "warmup": warmup_row,

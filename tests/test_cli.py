@@ -174,7 +174,8 @@ def test_run_keeps_the_next_sitecustomize(tmp_path):
             ["--no-server-warmup", "--no-server-bound", "--server-starts", "0"],
             {"warmup": False, "bound": False, "starts": 0, "rounds": 2},
         ),
-        (["--quick", "--server-rounds", "1"], {"warmup": False, "rounds": 1}),
+        (["--quick", "--server-rounds", "1"], {"warmup": False, "rounds": 1, "loop": True}),
+        (["--no-server-loop"], {"loop": False}),
         (["--server-app", "mlx_vlm"], {"app": "mlx_vlm.server", "server_args": None}),
         (
             ["--server-args", "--decode-concurrency 8 --prompt-concurrency 2"],

@@ -153,6 +153,12 @@ def test_the_server_benchmark_runs_real_servers(app, tmp_path):
         done_requests, total = map(int, row["greedy_identical"].split("/"))
         assert done_requests == total > 0  # the CPU path is bitwise
         assert set(row["greedy_identical_same_server"]) == {"plain", "fused"}
+    loop = summary["model_loop"]
+    assert min(loop["ms_per_token"].values()) > 0 and loop["ratio"] > 0
+    served = summary["single"]["token_latency_p50_s"]
+    for kind, added in loop["server_adds_ms_per_token"].items():
+        assert added == pytest.approx(1e3 * served[kind] - loop["ms_per_token"][kind])
+    assert "fused 4/4 SwitchGLU layers" in (out / "loop-fused.log").read_text()
     starts = result["starts"]
     assert [len(starts["seconds"][s]) for s in ("plain", "fused")] == [1, 1]
     assert min(starts["median_s"].values()) > 0
