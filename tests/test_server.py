@@ -214,3 +214,11 @@ def test_the_benchmark_prefills_a_padded_batch_as_a_server_does():
         assert mx.array_equal(hidden[i, :n], alone[0]).item()
     fused_hidden = fused.model(prompts, cache=batched_prompt_cache(fused, lengths))
     assert mx.array_equal(fused_hidden, hidden).item()
+
+
+def test_a_failed_model_loop_is_reported_and_the_servers_figures_stand(tmp_path):
+    from moefuse_runtime.server_bench import SMOKE_WORKLOADS, loop_figures
+
+    figures = loop_figures(tmp_path / "no-model", SMOKE_WORKLOADS[0], {}, tmp_path)
+    assert set(figures) == {"error"} and "mlx_lm generate (plain) failed" in figures["error"]
+    assert (tmp_path / "loop-plain.log").read_text()  # mlx-lm's own words are kept
