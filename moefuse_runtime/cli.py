@@ -54,6 +54,14 @@ positive_int = whole_number_from(1)
 non_negative_int = whole_number_from(0)
 
 
+def command_line(text: str) -> list[str]:
+    """Arguments given as one string, split as a shell would."""
+    try:
+        return shlex.split(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"cannot be split as a shell would: {error}") from None
+
+
 def sequences_by_tokens(text: str) -> tuple[int, int]:
     """``8x948``: a batch of 8 prompts of up to 948 tokens."""
     sequences, _, tokens = text.partition("x")
@@ -435,7 +443,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--server-args",
-        type=shlex.split,
+        type=command_line,
         default=None,
         metavar="'ARGS'",
         help="--server: the server's arguments, one quoted string (--server-args "

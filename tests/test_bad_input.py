@@ -100,6 +100,8 @@ def odd_paths(tmp_path_factory):
         (["bench", "--server", "--server-rounds", "0"], 2, "--server-rounds: must be at"),
         (["bench", "--server", "--server-starts", "-1"], 2, "--server-starts: must be at least 0"),
         (["bench", "--cuda", "model", "--batched-prefill", "8"], 2, "must be SEQUENCESxTOKENS"),
+        (["bench", "--server", "--server-args", '"--unclosed'], 2, "No closing quotation"),
+        (["bench", "--server", "--server-app", "exo"], 2, "invalid choice: 'exo'"),
         (["bench", "--cuda", "model", "--batched-prefill", "0x948"], 2, "e.g. 8x948, not '0x948'"),
         (["inspect", "{root}/config-only", "--reserve-gb", "inf"], 2, "--reserve-gb: must be"),
         (["inspect", "{root}/config-only"], 2, "no weights (*.safetensors)"),
