@@ -17,9 +17,11 @@ dynamic shared memory against the architecture's limit (cuda/device.py).
 The variants: the decode kernels for every format, dtype and activation
 kind; the tensor-core kernels for every tiling of tiles.json (with
 ``--candidates`` also `moefuse tune`'s) and every format and dtype; the
-route kernel. Exit status 1 if any variant fails to compile, needs more
-shared memory than its architecture has, or (a tiling of the shipped
-tables) spills more than 16 bytes; a candidate's spill is reported.
+route kernel; the Hopper (wgmma) tilings on sm_90 alone. Exit status 1 if
+any variant fails to compile, needs more shared memory than its
+architecture has or more registers than an SM holds for its block, or (a
+tiling of the shipped tables) spills more than 16 bytes; a candidate's
+spill is reported.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120", "sm_121")
 B200, RTX 50, GB10)."""
 
 SPILL_LIMIT = 16
+REGISTERS_PER_SM = 65536
+"""Every architecture's register file: a block whose threads need more cannot launch."""
 UNIT_SIZE = 24
 """Variants per translation unit: the compiler's start-up is paid once per unit."""
 
@@ -57,6 +61,8 @@ class Variant(NamedTuple):
     candidate: bool = False
     """Only a `moefuse tune` candidate: a spill there is reported, not a
     problem (tune times it, and a spill only slows it down)."""
+    threads: int = 256
+    """Threads per block: their registers must fit an SM's 64K."""
 
 
 GATE_UP_ROWS = 2 * 768
@@ -114,13 +120,15 @@ def decode_variants() -> Iterator[Variant]:
         k = 2880  # a multiple of every format's load unit
         outs = settings.gate_up_tiling[0] if act else settings.short_row_tiling[0]
         spec = decode.gemv_spec(proj, dtype, k, act, 8 if act else 1, outs)
-        yield Variant(label_of("gemv", dtype, proj, act), spec, decode.shared_bytes(k))
+        threads = 32 * (settings.gate_up_tiling if act else settings.short_row_tiling)[1]
+        label = label_of("gemv", dtype, proj, act)
+        yield Variant(label, spec, decode.shared_bytes(k), threads=threads)
 
 
 def tensor_core_variants(
     tilings: set[tuple[bool, tiles.Tiling]], shipped: set[tuple[bool, tiles.Tiling]]
 ) -> Iterator[Variant]:
-    roomiest = max(device.ARCH_LIMITS.values(), key=lambda limits: limits.shared_per_block)
+    roomiest = device.ARCH_LIMITS[90]  # the most shared memory, and wgmma
     for (gate_up, tiling), (dtype, proj, act) in itertools.product(
         sorted(tilings, key=str), list(formats_and_activations())
     ):
@@ -131,8 +139,9 @@ def tensor_core_variants(
         spec = grouped.gemm_spec(proj, dtype, 2880 if gate_up else 768, act, 4, tiling)
         label = f"{label_of('grouped', dtype, proj, act)} {tiling}"
         candidate = (gate_up, tiling) not in shipped
-        yield Variant(label, spec, tiling.shared_bytes(proj.bits), candidate)
-    yield Variant("route", grouped.route_spec(128, (16, 64)), 0)
+        yield Variant(label, spec, tiling.shared_bytes(proj.bits), candidate, tiling.threads)
+    route = grouped.route_spec(128, (16, 64))
+    yield Variant("route", route, 0, threads=grouped.ROUTE_THREADS)
 
 
 def table_tilings(candidates: bool) -> set[tuple[bool, tiles.Tiling]]:
@@ -144,7 +153,8 @@ def table_tilings(candidates: bool) -> set[tuple[bool, tiles.Tiling]]:
         for entry in entries
     }
     if candidates:
-        found |= {(gate_up, t) for t in tune.CANDIDATES + tune.WIDE for gate_up in (True, False)}
+        tried = tune.CANDIDATES + tune.WIDE + tune.WGMMA
+        found |= {(gate_up, t) for t in tried for gate_up in (True, False)}
     return found
 
 
@@ -203,6 +213,8 @@ def check(arch: str, variants: list[Variant], include: Path, jobs: int) -> int:
             f"{arch}: {len(variants) - len(fitting)} variants need more shared memory than "
             f"{limits.shared_per_block} bytes: the selection never takes them here"
         )
+    if not limits.warpgroup_mma:
+        fitting = [v for v in fitting if v.spec.name != grouped.WGMMA_NAME]
     variants = fitting
     units = [variants[i : i + UNIT_SIZE] for i in range(0, len(variants), UNIT_SIZE)]
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(jobs) as pool:
@@ -213,7 +225,7 @@ def check(arch: str, variants: list[Variant], include: Path, jobs: int) -> int:
             problems += len(unit)
             print(f"{arch}: a unit of {len(unit)} variants FAILED to compile:\n{result['error']}")
             continue
-        for label, spec, dynamic, candidate in unit:
+        for label, spec, dynamic, candidate, threads in unit:
             usage = next((u for name, u in result.items() if spec.kernel_name in name), None)
             if usage is None:
                 problems += 1
@@ -221,7 +233,8 @@ def check(arch: str, variants: list[Variant], include: Path, jobs: int) -> int:
                 continue
             shared = dynamic + usage.get("smem", 0)
             spills = usage.get("spills", 0) > SPILL_LIMIT
-            bad = (spills and not candidate) or shared > limits.shared_per_block
+            registers = usage.get("registers", 0) * threads > REGISTERS_PER_SM
+            bad = (spills and not candidate) or shared > limits.shared_per_block or registers
             problems += bad
             print(
                 f"{arch} {label}: {usage.get('registers')} registers, "

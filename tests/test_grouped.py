@@ -11,6 +11,7 @@ were run on the lent H100 (docs/benchmarks.md).
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -35,6 +36,7 @@ from moefuse_runtime import cuda
 from moefuse_runtime.cuda import activations, grouped, jit, source
 from moefuse_runtime.cuda.device import ARCH_LIMITS
 from moefuse_runtime.cuda.formats import QuantizedArrays
+from moefuse_runtime.cuda.tiles import parse as parse_table
 from moefuse_runtime.layer import kernel_paths
 
 # -- everywhere: which path, which tiles --------------------------------------
@@ -62,6 +64,66 @@ def test_tiling_sizes():
     h100 = ARCH_LIMITS[90]
     assert "warp tiles" in grouped.Tiling(128, 64, 2, 4, 4).why_not(True, 4, h100)
     assert "shared memory" in grouped.Tiling(256, 256, 2, 4, 8).why_not(False, 8, h100)
+
+
+def test_wgmma_tilings_fit_sm_90_alone():
+    t = grouped.Tiling(128, 128, 1, 8, 4, wgmma=True)
+    assert t.threads == 256
+    # x stages 4 x 128 x 128 B, packed 4-bit stages 4 x 128 x 32 B, the alignment
+    assert t.shared_bytes(4) == 4 * 128 * 128 + 4 * 128 * 32 + 1024
+    h100 = ARCH_LIMITS[90]
+    assert t.why_not(True, 4, h100) is None and t.why_not(False, 8, h100) is None
+    two_tiles = grouped.Tiling(128, 256, 1, 8, 4, wgmma=True)  # 32 weight rows per warp
+    assert two_tiles.why_not(True, 4, h100) is None and two_tiles.threads == 256
+    for arch in (80, 86, 89, 100, 120, 121):
+        assert "needs wgmma (sm_90)" in t.why_not(True, 4, ARCH_LIMITS[arch])
+    assert "4- and 8-bit" in t.why_not(True, 5, h100)
+    shapes = (
+        (96, 128, 1, 8),
+        (512, 128, 1, 8),
+        (128, 96, 1, 6),
+        (128, 128, 2, 4),
+        (128, 256, 1, 4),
+    )
+    for shape in shapes:
+        assert "warpgroups" in grouped.Tiling(*shape, 4, wgmma=True).why_not(True, 4, h100)
+    assert "3 stages" in grouped.Tiling(128, 128, 1, 8, 2, wgmma=True).why_not(True, 4, h100)
+
+
+def test_a_table_of_wgmma_tilings_falls_through_off_hopper():
+    # a table measured on an H100 (wgmma first) read on an RTX 4090: the next entry
+    wgmma = grouped.Tiling(128, 128, 1, 8, 4, wgmma=True)
+    mma = grouped.Tiling(64, 128, 1, 4, 4, b_regs=True)
+    entry = {"max_rows_per_expert": None}
+    table = parse_table(
+        "mixed",
+        {
+            kind: [
+                {**entry, "tiling": dataclasses.asdict(wgmma)},
+                {**entry, "tiling": dataclasses.asdict(mma)},
+            ]
+            for kind in ("gate_up", "down")
+        },
+    )
+    assert table.tiling(64, True, 4, ARCH_LIMITS[90]) == wgmma
+    assert table.tiling(64, True, 4, ARCH_LIMITS[89]) == mma
+    assert table.tiling(64, False, 3, ARCH_LIMITS[90]) == mma  # 3-bit: no wgmma kernel
+
+
+def test_wgmma_specs_name_the_hopper_kernel():
+    layer = quantized_layer(256, 128, 8)
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    proj = QuantizedArrays.of(layer.gate_up_proj)
+    two_groups = grouped.Tiling(128, 128, 1, 8, 4, wgmma=True)
+    four_groups = grouped.Tiling(128, 256, 1, 16, 3, wgmma=True)
+    spec = grouped.gemm_spec(proj, mx.bfloat16, 256, SWIGLU_ACT, 8, two_groups)
+    assert spec.name == grouped.WGMMA_NAME and "moefuse::grouped_wgmma<" in spec.source
+    assert "grouped_wgmma.cuh" in spec.header and "__launch_bounds__" not in spec.header
+    names = [name for name, _ in spec.template]
+    assert names[-4:] == ["BM", "BN", "WARPS", "STAGES"]  # warpgroups, no B_REGS
+    # 512 threads: a launch bound caps the registers at 128 (64K per SM)
+    spec = grouped.gemm_spec(proj, mx.bfloat16, 256, SWIGLU_ACT, 8, four_groups)
+    assert "__launch_bounds__(512, 1)" in spec.header
 
 
 def test_both_paths_are_selected_with_their_pair_ranges(as_cuda):
@@ -286,6 +348,119 @@ def test_dequant_in_registers_equals_shared(bits, group_size, dtype, swiglu, til
     )
     assert not mx.isnan(registers).any().item()
     assert mx.array_equal(shared, registers).item()
+
+
+def needs_hopper():
+    """Skip (with the reason) off sm_90, where tiles.py never picks wgmma."""
+    arch = jit.device_arch()
+    if jit.arch_number(arch) != 90:
+        pytest.skip(f"the wgmma kernel runs on sm_90 only, this GPU is {arch}")
+
+
+HOPPER_FORMATS = [
+    ("affine", 4, 32, mx.bfloat16),
+    ("affine", 4, 64, mx.bfloat16),
+    ("affine", 4, 128, mx.float16),
+    ("affine", 8, 32, mx.float16),
+    ("affine", 8, 64, mx.bfloat16),
+    ("mxfp4", 4, 32, mx.bfloat16),
+    ("nvfp4", 4, 16, mx.bfloat16),
+    ("mxfp8", 8, 32, mx.float16),
+]
+HOPPER_TILINGS = [
+    grouped.Tiling(64, 128, 1, 8, 4, wgmma=True),
+    grouped.Tiling(128, 256, 1, 16, 3, wgmma=True),
+    grouped.Tiling(256, 128, 1, 8, 3, wgmma=True),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize(("mode", "bits", "group_size", "dtype"), HOPPER_FORMATS)
+@pytest.mark.parametrize("swiglu", [True, False])
+@pytest.mark.parametrize("tiling", HOPPER_TILINGS, ids=["bm64", "bm128-bn256", "bm256"])
+def test_wgmma_matches_the_mma_sync_kernel(mode, bits, group_size, dtype, swiglu, tiling):
+    # The same dequantized weights and products as the register-fragment
+    # mma.sync kernel of the same BM, summed in the tensor cores' own order:
+    # close, not bitwise. gate_up: hidden 2912 (a k tail) or 2944, width 90
+    # (columns past N); down: k 96 or 384, 2912/2944 outputs. 7 experts,
+    # 1-300 rows each (one tile of a BM 256, partial ones everywhere).
+    needs_hopper()
+    hidden = 2912 if group_size == 32 else 2944
+    width = 90 if swiglu else 96 if group_size == 32 else 384
+    quant = {"bits": bits, "group_size": group_size} if mode == "affine" else {"mode": mode}
+    layer = quantized_layer(
+        hidden, width, 7, dtype=dtype, quantize_down=not swiglu, bias=mode == "mxfp4", **quant
+    )
+    report = moefuse_runtime.install(layer, reserve_bytes=0)
+    assert report.fused, str(report)
+    proj = QuantizedArrays.of(layer.gate_up_proj if swiglu else layer.down_proj)
+    k = proj.weight.shape[-1] * 32 // bits
+    counts = [1, 63, 64, 65, 130, 300, 7]  # 630 pairs
+    indices = np.random.default_rng(1).permutation(np.repeat(np.arange(7), counts))
+    indices = mx.array(indices, dtype=mx.uint32)
+    x = mx.random.normal((indices.size // (2 if swiglu else 1), k)).astype(dtype)
+    mma_sync = (
+        grouped.Tiling(64, 128, 1, 4, 4, b_regs=True)
+        if tiling.bm == 64
+        else grouped.Tiling(128, 128, 2, 4, 3, b_regs=True)
+    )
+    order, *schedules = grouped.route(indices, 7, (tiling.bm, mma_sync.bm))
+    wgmma, expected = (
+        grouped.grouped_gemm(
+            x,
+            proj,
+            order,
+            tiles,
+            activation=SWIGLU_ACT if swiglu else None,
+            top_k=2 if swiglu else 1,
+            tiling=each,
+            init_value=float("nan"),
+        )
+        for each, tiles in zip((tiling, mma_sync), schedules, strict=True)
+    )
+    assert not mx.isnan(wgmma).any().item()
+    assert relative_error(wgmma, expected) < TOLERANCE[dtype] / 4
+
+
+def hopper_table(path: Path) -> Path:
+    """A table of the user's: the wgmma tilings above 16 rows per expert,
+    each followed by an mma.sync tiling for the GPUs without wgmma."""
+    small = grouped.Tiling(16, 128, 1, 4, 4, 4, b_regs=True)
+    mma_sync = grouped.Tiling(64, 128, 1, 4, 4, b_regs=True)
+    runs = [(16, small), (100, HOPPER_TILINGS[0]), (100, mma_sync)]
+    runs += [(None, HOPPER_TILINGS[2]), (None, mma_sync)]
+    entries = [{"max_rows_per_expert": r, "tiling": dataclasses.asdict(t)} for r, t in runs]
+    path.write_text(json.dumps({"gate_up": entries, "down": entries}))
+    return path
+
+
+def test_a_users_table_takes_the_wgmma_kernel_on_sm_90_alone(as_cuda, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEFUSE_TILES", str(hopper_table(tmp_path / "tiles.json")))
+    for arch, wgmma in (("sm_90", True), ("sm_89", False)):
+        as_cuda["value"] = arch
+        layer = quantized_layer(256, 128, 128)
+        moefuse_runtime.install(layer, reserve_bytes=0)
+        path = layer.kernels.grouped
+        for tokens, bm in ((300, 64), (2048, 256 if wgmma else 64)):
+            chosen = path.tilings(tokens * 8, 128, (4, 4))
+            assert [(t.wgmma, t.bm) for t in chosen] == [(wgmma, bm)] * 2
+        assert path.tilings(128, 128, (4, 4))[0].bm == 16  # 1 row per expert
+
+
+@needs_cuda
+@pytest.mark.parametrize("tokens", [300, 2048])
+@pytest.mark.parametrize(("bits", "dtype"), [(4, mx.bfloat16), (8, mx.float16)])
+def test_wgmma_tables_run_qwen3_layers(tokens, bits, dtype, tmp_path, monkeypatch):
+    # the wgmma tilings in a whole layer (300 tokens: 19 rows per expert, BM
+    # 64; 2,048: 128, BM 256) against float32 and gather_qmm (compare)
+    needs_hopper()
+    monkeypatch.setenv("MOEFUSE_TILES", str(hopper_table(tmp_path / "tiles.json")))
+    layer = quantized_layer(2048, 768, 128, bits=bits, dtype=dtype)
+    x = mx.random.normal((1, tokens, 2048)).astype(dtype)
+    indices = mx.random.randint(0, 128, (1, tokens, 8)).astype(mx.uint32)
+    compare(layer, x, indices, dtype, "grouped")
+    chosen = layer.kernels.grouped.tilings(tokens * 8, 128, (bits, bits))
+    assert all(t.wgmma for t in chosen)
 
 
 @needs_cuda

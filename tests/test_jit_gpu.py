@@ -51,8 +51,9 @@ def test_mlx_builds_the_predicted_kernel_sources(capfd, mode):
     assert f"```\n{gemv.mlx_source()}\n```" in generated_source(capfd, kernel, gemv, stand_in(gemv))
     tiling = grouped.Tiling(16, 128, 1, 4, 4, min_blocks=4, b_regs=True)
     gemm = grouped.gemm_spec(proj, mx.bfloat16, 256, SWIGLU_ACT, 4, tiling)
+    names = tuple(n for n, _, _ in gemm.inputs)
     kernel = grouped._gemm_kernel(
-        gemm.header, tiling.shared_bytes(4), tuple(n for n, _, _ in gemm.inputs), gemm.source
+        gemm.name, gemm.header, tiling.shared_bytes(4), names, gemm.source
     )
     assert f"```\n{gemm.mlx_source()}\n```" in generated_source(capfd, kernel, gemm, stand_in(gemm))
 

@@ -65,6 +65,17 @@ def test_the_wide_tilings_are_tried_where_they_fit_and_do_not_spill():
     assert not wide & set(tune.candidates_for(2, True, 4, ARCH_LIMITS[90]))  # sparse
 
 
+def test_the_hopper_tilings_are_tried_on_sm_90_alone():
+    # wgmma exists on sm_90 only; the kernel reads 4- and 8-bit codes; BM 64+
+    hopper = set(tune.WGMMA)
+    assert hopper <= set(tune.candidates_for(256, True, 4, ARCH_LIMITS[90]))
+    assert hopper <= set(tune.candidates_for(256, False, 8, ARCH_LIMITS[90]))
+    for arch in (80, 86, 89, 100, 120, 121):
+        assert not hopper & set(tune.candidates_for(256, True, 4, ARCH_LIMITS[arch]))
+    assert not hopper & set(tune.candidates_for(256, True, 3, ARCH_LIMITS[90]))
+    assert not hopper & set(tune.candidates_for(2, True, 4, ARCH_LIMITS[90]))  # sparse
+
+
 def test_measure_keeps_every_timing_and_the_fastest():
     calls: list = []
     seen = {}

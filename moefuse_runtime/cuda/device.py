@@ -12,6 +12,7 @@ table below stands in.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 from dataclasses import dataclass
 from functools import cache
@@ -31,6 +32,8 @@ class Limits:
     """Bytes of shared memory a block may have, with the opt-in above 48 KB."""
     threads_per_sm: int
     """Threads resident on one SM (a launch bound's blocks x threads must fit)."""
+    warpgroup_mma: bool = False
+    """Whether it has wgmma (sm_90 alone: sm_100 has other tensor-core instructions)."""
 
 
 KB = 1024
@@ -40,7 +43,7 @@ ARCH_LIMITS: dict[int, Limits] = {
     86: Limits(99 * KB, 1536),  # RTX 30, A10, A40
     87: Limits(163 * KB, 1536),  # Jetson Orin
     89: Limits(99 * KB, 1536),  # RTX 40, L4, L40S
-    90: Limits(227 * KB, 2048),  # H100, H200, GH200
+    90: Limits(227 * KB, 2048, warpgroup_mma=True),  # H100, H200, GH200
     100: Limits(227 * KB, 2048),  # B200, GB200
     103: Limits(227 * KB, 2048),  # B300
     110: Limits(227 * KB, 1536),  # Jetson Thor
@@ -56,6 +59,7 @@ Compute Capability" gives them and CCCL encodes them
 SMALLEST = Limits(
     min(limits.shared_per_block for limits in ARCH_LIMITS.values()),
     min(limits.threads_per_sm for limits in ARCH_LIMITS.values()),
+    all(limits.warpgroup_mma for limits in ARCH_LIMITS.values()),
 )
 """What every architecture above allows: the limits of an unknown GPU."""
 
@@ -72,7 +76,10 @@ def device_limits(arch: str) -> Limits:
     """The running GPU's limits, from its driver; those of its architecture
     (``arch``, as `jit.device_arch` says) where the driver cannot be asked."""
     ordinal = getattr(mx.default_device(), "index", 0)  # not exposed by every MLX
-    return _driver_limits(ordinal) or limits_of(arch)
+    driver = _driver_limits(ordinal)
+    if driver is None:
+        return limits_of(arch)
+    return dataclasses.replace(driver, warpgroup_mma=limits_of(arch).warpgroup_mma)
 
 
 @cache

@@ -150,6 +150,11 @@ GEMM_SOURCE = (
     "moefuse::grouped_gemm<T, MODE, BITS, GROUP, K, N, GATE_UP, ACT, ACT_P, ACT_Q, TOP_K, BM, "
     "BN, WARPS_M, WARPS_N, STAGES, B_REGS>(x, {args}, order, tiles, out);"
 )
+WGMMA_NAME = "moefuse_grouped_wgmma"
+WGMMA_SOURCE = (
+    "moefuse::grouped_wgmma<T, MODE, BITS, GROUP, K, N, GATE_UP, ACT, ACT_P, ACT_Q, TOP_K, BM, "
+    "BN, WARPS, STAGES>(x, {args}, order, tiles, out);"
+)
 
 
 def kernel_params(spec: jit.KernelSpec) -> str:
@@ -188,8 +193,14 @@ def gemm_spec(
     n, _ = columns(proj, activation)
     act = activation or KernelActivation(NONE)
     *_, args = proj.inputs()
+    warps = (
+        (("WARPS", tiling.warps_n),)
+        if tiling.wgmma
+        else (("WARPS_M", tiling.warps_m), ("WARPS_N", tiling.warps_n))
+    )
+    b_regs = () if tiling.wgmma else (("B_REGS", tiling.b_regs),)
     spec = jit.KernelSpec(
-        name=GEMM_NAME,
+        name=WGMMA_NAME if tiling.wgmma else GEMM_NAME,
         inputs=(
             ("x", dtype, 2),
             *proj.input_specs(),
@@ -203,24 +214,25 @@ def gemm_spec(
             ("TOP_K", top_k),
             ("BM", tiling.bm),
             ("BN", tiling.bn),
-            ("WARPS_M", tiling.warps_m),
-            ("WARPS_N", tiling.warps_n),
+            *warps,
             ("STAGES", tiling.stages),
-            ("B_REGS", tiling.b_regs),
+            *b_regs,
         ),
-        header=source.kernel_header("grouped_gemm.cuh", jit.kernel_arch()),
-        source=GEMM_SOURCE.format(args=args),
+        header=source.kernel_header(
+            "grouped_wgmma.cuh" if tiling.wgmma else "grouped_gemm.cuh", jit.kernel_arch()
+        ),
+        source=(WGMMA_SOURCE if tiling.wgmma else GEMM_SOURCE).format(args=args),
     )
-    if tiling.min_blocks > 1:
+    if tiling.min_blocks > 1 or tiling.threads > 256:  # > 256 threads: at most 128 registers
         spec = dataclasses.replace(spec, header=spec.header + _launch_bounds(spec, tiling))
     return spec
 
 
 @cache
-def _gemm_kernel(header: str, shared: int, names: tuple[str, ...], body: str):
+def _gemm_kernel(name: str, header: str, shared: int, names: tuple[str, ...], body: str):
     """The grouped GEMM of this header (launch bounds included) and inputs."""
     return mx.fast.cuda_kernel(
-        name=GEMM_NAME,
+        name=name,
         input_names=list(names),
         output_names=["out"],
         source=body,
@@ -254,7 +266,8 @@ def grouped_gemm(
     blocks = tiles.shape[0] * math.ceil(n / cols)
     spec = gemm_spec(proj, x.dtype, x.shape[-1], activation, top_k, tiling)
     names = tuple(name for name, _, _ in spec.inputs)
-    kernel = _gemm_kernel(spec.header, tiling.shared_bytes(proj.bits), names, spec.source)
+    shared = tiling.shared_bytes(proj.bits)
+    kernel = _gemm_kernel(spec.name, spec.header, shared, names, spec.source)
     (out,) = jit.launch(
         spec,
         kernel,

@@ -50,7 +50,7 @@ def header(name: str) -> str:
     return expand(name)
 
 
-KERNEL_FILES = ("common.cuh", "gemv.cuh", "grouped_gemm.cuh")
+KERNEL_FILES = ("common.cuh", "gemv.cuh", "grouped_gemm.cuh", "grouped_wgmma.cuh")
 
 
 @cache

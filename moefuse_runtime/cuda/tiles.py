@@ -41,7 +41,10 @@ class Tiling:
     WARPS_N, a STAGES-deep copy pipeline, at least MIN_BLOCKS blocks per SM
     (a register cap the compiler honours through __launch_bounds__), and
     where packed weights are dequantized: a shared tile per block, or with
-    B_REGS each warp's mma fragments (grouped_gemm.cuh)."""
+    B_REGS each warp's mma fragments (grouped_gemm.cuh). With WGMMA, the
+    Hopper kernel (grouped_wgmma.cuh): ``warps_n`` warps in warpgroups of 4
+    (``warps_m`` 1), each warp 16 or 32 of the BN weight rows, dequantized
+    into the wgmma fragments; BM a multiple of 64 up to 256."""
 
     bm: int
     bn: int
@@ -50,6 +53,7 @@ class Tiling:
     stages: int
     min_blocks: int = 1
     b_regs: bool = False
+    wgmma: bool = False
 
     @property
     def threads(self) -> int:
@@ -57,16 +61,19 @@ class Tiling:
 
     def shared_bytes(self, bits: int) -> int:
         """A stages, packed B stages and (without B_REGS) two dequantized B
-        tiles, in 16-byte chunks."""
+        tiles, in 16-byte chunks; WGMMA: 1,024 bytes more, to align the
+        stages on wgmma's swizzle atoms."""
         chunks = self.stages * (self.bm * 8 + self.bn * GEMM_BK * bits // 128)
+        if self.wgmma:
+            return 16 * chunks + WGMMA_ALIGN
         return 16 * (chunks + (0 if self.b_regs else 2 * self.bn * 8))
 
     def why_not(self, gate_up: bool, bits: int, limits: Limits) -> str | None:
         """Why this tiling cannot run here (the kernel's static checks, the
         GPU's limits), or None."""
-        wm, wn = self.bm // self.warps_m, self.bn // self.warps_n
-        if wm % 16 or wn % (32 if gate_up else 16) or self.stages < 3:
-            return f"{self} does not split into warp tiles"
+        reason = self._why_not_wgmma(bits, limits) if self.wgmma else self._why_not_warps(gate_up)
+        if reason:
+            return reason
         if self.shared_bytes(bits) > limits.shared_per_block:
             return (
                 f"{self} needs {self.shared_bytes(bits)} bytes of shared memory, "
@@ -75,6 +82,29 @@ class Tiling:
         if self.threads * self.min_blocks > limits.threads_per_sm:
             return f"{self} asks for more threads per SM than {limits.threads_per_sm}"
         return None
+
+    def _why_not_warps(self, gate_up: bool) -> str | None:
+        wm, wn = self.bm // self.warps_m, self.bn // self.warps_n
+        if wm % 16 or wn % (32 if gate_up else 16) or self.stages < 3:
+            return f"{self} does not split into warp tiles"
+        return None
+
+    def _why_not_wgmma(self, bits: int, limits: Limits) -> str | None:
+        if not limits.warpgroup_mma:
+            return f"{self} needs wgmma (sm_90)"
+        if bits not in (4, 8):
+            return f"{self} reads 4- and 8-bit codes only"
+        rows_per_warp = self.bn / (self.warps_n * self.warps_m)
+        warpgroups = self.warps_m == 1 and self.warps_n % 4 == 0 and rows_per_warp in (16, 32)
+        if self.bm % 64 or self.bm > 256 or not warpgroups:
+            return f"{self} does not split into warpgroups"
+        if self.stages < 3:
+            return f"{self} needs 3 stages or more"
+        return None
+
+
+WGMMA_ALIGN = 1024
+"""Bytes of shared memory a wgmma tiling adds to align its stages (grouped_wgmma.cuh)."""
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ variants of these shapes lost at every size measured); the register-capped
 ones (``min_blocks`` > 1) spill a little for some formats below sm_100
 (scripts/check_kernel_source.py --candidates), which only their timing
 judges. Each count tries those whose BM suits its rows per expert
-(`suits`), with `WIDE`."""
+(`suits`), with `WIDE` and `WGMMA`."""
 
 
 WIDE = tuple(Tiling(128, 256, 2, 4, stages) for stages in (3, 4))
@@ -66,6 +66,23 @@ width, this one at most 16 bytes up to 6 bits and more at 8
 `WIDE_MAX_BITS`. 136-176 KiB of shared memory: sm_80 (not every variant),
 sm_90 and sm_100."""
 WIDE_MAX_BITS = 6
+
+WGMMA = tuple(
+    Tiling(bm, bn, 1, warps, stages, wgmma=True)
+    for bm, bn, warps, stages in (
+        (64, 128, 8, 4),
+        (128, 128, 8, 4),
+        (256, 128, 8, 3),
+        (64, 256, 8, 4),
+        (128, 256, 8, 4),
+        (128, 256, 16, 3),
+    )
+)
+"""The Hopper kernel's tilings (grouped_wgmma.cuh), tried on sm_90 for 4-
+and 8-bit weights (`Tiling.why_not`): BM x rows, BN weight rows over 2 or
+4 warpgroups (16 or 32 rows per warp). BN 256 halves the x rows each
+weight row's products re-read against BN 128, which the L2 bandwidth
+needs at prefill sizes."""
 
 
 def tried(tiling: Tiling, bits: int) -> bool:
@@ -117,7 +134,7 @@ def candidates_for(
     """The candidates this count tries: fit here, suit its rows per expert."""
     return [
         tiling
-        for tiling in CANDIDATES + WIDE
+        for tiling in CANDIDATES + WIDE + WGMMA
         if tried(tiling, bits)
         and tiling.why_not(gate_up, bits, limits) is None
         and suits(tiling.bm, rows_per_expert)
