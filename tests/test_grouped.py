@@ -643,6 +643,9 @@ def test_header_inlines_common_once():
     assert '#include "' not in text and "#pragma once" not in text
     assert text.count("struct same_type {") == 1  # common.cuh, once
     assert "__device__ void grouped_gemm(" in text and "__device__ void route(" in text
+    hopper = source.header("grouped_wgmma.cuh")  # includes grouped_gemm.cuh, which includes common
+    assert '#include "' not in hopper and hopper.count("struct same_type {") == 1
+    assert "__device__ void grouped_wgmma(" in hopper and "__device__ void route(" in hopper
 
 
 def test_kernel_header_includes_the_file_on_disk():
