@@ -20,8 +20,8 @@ kind; the tensor-core kernels for every tiling of tiles.json (with
 route kernel; the Hopper (wgmma) tilings on sm_90 alone. Exit status 1 if
 any variant fails to compile, needs more shared memory than its
 architecture has or more registers than an SM holds for its block, or (a
-tiling of the shipped tables) spills more than 16 bytes; a candidate's
-spill is reported.
+tiling of the shipped tables, at the weight bits its entry holds for)
+spills more than 16 bytes; a candidate's spill is reported.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def decode_variants() -> Iterator[Variant]:
 
 
 def tensor_core_variants(
-    tilings: set[tuple[bool, tiles.Tiling]], shipped: set[tuple[bool, tiles.Tiling]]
+    tilings: set[tuple[bool, tiles.Tiling]], shipped: set[tuple[bool, tiles.Tiling, int]]
 ) -> Iterator[Variant]:
     roomiest = device.ARCH_LIMITS[90]  # the most shared memory, and wgmma
     for (gate_up, tiling), (dtype, proj, act) in itertools.product(
@@ -138,10 +138,24 @@ def tensor_core_variants(
             continue  # a candidate `moefuse tune` leaves out at these bits
         spec = grouped.gemm_spec(proj, dtype, 2880 if gate_up else 768, act, 4, tiling)
         label = f"{label_of('grouped', dtype, proj, act)} {tiling}"
-        candidate = (gate_up, tiling) not in shipped
+        candidate = (gate_up, tiling, proj.bits) not in shipped
         yield Variant(label, spec, tiling.shared_bytes(proj.bits), candidate, tiling.threads)
     route = grouped.route_spec(128, (16, 64))
     yield Variant("route", route, 0, threads=grouped.ROUTE_THREADS)
+
+
+def shipped_tilings() -> set[tuple[bool, tiles.Tiling, int]]:
+    """(gate_up, tiling, bits) of every shipped table entry, for the bits it
+    holds for (an entry of 4-bit weights never runs 8-bit ones)."""
+    tables, _ = tiles.shipped()
+    every_bits = {bits for bit_set, _ in formats.FORMATS.values() for bits in bit_set}
+    return {
+        (gate_up, entry.tiling, bits)
+        for table in tables.values()
+        for gate_up, entries in ((True, table.gate_up), (False, table.down))
+        for entry in entries
+        for bits in (entry.bits or every_bits)
+    }
 
 
 def table_tilings(candidates: bool) -> set[tuple[bool, tiles.Tiling]]:
@@ -254,7 +268,7 @@ def main() -> int:
     parser.add_argument("--filter", nargs="*", default=[], help="labels with all of these")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
-    tilings, shipped = table_tilings(args.candidates), table_tilings(False)
+    tilings, shipped = table_tilings(args.candidates), shipped_tilings()
     variants = [*decode_variants(), *tensor_core_variants(tilings, shipped)]
     variants = [v for v in variants if all(f in v.label for f in args.filter)]
     unique = list({v.spec.kernel_name: v for v in variants}.values())

@@ -57,7 +57,8 @@ def test_a_tiling_past_the_limits_is_named():
 def test_tables_are_found_by_name_then_architecture_then_default(caplog):
     default = tiles.shipped()[1]
     assert tiles.table_for("NVIDIA H100 80GB HBM3", "sm_90a").name == "h100"
-    assert tiles.table_for("NVIDIA H200", "sm_90").name == "h100"  # by architecture
+    assert tiles.table_for("NVIDIA H200", "sm_90a").name == "h200"  # by name
+    assert tiles.table_for("NVIDIA GH200 480GB", "sm_90a").name == "h100"  # by architecture
     tiles._warn_unmeasured.cache_clear()
     with caplog.at_level(logging.WARNING, logger="moefuse_runtime"):
         for _ in range(3):
