@@ -88,6 +88,11 @@ def test_wgmma_tilings_fit_sm_90_alone():
     for shape in shapes:
         assert "warpgroups" in grouped.Tiling(*shape, 4, wgmma=True).why_not(True, 4, h100)
     assert "3 stages" in grouped.Tiling(128, 128, 1, 8, 2, wgmma=True).why_not(True, 4, h100)
+    overlap = grouped.Tiling(128, 128, 1, 8, 3, wgmma=True, overlap=True)
+    assert "4 stages" in overlap.why_not(True, 4, h100)
+    assert dataclasses.replace(overlap, stages=4).why_not(True, 4, h100) is None
+    mma_sync = grouped.Tiling(64, 128, 1, 4, 4, b_regs=True, overlap=True)
+    assert "only the wgmma kernel" in mma_sync.why_not(True, 4, h100)
 
 
 def test_a_table_of_wgmma_tilings_falls_through_off_hopper():
@@ -120,7 +125,7 @@ def test_wgmma_specs_name_the_hopper_kernel():
     assert spec.name == grouped.WGMMA_NAME and "moefuse::grouped_wgmma<" in spec.source
     assert "grouped_wgmma.cuh" in spec.header and "__launch_bounds__" not in spec.header
     names = [name for name, _ in spec.template]
-    assert names[-4:] == ["BM", "BN", "WARPS", "STAGES"]  # warpgroups, no B_REGS
+    assert names[-5:] == ["BM", "BN", "WARPS", "STAGES", "OVERLAP"]  # warpgroups, no B_REGS
     # 512 threads: a launch bound caps the registers at 128 (64K per SM)
     spec = grouped.gemm_spec(proj, mx.bfloat16, 256, SWIGLU_ACT, 8, four_groups)
     assert "__launch_bounds__(512, 1)" in spec.header
@@ -371,13 +376,16 @@ HOPPER_TILINGS = [
     grouped.Tiling(64, 128, 1, 8, 4, wgmma=True),
     grouped.Tiling(128, 256, 1, 16, 3, wgmma=True),
     grouped.Tiling(256, 128, 1, 8, 3, wgmma=True),
+    grouped.Tiling(128, 256, 1, 8, 4, wgmma=True, overlap=True),
 ]
 
 
 @needs_cuda
 @pytest.mark.parametrize(("mode", "bits", "group_size", "dtype"), HOPPER_FORMATS)
 @pytest.mark.parametrize("swiglu", [True, False])
-@pytest.mark.parametrize("tiling", HOPPER_TILINGS, ids=["bm64", "bm128-bn256", "bm256"])
+@pytest.mark.parametrize(
+    "tiling", HOPPER_TILINGS, ids=["bm64", "bm128-bn256", "bm256", "bm128-bn256-overlap"]
+)
 def test_wgmma_matches_the_mma_sync_kernel(mode, bits, group_size, dtype, swiglu, tiling):
     # The same dequantized weights and products as the register-fragment
     # mma.sync kernel of the same BM, summed in the tensor cores' own order:

@@ -153,7 +153,7 @@ GEMM_SOURCE = (
 WGMMA_NAME = "moefuse_grouped_wgmma"
 WGMMA_SOURCE = (
     "moefuse::grouped_wgmma<T, MODE, BITS, GROUP, K, N, GATE_UP, ACT, ACT_P, ACT_Q, TOP_K, BM, "
-    "BN, WARPS, STAGES>(x, {args}, order, tiles, out);"
+    "BN, WARPS, STAGES, OVERLAP>(x, {args}, order, tiles, out);"
 )
 
 
@@ -198,7 +198,7 @@ def gemm_spec(
         if tiling.wgmma
         else (("WARPS_M", tiling.warps_m), ("WARPS_N", tiling.warps_n))
     )
-    b_regs = () if tiling.wgmma else (("B_REGS", tiling.b_regs),)
+    last = (("OVERLAP", tiling.overlap),) if tiling.wgmma else (("B_REGS", tiling.b_regs),)
     spec = jit.KernelSpec(
         name=WGMMA_NAME if tiling.wgmma else GEMM_NAME,
         inputs=(
@@ -216,7 +216,7 @@ def gemm_spec(
             ("BN", tiling.bn),
             *warps,
             ("STAGES", tiling.stages),
-            *b_regs,
+            *last,
         ),
         header=source.kernel_header(
             "grouped_wgmma.cuh" if tiling.wgmma else "grouped_gemm.cuh", jit.kernel_arch()

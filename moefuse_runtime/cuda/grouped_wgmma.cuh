@@ -109,7 +109,8 @@ __device__ __forceinline__ void hold(float& v) {
 // tiles; dynamic shared memory: tiles.py's Tiling.shared_bytes(), 1,024
 // bytes of it for alignment.
 template <typename T, int MODE, int BITS, int GROUP, int K, int N, bool GATE_UP, int ACT,
-          int ACT_P, int ACT_Q, int TOP_K, int BM, int BN, int WARPS, int STAGES, typename S>
+          int ACT_P, int ACT_Q, int TOP_K, int BM, int BN, int WARPS, int STAGES, bool OVERLAP,
+          typename S>
 __device__ void grouped_wgmma(const T* x, const unsigned* w, const S* scales, const S* biases,
                               const T* bias, const float* global_scale, const unsigned* order,
                               const int* tiles, T* out) {
@@ -128,13 +129,17 @@ __device__ void grouped_wgmma(const T* x, const unsigned* w, const S* scales, co
   constexpr int KS_PER_CHUNK = (BK / 16) / B_CHUNKS;  // k-steps per packed chunk
   constexpr int G_T = BK / GROUP > 0 ? BK / GROUP : 1;  // scale groups per row and k-tile
   constexpr int KT = (K + BK - 1) / BK;
+  // Copies run LEAD k-tiles ahead. With OVERLAP a k-tile's wgmmas still run
+  // while the next k-tile starts (its barrier, copies, first fragments), so
+  // the stage they read is refilled one k-tile later.
+  constexpr int LEAD = STAGES - 1 - (OVERLAP ? 1 : 0);
   constexpr int A_ITERS = (BM * 8 + THREADS - 1) / THREADS;
   constexpr int B_ITERS = (Q_STAGE_CHUNKS + THREADS - 1) / THREADS;
   using Scale = GroupScale<T, MODE>;
   static_assert(BITS == 4 || BITS == 8, "wgmma path: 4- and 8-bit codes");
   static_assert(BM % 64 == 0 && BM <= 256 && WARPS % 4 == 0, "warpgroups, n64 wgmmas");
   static_assert(MT >= 1 && MT * 16 * WARPS == BN, "whole m-tiles per warp");
-  static_assert(STAGES >= 3, "the loop waits for the stage after the one it computes");
+  static_assert(LEAD >= 2, "the loop waits for the stage after the one it computes");
   static_assert(K % 32 == 0 && GROUP % 16 == 0, "k tails are whole 32-value chunks");
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -281,7 +286,8 @@ __device__ void grouped_wgmma(const T* x, const unsigned* w, const S* scales, co
   }
 
   // One k-tile: each k-step's fragment is dequantized while the previous
-  // k-step's wgmmas run; all are done before the stage is refilled.
+  // k-step's wgmmas run (one commit group per k-step). At its end the
+  // previous k-tile's wgmmas are done (OVERLAP), or its own.
   auto mma_ktile = [&](int kt, int slot) {
     const uint4* x_stage = x_smem + (kt % STAGES) * BM * 8;
     const unsigned* q_stage =
@@ -314,11 +320,11 @@ __device__ void grouped_wgmma(const T* x, const unsigned* w, const S* scales, co
         }
       }
     }
-    wgmma_wait<0>();
+    wgmma_wait<OVERLAP ? BK / 16 : 0>();
   };
 
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
+  for (int s = 0; s < LEAD; ++s) {
     fetch(s);
   }
 #pragma unroll
@@ -330,15 +336,17 @@ __device__ void grouped_wgmma(const T* x, const unsigned* w, const S* scales, co
     for (int u = 0; u < SCALE_RING; ++u) {
       const int kt = kt0 + u;
       if (kt < KT) {
-        cp_async_wait<STAGES - 2>();  // this thread's copies of k-tile kt have landed
-        fence_proxy_async();          // and are visible to wgmma
-        __syncthreads();              // every thread's; k-tile kt-1's wgmmas are done
-        fetch(kt + STAGES - 1);       // into the stage kt-1 used
+        cp_async_wait<LEAD - 1>();  // this thread's copies of k-tile kt have landed
+        fence_proxy_async();        // and are visible to wgmma
+        __syncthreads();            // every thread's; the wgmmas of k-tile
+                                    // kt + LEAD - STAGES are done
+        fetch(kt + LEAD);           // into the stage that k-tile used
         mma_ktile(kt, u);
         fetch_scales(kt + SCALE_RING, u);  // the slot tile kt used
       }
     }
   }
+  wgmma_wait<0>();
 
   // Epilogue: acc[mt][r][4 j + 2 h + e] is weight row tile_rows[mt][h] and
   // x row 64 r + 8 j + 2 t + e of the tile; `store` writes one x row's pair.

@@ -54,6 +54,9 @@ class Tiling:
     min_blocks: int = 1
     b_regs: bool = False
     wgmma: bool = False
+    overlap: bool = False
+    """WGMMA only: a k-tile's wgmmas run on while the next k-tile starts
+    (its copies one stage less ahead)."""
 
     @property
     def threads(self) -> int:
@@ -87,6 +90,8 @@ class Tiling:
         wm, wn = self.bm // self.warps_m, self.bn // self.warps_n
         if wm % 16 or wn % (32 if gate_up else 16) or self.stages < 3:
             return f"{self} does not split into warp tiles"
+        if self.overlap:
+            return f"{self}: only the wgmma kernel overlaps k-tiles"
         return None
 
     def _why_not_wgmma(self, bits: int, limits: Limits) -> str | None:
@@ -98,8 +103,8 @@ class Tiling:
         warpgroups = self.warps_m == 1 and self.warps_n % 4 == 0 and rows_per_warp in (16, 32)
         if self.bm % 64 or self.bm > 256 or not warpgroups:
             return f"{self} does not split into warpgroups"
-        if self.stages < 3:
-            return f"{self} needs 3 stages or more"
+        if self.stages < (4 if self.overlap else 3):
+            return f"{self} needs {4 if self.overlap else 3} stages or more"
         return None
 
 

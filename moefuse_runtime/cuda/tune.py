@@ -68,21 +68,24 @@ sm_90 and sm_100."""
 WIDE_MAX_BITS = 6
 
 WGMMA = tuple(
-    Tiling(bm, bn, 1, warps, stages, wgmma=True)
-    for bm, bn, warps, stages in (
-        (64, 128, 8, 4),
-        (128, 128, 8, 4),
-        (256, 128, 8, 3),
-        (64, 256, 8, 4),
-        (128, 256, 8, 4),
-        (128, 256, 16, 3),
+    Tiling(bm, bn, 1, warps, stages, wgmma=True, overlap=overlap)
+    for bm, bn, warps, stages, overlap in (
+        (64, 128, 8, 4, False),
+        (128, 128, 8, 4, False),
+        (256, 128, 8, 3, False),
+        (64, 256, 8, 4, False),
+        (128, 256, 8, 4, False),
+        (128, 256, 16, 3, False),
+        (64, 128, 8, 4, True),
+        (128, 128, 8, 4, True),
+        (128, 256, 16, 4, True),
     )
 )
 """The Hopper kernel's tilings (grouped_wgmma.cuh), tried on sm_90 for 4-
 and 8-bit weights (`Tiling.why_not`): BM x rows, BN weight rows over 2 or
-4 warpgroups (16 or 32 rows per warp). BN 256 halves the x rows each
-weight row's products re-read against BN 128, which the L2 bandwidth
-needs at prefill sizes."""
+4 warpgroups (16 or 32 rows per warp), some with k-tiles overlapped
+(``overlap``). BN 256 halves the x rows each weight row's products
+re-read against BN 128, which the L2 bandwidth needs at prefill sizes."""
 
 
 def tried(tiling: Tiling, bits: int) -> bool:
