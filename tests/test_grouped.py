@@ -376,7 +376,7 @@ HOPPER_TILINGS = [
     grouped.Tiling(64, 128, 1, 8, 4, wgmma=True),
     grouped.Tiling(128, 256, 1, 16, 3, wgmma=True),
     grouped.Tiling(256, 128, 1, 8, 3, wgmma=True),
-    grouped.Tiling(128, 256, 1, 8, 4, wgmma=True, overlap=True),
+    grouped.Tiling(128, 256, 1, 16, 4, wgmma=True, overlap=True),
 ]
 
 
