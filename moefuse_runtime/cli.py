@@ -218,6 +218,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             prefill_tokens=args.prefill_tokens,
             decode_batches=args.decode_batches,
             batched_prefill=args.batched_prefill,
+            layer_tokens=tuple(args.layer_tokens),
             stream_tokens=args.decode_tokens,
             log=print,
         )
@@ -375,6 +376,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         type=int,
         default=[512, 2048],
         help="--cuda model: prompt lengths",
+    )
+    p.add_argument(
+        "--layer-tokens",
+        nargs="+",
+        type=positive_int,
+        default=[512, 2048],
+        help="--cuda layers: token counts of the one-layer FLOP rates",
     )
     p.add_argument(
         "--batched-prefill",

@@ -467,14 +467,16 @@ def torch_grouped_mm_seconds(hidden: int, experts: int, width: int, indices, rou
     return statistics.median(samples)
 
 
-def bench_layers(rounds: int, log: Callable[[str], None]) -> list[dict]:
+def bench_layers(
+    rounds: int, log: Callable[[str], None], tokens: tuple[int, ...] = LAYER_TOKENS
+) -> list[dict]:
     """TFLOP/s of one MoE layer: unfused, fused, torch peer, dense reference."""
     rows = []
     for shape, (hidden, experts, top_k, width) in LAYER_SHAPES.items():
         unfused = bench.make_layer(hidden, experts, width, "4bit", seed=0)
         fused = bench.make_layer(hidden, experts, width, "4bit", seed=0)
         install(fused, reserve_bytes=0)
-        for n in LAYER_TOKENS:
+        for n in tokens:
             x = mx.random.normal((n, hidden)).astype(mx.bfloat16)
             indices = mx.random.randint(0, experts, (n, top_k)).astype(mx.uint32)
             pairs = n * top_k
@@ -568,6 +570,7 @@ def run(
     prefill_tokens=PREFILL_TOKENS,
     decode_batches=DECODE_BATCHES,
     batched_prefill: tuple[int, int] | None = None,
+    layer_tokens: tuple[int, ...] = LAYER_TOKENS,
     stream_tokens: int = STREAM_TOKENS,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict:
@@ -583,7 +586,7 @@ def run(
     }
     for part in parts:
         if part == "layers":
-            result["layers"] = bench_layers(rounds, log)
+            result["layers"] = bench_layers(rounds, log, layer_tokens)
         elif part == "model":
             result["model"] = bench_model(
                 layers, rounds, log, prefill_tokens, decode_batches, batched_prefill
