@@ -20,7 +20,7 @@ kind; the tensor-core kernels for every tiling of tiles.json (with
 route kernel; the Hopper (wgmma) tilings on sm_90 alone. Exit status 1 if
 any variant fails to compile, needs more shared memory than its
 architecture has or more registers than an SM holds for its block, or (a
-tiling of the shipped tables, at the weight bits its entry holds for)
+tiling of the shipped tables, at the weight formats its entry holds for)
 spills more than 16 bytes; a candidate's spill is reported.
 """
 
@@ -41,6 +41,7 @@ from typing import NamedTuple
 import mlx.core as mx
 
 from moefuse_runtime.cuda import activations, decode, device, formats, grouped, jit, tiles, tune
+from moefuse_runtime.cuda.formats import WeightFormat
 
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120", "sm_121")
 """What MLX's CUDA backend builds for (A100, RTX 30/A10, RTX 40/L40, H100/H200,
@@ -126,7 +127,7 @@ def decode_variants() -> Iterator[Variant]:
 
 
 def tensor_core_variants(
-    tilings: set[tuple[bool, tiles.Tiling]], shipped: set[tuple[bool, tiles.Tiling, int]]
+    tilings: set[tuple[bool, tiles.Tiling]], shipped: set[tuple[bool, tiles.Tiling, WeightFormat]]
 ) -> Iterator[Variant]:
     roomiest = device.ARCH_LIMITS[90]  # the most shared memory, and wgmma
     for (gate_up, tiling), (dtype, proj, act) in itertools.product(
@@ -138,23 +139,25 @@ def tensor_core_variants(
             continue  # a candidate `moefuse tune` leaves out at these bits
         spec = grouped.gemm_spec(proj, dtype, 2880 if gate_up else 768, act, 4, tiling)
         label = f"{label_of('grouped', dtype, proj, act)} {tiling}"
-        candidate = (gate_up, tiling, proj.bits) not in shipped
+        candidate = (gate_up, tiling, proj.format) not in shipped
         yield Variant(label, spec, tiling.shared_bytes(proj.bits), candidate, tiling.threads)
     route = grouped.route_spec(128, (16, 64))
     yield Variant("route", route, 0, threads=grouped.ROUTE_THREADS)
 
 
-def shipped_tilings() -> set[tuple[bool, tiles.Tiling, int]]:
-    """(gate_up, tiling, bits) of every shipped table entry, for the bits it
-    holds for (an entry of 4-bit weights never runs 8-bit ones)."""
+def shipped_tilings() -> set[tuple[bool, tiles.Tiling, WeightFormat]]:
+    """(gate_up, tiling, format) of every shipped table entry, for the
+    formats it holds for (an entry of affine 4-bit weights never runs nvfp4
+    or 8-bit ones)."""
     tables, _ = tiles.shipped()
-    every_bits = {bits for bit_set, _ in formats.FORMATS.values() for bits in bit_set}
+    every = [WeightFormat(mode, b) for mode, (bits, _) in formats.FORMATS.items() for b in bits]
     return {
-        (gate_up, entry.tiling, bits)
+        (gate_up, entry.tiling, weights)
         for table in tables.values()
         for gate_up, entries in ((True, table.gate_up), (False, table.down))
         for entry in entries
-        for bits in (entry.bits or every_bits)
+        for weights in every
+        if entry.holds(0, weights)
     }
 
 

@@ -11,6 +11,7 @@ were run on the lent H100 (docs/benchmarks.md).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -35,9 +36,11 @@ import moefuse_runtime
 from moefuse_runtime import cuda
 from moefuse_runtime.cuda import activations, grouped, jit, source
 from moefuse_runtime.cuda.device import ARCH_LIMITS
-from moefuse_runtime.cuda.formats import QuantizedArrays
+from moefuse_runtime.cuda.formats import QuantizedArrays, WeightFormat
 from moefuse_runtime.cuda.tiles import parse as parse_table
 from moefuse_runtime.layer import kernel_paths
+
+AFFINE_4 = WeightFormat("affine", 4)
 
 # -- everywhere: which path, which tiles --------------------------------------
 
@@ -110,9 +113,10 @@ def test_a_table_of_wgmma_tilings_falls_through_off_hopper():
             for kind in ("gate_up", "down")
         },
     )
-    assert table.tiling(64, True, 4, ARCH_LIMITS[90]) == wgmma
-    assert table.tiling(64, True, 4, ARCH_LIMITS[89]) == mma
-    assert table.tiling(64, False, 3, ARCH_LIMITS[90]) == mma  # 3-bit: no wgmma kernel
+    affine = functools.partial(WeightFormat, "affine")
+    assert table.tiling(64, True, affine(4), ARCH_LIMITS[90]) == wgmma
+    assert table.tiling(64, True, affine(4), ARCH_LIMITS[89]) == mma
+    assert table.tiling(64, False, affine(3), ARCH_LIMITS[90]) == mma  # 3-bit: no wgmma kernel
 
 
 def test_wgmma_specs_name_the_hopper_kernel():
@@ -284,7 +288,8 @@ def test_every_output_element_is_written(swiglu, rows_per_expert):
     k = proj.weight.shape[-1] * 32 // proj.bits
     x = mx.random.normal((pairs // (2 if swiglu else 1), k)).astype(mx.bfloat16)
     indices = mx.random.randint(0, 5, (pairs,)).astype(mx.uint32)
-    tiling = grouped.GroupedKernels(True, 0).tilings(5 * rows_per_expert, 5, (proj.bits, proj.bits))
+    weights = (proj.format, proj.format)
+    tiling = grouped.GroupedKernels(True, 0).tilings(5 * rows_per_expert, 5, weights)
     tiling = tiling[0 if swiglu else 1]
     order, tiles, _ = grouped.route(indices, 5, (tiling.bm, tiling.bm))
     act = SWIGLU_ACT if swiglu else None
@@ -450,9 +455,9 @@ def test_a_users_table_takes_the_wgmma_kernel_on_sm_90_alone(as_cuda, tmp_path, 
         moefuse_runtime.install(layer, reserve_bytes=0)
         path = layer.kernels.grouped
         for tokens, bm in ((300, 64), (2048, 256 if wgmma else 64)):
-            chosen = path.tilings(tokens * 8, 128, (4, 4))
+            chosen = path.tilings(tokens * 8, 128, (AFFINE_4, AFFINE_4))
             assert [(t.wgmma, t.bm) for t in chosen] == [(wgmma, bm)] * 2
-        assert path.tilings(128, 128, (4, 4))[0].bm == 16  # 1 row per expert
+        assert path.tilings(128, 128, (AFFINE_4, AFFINE_4))[0].bm == 16  # 1 row per expert
 
 
 @needs_cuda
@@ -467,7 +472,8 @@ def test_wgmma_tables_run_qwen3_layers(tokens, bits, dtype, tmp_path, monkeypatc
     x = mx.random.normal((1, tokens, 2048)).astype(dtype)
     indices = mx.random.randint(0, 128, (1, tokens, 8)).astype(mx.uint32)
     compare(layer, x, indices, dtype, "grouped")
-    chosen = layer.kernels.grouped.tilings(tokens * 8, 128, (bits, bits))
+    weights = WeightFormat("affine", bits)
+    chosen = layer.kernels.grouped.tilings(tokens * 8, 128, (weights, weights))
     assert all(t.wgmma for t in chosen)
 
 

@@ -13,11 +13,12 @@ import moefuse_runtime
 from moefuse_runtime import cuda
 from moefuse_runtime.cuda import device, grouped, tiles
 from moefuse_runtime.cuda.device import ARCH_LIMITS, SMALLEST, Limits
-from moefuse_runtime.cuda.formats import FORMATS
+from moefuse_runtime.cuda.formats import FORMATS, WeightFormat
 from moefuse_runtime.cuda.tiles import Tiling
 from moefuse_runtime.layer import kernel_paths
 
-ALL_BITS = sorted({b for bits, _ in FORMATS.values() for b in bits})
+ALL_FORMATS = [WeightFormat(mode, b) for mode, (bits, _) in FORMATS.items() for b in bits]
+AFFINE_4 = WeightFormat("affine", 4)
 ROWS = [1, 1.5, 2, 4, 7, 12, 12.5, 30, 48, 49, 100, 160, 161, 1000, 1e6]
 
 
@@ -25,19 +26,19 @@ def test_shipped_tables_parse_and_the_default_fits_every_gpu():
     tables, default = tiles.shipped()
     assert default in tables
     for gate_up in (True, False):
-        for bits in ALL_BITS:
+        for weights in ALL_FORMATS:
             for rows in ROWS:
-                tiling = tables[default].tiling(rows, gate_up, bits, SMALLEST)
-                assert tiling is not None, (gate_up, bits, rows)
-                assert tiling.why_not(gate_up, bits, SMALLEST) is None
+                tiling = tables[default].tiling(rows, gate_up, weights, SMALLEST)
+                assert tiling is not None, (gate_up, weights, rows)
+                assert tiling.why_not(gate_up, weights.bits, SMALLEST) is None
 
 
 @pytest.mark.parametrize("arch", sorted(ARCH_LIMITS))
-@pytest.mark.parametrize("bits", ALL_BITS)
-def test_selection_never_picks_a_tiling_past_an_architectures_limits(arch, bits):
-    limits = ARCH_LIMITS[arch]
+@pytest.mark.parametrize("weights", ALL_FORMATS, ids=str)
+def test_selection_never_picks_a_tiling_past_an_architectures_limits(arch, weights):
+    limits, bits = ARCH_LIMITS[arch], weights.bits
     table = tiles.table_for("", f"sm_{arch}").name
-    found = grouped.buckets(table, (bits, bits), limits)
+    found = grouped.buckets(table, (weights, weights), limits)
     assert found is not None  # every architecture takes the tensor cores today
     for gate_up_tiling, down_tiling in found[1]:
         for gate_up, tiling in ((True, gate_up_tiling), (False, down_tiling)):
@@ -87,9 +88,8 @@ def test_a_users_table_wins(tmp_path, monkeypatch, as_cuda):
     moefuse_runtime.install(layer, reserve_bytes=0)
     assert layer.kernels.decode.max_pairs == 48
     assert layer.kernels.grouped.table == table.name
-    assert {
-        t.bm for pair in layer.kernels.grouped.reachable_tilings(128, (4, 4)) for t in pair
-    } == {32}
+    reachable = layer.kernels.grouped.reachable_tilings(128, (AFFINE_4, AFFINE_4))
+    assert {t.bm for pair in reachable for t in pair} == {32}
 
 
 @pytest.mark.parametrize(
@@ -112,6 +112,46 @@ def test_a_table_needs_a_last_entry_for_any_rows():
     data["down"][0]["max_rows_per_expert"] = 12
     with pytest.raises(ValueError, match="down needs a last entry"):
         tiles.parse("test", data)
+
+
+@pytest.mark.parametrize(
+    ("where", "change", "words"),
+    [
+        (0, {"modes": ["affine"]}, "down needs a last entry for any rows, bits and modes"),
+        (0, {"modes": ["int4"]}, "unknown modes"),
+    ],
+)
+def test_a_tables_modes_are_checked(where, change, words):
+    data = table_json(bm=16)
+    data["down"][where].update(change)
+    with pytest.raises(ValueError, match=words):
+        tiles.parse("test", data)
+
+
+def test_an_entry_holds_for_its_modes_and_bits_alone():
+    entry = tiles.Entry(None, Tiling(16, 128, 1, 4, 4), bits=(4,), modes=("affine", "mxfp4"))
+    assert entry.holds(1e6, AFFINE_4) and entry.holds(1, WeightFormat("mxfp4", 4))
+    assert not entry.holds(1, WeightFormat("nvfp4", 4))  # same bits, another mode
+    assert not entry.holds(1, WeightFormat("affine", 8))
+    anything = {"max_rows_per_expert": None, "tiling": entry.json()["tiling"]}
+    kinds = {kind: [entry.json(), anything] for kind in ("gate_up", "down")}
+    assert tiles.parse("read back", kinds).gate_up[0] == entry
+
+
+def test_the_h200_table_takes_the_widest_wgmma_tiling_for_affine_4_bit_alone():
+    # BM 128 x BN 256 over 4 warpgroups was fastest above 32 rows per expert,
+    # and spills for nvfp4 (scripts/check_kernel_source.py): affine 4-bit only
+    table, h90 = tiles.table_for("NVIDIA H200", "sm_90a"), ARCH_LIMITS[90]
+    for gate_up in (True, False):
+        wide = table.tiling(512, gate_up, AFFINE_4, h90)
+        assert (wide.wgmma, wide.bm, wide.bn, wide.warps_n) == (True, 128, 256, 16)
+        for mode in ("mxfp4", "nvfp4"):
+            other = table.tiling(512, gate_up, WeightFormat(mode, 4), h90)
+            assert (other.wgmma, other.bm, other.bn) == (True, 64, 128)
+        eight = table.tiling(512, gate_up, WeightFormat("affine", 8), h90)
+        assert not eight.wgmma  # the h100 table's entries for other bits
+        few = table.tiling(1, gate_up, AFFINE_4, h90)
+        assert not few.wgmma and few.bm == 16
 
 
 def test_a_gpu_no_tiling_fits_keeps_gather_qmm_above_decode(as_cuda, monkeypatch):

@@ -13,9 +13,11 @@ from kernel_checks import kernels_on, quantized_layer  # noqa: F401 - kernels_on
 import moefuse_runtime
 from moefuse_runtime.cuda import tiles, tune
 from moefuse_runtime.cuda.device import ARCH_LIMITS, Limits
+from moefuse_runtime.cuda.formats import WeightFormat
 from moefuse_runtime.cuda.tiles import Tiling
 
 SHAPE = tune.Shape("test", hidden=256, experts=64, top_k=4, width=128)
+AFFINE_4 = WeightFormat("affine", 4)
 
 
 FAST_FEW = Tiling(16, 128, 1, 4, 4, 4, True)
@@ -104,7 +106,8 @@ def test_the_table_merges_counts_and_reads_back(tmp_path, monkeypatch, as_cuda):
         (8.0, 16),
         (None, 64),
     ]
-    assert gate_up[0]["bits"] == [4] and gate_up[2:] == json.loads(
+    assert gate_up[0]["bits"] == [4] and gate_up[0]["modes"] == ["affine"]
+    assert gate_up[2:] == json.loads(
         json.dumps(tune.table(SHAPE, points, "x", "sm_90", base)["gate_up"][2:])
     )
     assert table["devices"] == ["Test GPU"] and table["archs"] == ["sm_90"]
@@ -112,14 +115,36 @@ def test_the_table_merges_counts_and_reads_back(tmp_path, monkeypatch, as_cuda):
     path = tmp_path / "table.json"
     tune.write(path, table)
     parsed = tiles.parse("tuned", json.loads(path.read_text()))
-    assert parsed.tiling(3, True, 4, ARCH_LIMITS[90]).bm == 16
-    assert parsed.tiling(8.5, True, 4, ARCH_LIMITS[90]).bm == 64
-    assert parsed.tiling(3, True, 8, ARCH_LIMITS[90]) == base.tiling(3, True, 8, ARCH_LIMITS[90])
+    h90 = ARCH_LIMITS[90]
+    assert parsed.tiling(3, True, AFFINE_4, h90).bm == 16
+    assert parsed.tiling(8.5, True, AFFINE_4, h90).bm == 64
+    for other in (WeightFormat("affine", 8), WeightFormat("mxfp4", 4)):  # the base's
+        assert parsed.tiling(3, True, other, h90) == base.tiling(3, True, other, h90)
+        assert parsed.tiling(40, True, other, h90) == base.tiling(40, True, other, h90)
     monkeypatch.setenv("MOEFUSE_TILES", str(path))
     layer = quantized_layer(256, 128, 64)
     moefuse_runtime.install(layer, reserve_bytes=0)
-    tilings = layer.kernels.grouped.reachable_tilings(64, (4, 4))
+    tilings = layer.kernels.grouped.reachable_tilings(64, (AFFINE_4, AFFINE_4))
     assert {pair[0].bm for pair in tilings} == {16, 64}
+
+
+def test_a_table_tuned_at_prefill_sizes_keeps_its_base_below_them(as_cuda):
+    # 512 and 2,048 tokens: 32 and 128 rows per expert; below 32 rows the
+    # base table's affine 4-bit entries stay (not BM 64 tiles at 1 row)
+    points = tune.measure(SHAPE, (512, 2048), ARCH_LIMITS[90], fake_timer([]))
+    base = tiles.table_for("NVIDIA H200", "sm_90")
+    table = tiles.parse("tuned", tune.table(SHAPE, points, "Test GPU", "sm_90a", base))
+    h90 = ARCH_LIMITS[90]
+    for gate_up in (True, False):
+        for rows in (1, 2, 8):
+            assert table.tiling(rows, gate_up, AFFINE_4, h90) == base.tiling(
+                rows, gate_up, AFFINE_4, h90
+            )
+        for rows in (32, 128, 1e4):
+            assert table.tiling(rows, gate_up, AFFINE_4, h90) == FAST_MANY
+        nvfp4 = WeightFormat("nvfp4", 4)  # another format: the base's at every size
+        for rows in (1, 32, 1e4):
+            assert table.tiling(rows, gate_up, nvfp4, h90) == base.tiling(rows, gate_up, nvfp4, h90)
 
 
 def test_shape_of_a_model_directory(demo_model):

@@ -35,7 +35,7 @@ from ..memory import backend
 from .activations import NONE, kernel_activation
 from .decode import DecodeKernels, KernelPath, down_tiling_for, why_not_kernel
 from .device import Limits, device_limits
-from .formats import KERNEL_DTYPES, Layout, QuantizedArrays
+from .formats import KERNEL_DTYPES, Layout, QuantizedArrays, WeightFormat
 from .grouped import OFFSET_LIMIT, GroupedKernels, why_not_grouped, why_not_tiled
 from .jit import (
     BuildReport,
@@ -208,8 +208,12 @@ def _why_not_tensor_cores(
     """Why calls above the decode range cannot take the tensor cores here."""
     if arch_number(arch) < MIN_TENSOR_CORE_ARCH:
         return f"{arch or 'this GPU'} is older than sm_{MIN_TENSOR_CORE_ARCH}"
-    bits = (layer.gate_up_proj.bits, layer.down_proj.bits if down else None)
-    return why_not_grouped(layer) or why_not_tiled(table, bits, limits)
+    gate_up, down_proj = layer.gate_up_proj, layer.down_proj
+    weights = (
+        WeightFormat(gate_up.mode, gate_up.bits),
+        WeightFormat(down_proj.mode, down_proj.bits) if down else None,
+    )
+    return why_not_grouped(layer) or why_not_tiled(table, weights, limits)
 
 
 def check_env() -> None:

@@ -69,6 +69,15 @@ def _with_dtypes(cls: type, values: dict):
     return cls(**{**values, "dtypes": tuple(getattr(mx, n) for n in values["dtypes"])})
 
 
+class WeightFormat(NamedTuple):
+    """A projection's format as a tile table tells formats apart (tiles.py):
+    a tiling can suit one mode's dequantization and not another's at the
+    same bits (registers)."""
+
+    mode: str
+    bits: int
+
+
 ARRAY_NAMES = ("weight", "scales", "biases", "bias", "global_scale")
 """A quantized projection's arrays, in `QuantizedArrays` order."""
 
@@ -86,6 +95,10 @@ class Layout(NamedTuple):
     def arrays(self, proj: nn.Module) -> tuple[mx.array, ...]:
         """The projection's arrays of this layout, in order."""
         return tuple(proj[name] for name in self.names)
+
+    @property
+    def format(self) -> WeightFormat:
+        return WeightFormat(self.mode, self.bits)
 
 
 class QuantizedArrays(NamedTuple):
@@ -124,6 +137,10 @@ class QuantizedArrays(NamedTuple):
     def arrays(self) -> tuple[mx.array, ...]:
         """The arrays present, in order: a compiled call's inputs."""
         return tuple(a for a in self[:5] if a is not None)
+
+    @property
+    def format(self) -> WeightFormat:
+        return WeightFormat(self.mode, self.bits)
 
     @property
     def layout(self) -> Layout:

@@ -11,7 +11,7 @@ weights dequantized into the mma fragments, fp32 accumulation:
     h     = grouped_gemm(x, gate_up)  act(gate, up), sorted rows
     y     = grouped_gemm(h, down)     each row back to its pair's place
 
-Tile shapes come from a tile table (tiles.py: by device, weight bits and
+Tile shapes come from a tile table (tiles.py: by device, weight format and
 rows per expert, only those that fit the GPU); a fused layer binds
 them at install, one compiled function per bucket of the table (`bind`).
 """
@@ -32,7 +32,7 @@ from . import jit, source
 from .activations import NONE, SWIGLU, KernelActivation
 from .decode import KernelPath, apply_module, columns, flat_uint32
 from .device import SMALLEST, Limits
-from .formats import Layout, PortableDtypes, QuantizedArrays
+from .formats import Layout, PortableDtypes, QuantizedArrays, WeightFormat
 from .tiles import Tiling, table_named
 
 OFFSET_LIMIT = 2**32
@@ -52,28 +52,30 @@ def why_not_grouped(layer) -> str | None:
 
 @cache
 def buckets(
-    table: str, bits: tuple[int, int | None], limits: Limits
+    table: str, weights: tuple[WeightFormat, WeightFormat | None], limits: Limits
 ) -> tuple[tuple[float, ...], tuple[tuple[Tiling, Tiling | None], ...]] | None:
-    """A table's (gate_up, down) tilings for these bits on a GPU of these
-    limits, as ``(limits of rows, tilings)``: a call of up to ``rows[i]`` rows
-    per expert takes ``tilings[i]``, one past them all the last. The table's
-    choice changes only at its limits of rows. None when some range has no
-    tiling that fits (`why_not_tiled`)."""
+    """A table's (gate_up, down) tilings for these formats (down None: not on
+    the kernel) on a GPU of these limits, as ``(limits of rows, tilings)``: a
+    call of up to ``rows[i]`` rows per expert takes ``tilings[i]``, one past
+    them all the last. The table's choice changes only at its limits of rows.
+    None when some range has no tiling that fits (`why_not_tiled`)."""
     tile_table = table_named(table)
     rows = tile_table.limits_of_rows()
     tilings = []
     for at in (*rows, math.inf):
-        gate_up = tile_table.tiling(at, True, bits[0], limits)
-        down = None if bits[1] is None else tile_table.tiling(at, False, bits[1], limits)
-        if gate_up is None or (bits[1] is not None and down is None):
+        gate_up = tile_table.tiling(at, True, weights[0], limits)
+        down = None if weights[1] is None else tile_table.tiling(at, False, weights[1], limits)
+        if gate_up is None or (weights[1] is not None and down is None):
             return None
         tilings.append((gate_up, down))
     return rows, tuple(tilings)
 
 
-def why_not_tiled(table: str, bits: tuple[int, int | None], limits: Limits) -> str | None:
-    """Why no call of a layer of these bits could be tiled here, or None."""
-    if buckets(table, bits, limits) is not None:
+def why_not_tiled(
+    table: str, weights: tuple[WeightFormat, WeightFormat | None], limits: Limits
+) -> str | None:
+    """Why no call of a layer of these formats could be tiled here, or None."""
+    if buckets(table, weights, limits) is not None:
         return None
     return (
         f"no tiling of tile table {table!r} fits this GPU ({limits.shared_per_block} bytes "
@@ -304,21 +306,21 @@ class GroupedKernels(PortableDtypes):
     dtypes: tuple = (mx.bfloat16,)
 
     def buckets(
-        self, bits: tuple[int, int | None]
+        self, weights: tuple[WeightFormat, WeightFormat | None]
     ) -> tuple[tuple[float, ...], tuple[tuple[Tiling, Tiling | None], ...]]:
         """`buckets` of this path's table and limits (kernels_for takes the
         path only where they exist: `why_not_tiled`)."""
-        found = buckets(self.table, bits, self.limits)
+        found = buckets(self.table, weights, self.limits)
         if found is None:
-            raise ValueError(why_not_tiled(self.table, bits, self.limits))
+            raise ValueError(why_not_tiled(self.table, weights, self.limits))
         return found
 
     def tilings(
-        self, pairs: int, experts: int, bits: tuple[int, int | None]
+        self, pairs: int, experts: int, weights: tuple[WeightFormat, WeightFormat | None]
     ) -> tuple[Tiling, Tiling | None]:
         """gate_up's and down's tilings for this many pairs and the two
-        projections' bits (None: down is not on the kernel)."""
-        rows, tilings = self.buckets(bits)
+        projections' formats (None: down is not on the kernel)."""
+        rows, tilings = self.buckets(weights)
         return tilings[bisect.bisect_left(rows, rows_per_expert(pairs, experts))]
 
     def __call__(self, layer, gate_up_proj, x: mx.array, indices: mx.array) -> mx.array:
@@ -337,8 +339,8 @@ class GroupedKernels(PortableDtypes):
         picks its tilings by rows per expert (`buckets`: a bisection),
         reads the projections' arrays and launches."""
         down_layout = down_layout if self.down else None
-        bits = (gate_up_layout.bits, None if down_layout is None else down_layout.bits)
-        rows, tilings = self.buckets(bits)
+        weights = (gate_up_layout.format, None if down_layout is None else down_layout.format)
+        rows, tilings = self.buckets(weights)
         module_runs = self.activation.kind == NONE  # the layer's own activation
         if down_layout is None or not self.compiled or module_runs:
             return functools.partial(self._uncompiled, gate_up_layout, down_layout, experts)
@@ -358,17 +360,17 @@ class GroupedKernels(PortableDtypes):
         module = layer.activation if self.activation.kind == NONE else None
         down_proj = layer["down_proj"]
         if down_layout is None:
-            tilings = self.tilings(indices.size, experts, (gate_up.bits, None))
+            tilings = self.tilings(indices.size, experts, (gate_up.format, None))
             return self.ffn(x, indices, gate_up, None, tilings, self.activation, module, down_proj)
         down = QuantizedArrays.rebuilt(down_layout.arrays(down_proj), down_layout)
-        tilings = self.tilings(indices.size, experts, (gate_up.bits, down.bits))
+        tilings = self.tilings(indices.size, experts, (gate_up.format, down.format))
         return self.ffn(x, indices, gate_up, down, tilings, self.activation, module)
 
     def reachable_tilings(
-        self, experts: int, bits: tuple[int, int | None]
+        self, experts: int, weights: tuple[WeightFormat, WeightFormat | None]
     ) -> list[tuple[Tiling, Tiling | None]]:
         """Every (gate_up, down) tiling pair some call can pick."""
-        return sorted(set(self.buckets(bits)[1]), key=str)
+        return sorted(set(self.buckets(weights)[1]), key=str)
 
     def specs(
         self, gate_up: QuantizedArrays, down: QuantizedArrays | None, dtype: mx.Dtype, top_k: int
@@ -378,8 +380,8 @@ class GroupedKernels(PortableDtypes):
         experts = gate_up.weight.shape[0]
         hidden = gate_up.weight.shape[-1] * 32 // gate_up.bits
         width = gate_up.weight.shape[-2] // 2  # the activation's output
-        bits = (gate_up.bits, None if down is None else down.bits)
-        for gate_up_tiling, down_tiling in self.reachable_tilings(experts, bits):
+        weights = (gate_up.format, None if down is None else down.format)
+        for gate_up_tiling, down_tiling in self.reachable_tilings(experts, weights):
             yield route_spec(experts, (gate_up_tiling.bm, (down_tiling or gate_up_tiling).bm))
             yield gemm_spec(gate_up, dtype, hidden, self.activation, top_k, gate_up_tiling)
             if down is not None and down_tiling is not None:

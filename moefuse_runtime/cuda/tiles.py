@@ -2,10 +2,12 @@
 
 A table holds, for one kind of GPU, the decode kernels' settings (their
 pair range and tilings) and the tensor-core tilings by rows per expert
-(pairs / experts hit) and weight bits, for gate_up and for down: each
-kind's list is read in order, and the first entry whose ``bits`` (if given)
-and ``max_rows_per_expert`` (null: any) hold, and whose tiling fits the GPU
-(`Tiling.why_not`), is used.
+(pairs / experts hit) and weight format, for gate_up and for down: each
+kind's list is read in order, and the first entry whose ``modes`` and
+``bits`` (if given) and ``max_rows_per_expert`` (null: any) hold, and whose
+tiling fits the GPU (`Tiling.why_not`), is used. Modes matter where bits do
+not tell enough: a tiling whose registers suffice for affine 4-bit codes can
+spill for nvfp4's at the same bits.
 
 The table of a GPU (`table_for`): ``MOEFUSE_TILES=path.json`` if set (a
 table ``moefuse tune`` wrote, or one of the same form); else the shipped
@@ -17,6 +19,7 @@ GPU has no measured table.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,6 +31,7 @@ from typing import Any
 from ..config import TILES_ENV
 from . import source
 from .device import Limits
+from .formats import FORMATS, WeightFormat
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +123,22 @@ class Entry:
     max_rows_per_expert: float | None
     tiling: Tiling
     bits: tuple[int, ...] | None = None
+    modes: tuple[str, ...] | None = None
 
-    def holds(self, rows_per_expert: float, bits: int) -> bool:
+    def holds(self, rows_per_expert: float, weights: WeightFormat) -> bool:
         limit = self.max_rows_per_expert
-        bits_hold = self.bits is None or bits in self.bits
-        return bits_hold and (limit is None or rows_per_expert <= limit)
+        bits_hold = self.bits is None or weights.bits in self.bits
+        mode_holds = self.modes is None or weights.mode in self.modes
+        return bits_hold and mode_holds and (limit is None or rows_per_expert <= limit)
+
+    def json(self) -> dict[str, Any]:
+        """This entry in tiles.json's form (`parse` reads it back)."""
+        return {
+            **({"modes": list(self.modes)} if self.modes else {}),
+            **({"bits": list(self.bits)} if self.bits else {}),
+            "max_rows_per_expert": self.max_rows_per_expert,
+            "tiling": dataclasses.asdict(self.tiling),
+        }
 
 
 @dataclass(frozen=True)
@@ -161,12 +176,12 @@ class TileTable:
     archs: tuple[str, ...] = ()
 
     def tiling(
-        self, rows_per_expert: float, gate_up: bool, bits: int, limits: Limits
+        self, rows_per_expert: float, gate_up: bool, weights: WeightFormat, limits: Limits
     ) -> Tiling | None:
         """The first entry's tiling that holds and fits, or None."""
         for entry in self.gate_up if gate_up else self.down:
-            if entry.holds(rows_per_expert, bits) and not entry.tiling.why_not(
-                gate_up, bits, limits
+            if entry.holds(rows_per_expert, weights) and not entry.tiling.why_not(
+                gate_up, weights.bits, limits
             ):
                 return entry.tiling
         return None
@@ -191,6 +206,7 @@ def parse(name: str, data: dict[str, Any]) -> TileTable:
                     e["max_rows_per_expert"],
                     Tiling(**e["tiling"]),
                     tuple(e["bits"]) if "bits" in e else None,
+                    tuple(e["modes"]) if "modes" in e else None,
                 )
                 for e in data[kind]
             )
@@ -199,8 +215,14 @@ def parse(name: str, data: dict[str, Any]) -> TileTable:
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"tile table {name}: {type(error).__name__}: {error}") from None
     for kind, entries in kinds.items():
-        if not entries or entries[-1].max_rows_per_expert is not None or entries[-1].bits:
-            raise ValueError(f"tile table {name}: {kind} needs a last entry for any rows and bits")
+        unknown = {m for e in entries for m in e.modes or ()} - set(FORMATS)
+        if unknown:
+            raise ValueError(f"tile table {name}: {kind}: unknown modes {sorted(unknown)}")
+        last = entries[-1] if entries else None
+        if last is None or last.max_rows_per_expert is not None or last.bits or last.modes:
+            raise ValueError(
+                f"tile table {name}: {kind} needs a last entry for any rows, bits and modes"
+            )
     return TileTable(
         name,
         decode,

@@ -26,7 +26,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .device import Limits
-from .tiles import TileTable, Tiling
+from .formats import WeightFormat
+from .tiles import Entry, TileTable, Tiling
 
 TOKENS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -175,7 +176,7 @@ def measure(
     return list(points.values())
 
 
-def entries(points: list[Point], gate_up: bool, bits: int) -> list[dict[str, Any]]:
+def entries(points: list[Point], gate_up: bool, weights: WeightFormat) -> list[Entry]:
     """The table's entries for one kernel: runs of counts with the same best
     tiling, each up to its last count's rows per expert; the last for any."""
     ordered = sorted((p for p in points if p.gate_up == gate_up), key=lambda p: p.rows_per_expert)
@@ -191,31 +192,44 @@ def entries(points: list[Point], gate_up: bool, bits: int) -> list[dict[str, Any
     if not runs:
         raise RuntimeError(f"no tiling of {'gate_up' if gate_up else 'down'} ran on this GPU")
     return [
-        {
-            "bits": [bits],
-            "max_rows_per_expert": None if i == len(runs) - 1 else limit,
-            "tiling": dataclasses.asdict(tiling),
-        }
+        Entry(
+            None if i == len(runs) - 1 else limit,
+            tiling,
+            bits=(weights.bits,),
+            modes=(weights.mode,),
+        )
         for i, (limit, tiling) in enumerate(runs)
     ]
+
+
+def below(base: tuple[Entry, ...], weights: WeightFormat, rows: float) -> list[Entry]:
+    """``base``'s entries for these weights that end below ``rows`` (the
+    fewest rows measured), kept in front of the measured ones: a table tuned
+    at prefill sizes leaves the smaller calls to the choices it had."""
+    kept = []
+    for entry in base:
+        limit = entry.max_rows_per_expert
+        if not entry.holds(0, weights):
+            continue  # another format's
+        if limit is None or limit >= rows:
+            break
+        kept.append(dataclasses.replace(entry, bits=(weights.bits,), modes=(weights.mode,)))
+    return kept
 
 
 def table(
     shape: Shape, points: list[Point], device: str, arch: str, base: TileTable
 ) -> dict[str, Any]:
-    """The tile table, as JSON: the measured entries for these weight bits,
-    then ``base``'s for any other bits (its last entry of each kind holds
-    any), and ``base``'s decode settings."""
+    """The tile table, as JSON: ``base``'s entries for this shape's format
+    below the fewest rows measured, the measured entries for the format,
+    then ``base``'s for every other format (its last entry of each kind
+    holds any), and ``base``'s decode settings."""
+    weights = WeightFormat(shape.mode, shape.bits)
+    fewest = min(p.rows_per_expert for p in points)
 
-    def after(kind: tuple) -> list[dict[str, Any]]:
-        return [
-            {
-                **({"bits": list(e.bits)} if e.bits else {}),
-                "max_rows_per_expert": e.max_rows_per_expert,
-                "tiling": dataclasses.asdict(e.tiling),
-            }
-            for e in kind
-        ]
+    def kind(gate_up: bool, base_entries: tuple[Entry, ...]) -> list[dict[str, Any]]:
+        measured = below(base_entries, weights, fewest) + entries(points, gate_up, weights)
+        return [e.json() for e in measured + list(base_entries)]
 
     decode = dataclasses.asdict(base.decode)
     return {
@@ -223,8 +237,8 @@ def table(
         "devices": [device],
         "archs": [arch.rstrip("a")],
         "decode": {k: list(v) if isinstance(v, tuple) else v for k, v in decode.items()},
-        "gate_up": entries(points, True, shape.bits) + after(base.gate_up),
-        "down": entries(points, False, shape.bits) + after(base.down),
+        "gate_up": kind(True, base.gate_up),
+        "down": kind(False, base.down),
         "timings": timings(points),
     }
 
