@@ -10,7 +10,7 @@ when done:
 * ``plain``: the program itself (``python -m mlx_lm server``, say);
 * ``fused``: the same command under ``moefuse run``;
 * ``bound``: the plain server with every MoE FFN replaced by a broadcast of
-  its input (`serve_ffn_free`): the most any FFN could give this server, so
+  its input (`ffn_free`): the most any FFN could give this server, so
   that a ratio can be read against what the rest of the server leaves.
 
 On each server, in order:
@@ -104,12 +104,15 @@ REQUEST_TIMEOUT_S = 600
 @dataclass(frozen=True)
 class App:
     """A server program: how ``python -m`` starts it, the arguments it gets
-    unless told otherwise, and whether a request must name the model."""
+    unless told otherwise, whether a request must name the model, and
+    whether its decode steps are mlx-lm's ``GenerationBatch``'s
+    (`trace_steps` times them)."""
 
     name: str
     module: tuple[str, ...]
     default_args: tuple[str, ...]
     names_model: bool = False
+    batch_generator: bool = False
 
 
 APPS = {
@@ -117,6 +120,7 @@ APPS = {
         "mlx_lm.server",
         ("mlx_lm", "server"),
         ("--decode-concurrency", "32", "--prompt-concurrency", "8"),
+        batch_generator=True,
     ),
     # continuous batching by default; its request schema requires "model"
     "mlx_vlm": App("mlx_vlm.server", ("mlx_vlm.server",), ("--max-num-seqs", "32"), True),
@@ -231,36 +235,115 @@ def _stream_chat(port: int, text: str, max_tokens: int, model: str | None, start
     return reply
 
 
-FFN_FREE_LAUNCHER = "from moefuse_runtime.server_bench import serve_ffn_free; serve_ffn_free()"
+LAUNCHER = "from moefuse_runtime.server_bench import serve; serve()"
+"""Runs a server's command line (``sys.argv[1]``: the module ``python -m``
+runs, then its arguments) with what the environment asks: `FFN_FREE_ENV`,
+`TRACE_ENV`."""
+
+FFN_FREE_ENV = "MOEFUSE_BENCH_FFN_FREE"
+TRACE_ENV = "MOEFUSE_BENCH_TRACE"
 
 
-def serve_ffn_free() -> None:
-    """A server's command line (``sys.argv[1]``: the module ``python -m``
-    runs, then its arguments) with the forward of its package's SwitchGLU
-    (mlx-lm's or mlx-vlm's) replaced by a broadcast of its input, combined
-    as that forward combines its output: the server's time without its MoE
-    FFNs. Its replies mean nothing."""
-    import importlib
+def serve() -> None:
+    """`LAUNCHER`: the server's module as ``__main__``, its MoE FFNs replaced
+    (`FFN_FREE_ENV`, `ffn_free`), its decode steps timed (`TRACE_ENV`,
+    `trace_steps`)."""
     import runpy
+
+    module = sys.argv[1]
+    if os.environ.get(FFN_FREE_ENV) == "1":
+        ffn_free(module)
+    if os.environ.get(TRACE_ENV):
+        trace_steps(os.environ[TRACE_ENV])
+    sys.argv = sys.argv[1:]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+def ffn_free(module: str) -> None:
+    """The forward of ``module``'s package's SwitchGLU (mlx-lm's or mlx-vlm's)
+    replaced by a broadcast of its input, combined as that forward combines
+    its output: the server's time without its MoE FFNs. Its replies mean
+    nothing."""
+    import importlib
 
     import mlx.core as mx
 
     from .layer import FLAVOURS
 
-    module = sys.argv[1]
     for flavour in FLAVOURS:
         if flavour.module.split(".")[0] != module.split(".")[0]:
             continue
         finish = flavour.finish
 
-        def ffn_free(self, x: mx.array, indices: mx.array, *args, finish=finish, **kwargs):
+        def forward(self, x: mx.array, indices: mx.array, *args, finish=finish, **kwargs):
             routed = mx.broadcast_to(mx.expand_dims(x, -2), (*indices.shape, x.shape[-1]))
             return finish(self, routed, *args, **kwargs)
 
         base = getattr(importlib.import_module(flavour.module), flavour.name)
-        base.__call__ = ffn_free
-    sys.argv = sys.argv[1:]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+        base.__call__ = forward
+
+
+def trace_steps(path: str) -> None:
+    """A host timeline of mlx-lm's ``GenerationBatch._step`` (a server's decode
+    step), one JSON line per step appended to ``path``: when the step began
+    (``time.perf_counter``, one clock for every process of the machine),
+    the host time it spent building the step's graph (``build_s``: the
+    model's forward and the sampling, up to ``mx.async_eval``), in
+    ``async_eval`` (``launch_s``: MLX encodes and launches the kernels),
+    waiting in ``mx.eval`` for the previous step's tokens (``wait_s``: the
+    GPU is behind the host), the whole step (``step_s``) and the batch's
+    sequences. A step that never waits is bound by the host: its GPU work
+    ends before the host has the next one ready."""
+    import importlib
+    import json as json_
+    import types
+
+    import mlx.core as mx
+
+    generate = importlib.import_module("mlx_lm.generate")  # the package's `generate` is a function
+
+    out = open(path, "a", buffering=1)  # noqa: SIM115 - open for the process's life
+    marks: dict[str, float] = {}
+
+    def async_eval(*arrays):
+        if "start" in marks:
+            marks["built"] = time.perf_counter()
+        mx.async_eval(*arrays)
+        if "start" in marks:
+            marks["launched"] = time.perf_counter()
+
+    def eval_(*arrays):
+        began = time.perf_counter()
+        mx.eval(*arrays)
+        if "start" in marks:
+            marks["wait"] = marks.get("wait", 0.0) + time.perf_counter() - began
+
+    timed = types.ModuleType("mlx.core (timed)")
+    timed.__getattr__ = lambda name: getattr(mx, name)  # type: ignore[method-assign]
+    timed.async_eval = async_eval  # type: ignore[attr-defined]
+    timed.eval = eval_  # type: ignore[attr-defined]
+    generate.mx = timed  # type: ignore[attr-defined]
+    step = generate.GenerationBatch._step
+
+    def timed_step(self):
+        marks.clear()
+        marks["start"] = start = time.perf_counter()
+        result = step(self)
+        end = time.perf_counter()
+        built, launched = marks.get("built", start), marks.get("launched", start)
+        row = {
+            "start": start,
+            "build_s": built - start,
+            "launch_s": launched - built,
+            "wait_s": marks.get("wait", 0.0),
+            "step_s": end - start,
+            "sequences": len(self.uids),
+        }
+        marks.clear()
+        out.write(json_.dumps(row) + "\n")
+        return result
+
+    generate.GenerationBatch._step = timed_step  # type: ignore[method-assign]
 
 
 def order(round_index: int, kinds: tuple[str, ...]) -> tuple[str, ...]:
@@ -278,7 +361,17 @@ def free_port() -> int:
 class Server:
     """One server process (`App`) on 127.0.0.1, in a session of its own."""
 
-    def __init__(self, app: App, model: Path, kind: str, log: Path, server_args: list[str]):
+    def __init__(
+        self,
+        app: App,
+        model: Path,
+        kind: str,
+        log: Path,
+        server_args: list[str],
+        steps: Path | None = None,
+    ):
+        """``steps``: where `trace_steps` writes the decode steps' timeline
+        (None: not timed, the program started as it is)."""
         self.port = free_port()
         self.model_name = str(model) if app.names_model else None
         arguments = [
@@ -291,19 +384,22 @@ class Server:
             str(self.port),
             *server_args,
         ]
-        plain = [sys.executable, "-m", *arguments]
-        command = {
-            "plain": plain,
-            "fused": [sys.executable, "-m", "moefuse_runtime.cli", "run", "--", *plain],
-            "bound": [sys.executable, "-c", FFN_FREE_LAUNCHER, *arguments],
-        }[kind]
-        fuse = "1" if kind == "fused" else "0"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "EXO_FUSED_MOE": fuse}
+        launched = steps is not None or kind == "bound"
+        program = [sys.executable, *(("-c", LAUNCHER) if launched else ("-m",)), *arguments]
+        if kind == "fused":
+            program = [sys.executable, "-m", "moefuse_runtime.cli", "run", "--", *program]
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "EXO_FUSED_MOE": "1" if kind == "fused" else "0",
+            FFN_FREE_ENV: "1" if kind == "bound" else "0",
+            TRACE_ENV: str(steps or ""),
+        }
         self.log_path = log
         self.log = open(log, "w")  # noqa: SIM115 - closed in stop()
         self.started = time.perf_counter()
         self.process = subprocess.Popen(
-            command, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            program, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
 
     def wait_healthy(self) -> float:
@@ -368,21 +464,61 @@ def run_workload(server: Server, workload: Workload, seed: int) -> dict:
 def serve_once(
     app: App, model: Path, kind: str, workloads, log: Path, server_args: list[str]
 ) -> dict:
-    """A fresh server: its start, its first request, then each workload."""
-    server = Server(app, model, kind, log, server_args)
+    """A fresh server: its start, its first request, then each workload, with
+    its decode steps' host timeline per workload where the app's steps are
+    mlx-lm's (`step_figures`)."""
+    steps = log.with_suffix(".steps.jsonl") if app.batch_generator else None
+    server = Server(app, model, kind, log, server_args, steps)
+    windows = {}
     try:
         result: dict[str, Any] = {"start_s": server.wait_healthy()}
         load = time.perf_counter()
         server.chat("Hello", 1)
         result["load_s"] = time.perf_counter() - load
         for i, workload in enumerate(workloads):
+            began = time.perf_counter()
             result[workload.name] = run_workload(server, workload, seed=1000 * (i + 1))
+            windows[workload.name] = (began, time.perf_counter())
     finally:
         server.stop()
+    if steps is not None:
+        rows = [json.loads(line) for line in steps.read_text().splitlines() if line.strip()]
+        for name, window in windows.items():
+            result[name]["steps"] = step_figures(rows, window)
     result["install_log"] = [
         line for line in log.read_text().splitlines() if "moefuse_runtime" in line
     ][-6:]
     return result
+
+
+def step_figures(rows: list[dict], window: tuple[float, float]) -> dict | None:
+    """Medians, in ms, of the decode steps (`trace_steps`) that began inside
+    ``window``: host time building the graph, launching it and waiting for
+    the GPU, the step, the time from one step's start to the next one's
+    (``period``) and what the server did between steps (``between``); and
+    the share of steps that waited for the GPU at all (under 0.1 ms: not).
+    None if no step began there."""
+    began, ended = window
+    inside = sorted((r for r in rows if began <= r["start"] <= ended), key=lambda r: r["start"])
+    if not inside:
+        return None
+    periods = [b["start"] - a["start"] for a, b in pairwise(inside)] or [inside[0]["step_s"]]
+    between = [p - r["step_s"] for p, r in zip(periods, inside, strict=False)]
+
+    def ms(values) -> float:
+        return 1e3 * statistics.median(values)
+
+    return {
+        "steps": len(inside),
+        "sequences": statistics.median(r["sequences"] for r in inside),
+        "build_ms": ms(r["build_s"] for r in inside),
+        "launch_ms": ms(r["launch_s"] for r in inside),
+        "wait_ms": ms(r["wait_s"] for r in inside),
+        "step_ms": ms(r["step_s"] for r in inside),
+        "period_ms": ms(periods),
+        "between_ms": ms(between),
+        "waiting_share": sum(r["wait_s"] > 1e-4 for r in inside) / len(inside),
+    }
 
 
 def identical(first: list[str], second: list[str]) -> tuple[int, int]:
@@ -429,6 +565,12 @@ def summarize(rounds: list[dict], workloads, warmup: dict | None = None) -> dict
             server: agreement([(a[server], b[server]) for a, b in pairwise(every)], name)
             for server in ("plain", "fused")
         }
+        steps = {server: [r[server][name].get("steps") for r in rounds] for server in rounds[0]}
+        if all(figures for values in steps.values() for figures in values):
+            row["steps"] = {
+                server: {key: statistics.median(f[key] for f in values) for key in values[0]}
+                for server, values in steps.items()
+            }
         summary[workload.name] = row
     return summary
 
@@ -568,6 +710,15 @@ def run(
             f"fused {start_only['median_s']['fused']:.2f} s (medians)"
         )
     summary = summarize(results, workloads, warmup_row)
+    for workload in workloads:
+        for server, f in summary[workload.name].get("steps", {}).items():
+            log(
+                f"{workload.name} {server}: {f['sequences']:.0f} sequences a step, every "
+                f"{f['period_ms']:.1f} ms: build {f['build_ms']:.1f}, launch "
+                f"{f['launch_ms']:.1f}, wait for the GPU {f['wait_ms']:.1f} (in "
+                f"{100 * f['waiting_share']:.0f}% of steps), between steps "
+                f"{f['between_ms']:.1f} ms (medians)"
+            )
     if loop:
         in_loop = summary["model_loop"] = loop_figures(model, workloads[0], summary, folder)
         if "error" in in_loop:

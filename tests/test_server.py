@@ -168,6 +168,15 @@ def test_the_server_benchmark_runs_real_servers(app, tmp_path):
     fused_log = result["runs"][0]["fused"]["install_log"]
     assert any("fused 4/4 SwitchGLU layers" in line for line in fused_log)
     assert (out / "server.png").stat().st_size > 0
+    if app == "mlx_lm":  # its decode steps, timed in every server
+        for workload in ("single", "concurrent", "long_prompts"):
+            steps = summary[workload]["steps"]
+            assert set(steps) == {"plain", "fused", "bound"}
+            for figures in steps.values():
+                assert figures["steps"] > 0 and figures["sequences"] >= 1
+                assert figures["period_ms"] >= figures["step_ms"] > 0
+                assert figures["step_ms"] >= figures["build_ms"] + figures["wait_ms"] > 0
+                assert 0 <= figures["waiting_share"] <= 1
 
 
 def test_agreement_is_counted_across_servers_and_within_each():
