@@ -2,9 +2,11 @@
 
 A decode step's wall time on CUDA is partly Python building MLX's lazy graph;
 this times only that: the call of a fused layer (``switch_mlp(x, indices)``)
-and of its block (``mlp(x)``, compiled on the kernels for <= 16 tokens), with
-nothing evaluated, on a Qwen3-30B-A3B-dimension layer (random 4-bit weights,
-bf16), at decode batches of 1, 16, 32 and 64 sequences. Medians of
+and of its block (``mlp(x)``, compiled on the kernels for <= 16 tokens), and
+of mlx-lm's own block unfused and with its SwitchGLU a broadcast of its input
+(the server benchmark's FFN-free bound), with nothing evaluated, on a
+Qwen3-30B-A3B-dimension layer (random 4-bit weights, bf16), at decode
+batches of 1, 16, 32 and 64 sequences. Medians of
 ``--repeats`` rounds of ``--calls`` calls each, in microseconds per call.
 
     python scripts/bench_host_path.py OUT.json [--calls 200] [--repeats 9]
@@ -83,6 +85,7 @@ def measure(calls: int, repeats: int, emulate: bool) -> dict:
     from moefuse_runtime.demo import build_demo_model
 
     model = build_demo_model("qwen3-30b-a3b", layers=1, dtype=mx.bfloat16)
+    unfused = build_demo_model("qwen3-30b-a3b", layers=1, dtype=mx.bfloat16).model.layers[0].mlp
     report = moefuse_runtime.install(model, reserve_bytes=0)
     block = model.model.layers[0].mlp
     layer = block.switch_mlp
@@ -92,14 +95,23 @@ def measure(calls: int, repeats: int, emulate: bool) -> dict:
         "package": os.path.dirname(moefuse_runtime.__file__),
         "emulated_cuda": emulate,
     }
+    inputs = {}
     for seqs in SEQUENCES:
         x = mx.random.normal((seqs, 1, 2048)).astype(mx.bfloat16)
         indices = mx.random.randint(0, 128, (seqs, 1, 8)).astype(mx.uint32)
         mx.eval(x, indices, layer(x, indices), block(x))
+        inputs[seqs] = x
         result[str(seqs)] = {
             "layer_us": per_call_us(lambda x=x, i=indices: layer(x, i), calls, repeats),
             "block_us": per_call_us(lambda x=x: block(x), calls, repeats),
+            "unfused_block_us": per_call_us(lambda x=x: unfused(x), calls, repeats),
         }
+    # the server benchmark's bound: mlx-lm's block with its SwitchGLU a broadcast
+    from moefuse_runtime.server_bench import ffn_free
+
+    ffn_free("mlx_lm")
+    for seqs, x in inputs.items():
+        result[str(seqs)]["ffn_free_block_us"] = per_call_us(lambda x=x: unfused(x), calls, repeats)
     return result
 
 
