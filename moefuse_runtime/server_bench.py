@@ -301,6 +301,9 @@ def trace_steps(path: str) -> None:
     import mlx.core as mx
 
     generate = importlib.import_module("mlx_lm.generate")  # the package's `generate` is a function
+    if not callable(getattr(getattr(generate, "GenerationBatch", None), "_step", None)):
+        print("moefuse bench: this mlx-lm has no GenerationBatch._step; steps not timed")
+        return  # the server runs untimed; its summary has no `steps`
 
     out = open(path, "a", buffering=1)  # noqa: SIM115 - open for the process's life
     marks: dict[str, float] = {}
@@ -481,7 +484,7 @@ def serve_once(
             windows[workload.name] = (began, time.perf_counter())
     finally:
         server.stop()
-    if steps is not None:
+    if steps is not None and steps.exists():
         rows = [json.loads(line) for line in steps.read_text().splitlines() if line.strip()]
         for name, window in windows.items():
             result[name]["steps"] = step_figures(rows, window)

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from conftest import run
 
+from moefuse_runtime import server_bench
+
 BIN = Path(sys.executable).parent
 PROMPTS = [
     "Hello, how are you?",
@@ -177,6 +179,35 @@ def test_the_server_benchmark_runs_real_servers(app, tmp_path):
                 assert figures["period_ms"] >= figures["step_ms"] > 0
                 assert figures["step_ms"] >= figures["build_ms"] + figures["wait_ms"] > 0
                 assert 0 <= figures["waiting_share"] <= 1
+
+
+def test_step_timing_leaves_an_mlx_lm_without_its_step_untimed(tmp_path, monkeypatch):
+    import importlib
+
+    generate = importlib.import_module("mlx_lm.generate")
+    monkeypatch.delattr(generate, "GenerationBatch")
+    server_bench.trace_steps(str(tmp_path / "steps.jsonl"))
+    assert not (tmp_path / "steps.jsonl").exists()
+
+
+def test_step_figures_read_a_timeline():
+    rows = [
+        {
+            "start": t,
+            "build_s": 0.002,
+            "launch_s": 0.001,
+            "wait_s": w,
+            "step_s": 0.004,
+            "sequences": 2,
+        }
+        for t, w in ((10.0, 0.0), (10.005, 0.0005), (10.010, 0.0), (99.0, 0.0))
+    ]
+    figures = server_bench.step_figures(rows, (9.0, 11.0))
+    assert figures["steps"] == 3 and figures["sequences"] == 2
+    assert figures["period_ms"] == pytest.approx(5.0) and figures["step_ms"] == pytest.approx(4.0)
+    assert figures["between_ms"] == pytest.approx(1.0)
+    assert figures["waiting_share"] == pytest.approx(1 / 3)
+    assert server_bench.step_figures(rows, (0.0, 1.0)) is None
 
 
 def test_agreement_is_counted_across_servers_and_within_each():
