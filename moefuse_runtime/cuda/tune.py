@@ -69,24 +69,27 @@ sm_90 and sm_100."""
 WIDE_MAX_BITS = 6
 
 WGMMA = tuple(
-    Tiling(bm, bn, 1, warps, stages, wgmma=True, overlap=overlap)
-    for bm, bn, warps, stages, overlap in (
-        (64, 128, 8, 4, False),
-        (128, 128, 8, 4, False),
-        (256, 128, 8, 3, False),
-        (64, 256, 8, 4, False),
-        (128, 256, 8, 4, False),
-        (128, 256, 16, 3, False),
-        (64, 128, 8, 4, True),
-        (128, 128, 8, 4, True),
-        (128, 256, 16, 4, True),
+    Tiling(bm, bn, 1, warps, stages, min_blocks, wgmma=True)
+    for bm, bn, warps, stages, min_blocks in (
+        (64, 128, 8, 4, 1),
+        (128, 128, 8, 4, 1),
+        (128, 128, 8, 3, 2),
+        (256, 128, 8, 3, 1),
+        (64, 256, 8, 4, 1),
+        (128, 256, 8, 4, 1),
+        (128, 256, 16, 3, 1),
     )
 )
 """The Hopper kernel's tilings (grouped_wgmma.cuh), tried on sm_90 for 4-
 and 8-bit weights (`Tiling.why_not`): BM x rows, BN weight rows over 2 or
-4 warpgroups (16 or 32 rows per warp), some with k-tiles overlapped
-(``overlap``). BN 256 halves the x rows each weight row's products
-re-read against BN 128, which the L2 bandwidth needs at prefill sizes."""
+4 warpgroups (16 or 32 rows per warp). BN 256 halves the x rows each
+weight row's products re-read against BN 128, which the L2 bandwidth needs
+at prefill sizes. The kernel issues its dequantization next to few warps
+(docs/benchmarks.md: Nsight Compute), so one candidate caps its registers
+at 128 for two blocks of 8 warps per SM (no more than 16 bytes spilled at
+affine 4-bit g64 and g128; three blocks of BM 64 would cap them at 80 and
+spill 100-500 bytes in every format). The ``overlap`` option is not tried:
+it was slower at every size measured."""
 
 
 def tried(tiling: Tiling, bits: int) -> bool:
