@@ -18,7 +18,8 @@ On each server, in order:
 * ``start``: seconds from the process start until ``/health`` answers;
 * ``load``: the first request (one token): the model loads, and in the fused
   server, install fuses and prepares the kernels;
-* ``single``: one request alone;
+* ``single``: requests one at a time (on the GPU four, so that one
+  request's noise does not set the ratio);
 * ``concurrent``: many requests, a fixed number in flight at a time;
 * ``long_prompts``: a batch of long prompts sent at once, few tokens each.
 
@@ -36,7 +37,7 @@ between runs of the same server: the reference for plain against fused.
 Start-up is also timed on its own (``starts``): servers started and stopped
 as soon as ``/health`` answers, plain and fused alternating, since one start
 per server and round says little about a difference of a second. And the
-single request's prompt is decoded in mlx-lm's own loop (``mlx_lm
+first single request's prompt is decoded in mlx-lm's own loop (``mlx_lm
 generate``, plain and under ``moefuse run``; `model_loop`): the model's
 time per token without a server, so that what the server adds per token
 stands beside the single-request ratio. JSON plus a PNG.
@@ -141,7 +142,7 @@ class Workload:
 
 
 GPU_WORKLOADS = (
-    Workload("single", 1, 1, 40, 128),
+    Workload("single", 4, 1, 40, 128),
     Workload("concurrent", 64, 32, 62, 128),
     Workload("long_prompts", 16, 16, 240, 16),
 )
