@@ -285,14 +285,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
     def progress(items, total):
         return tqdm(items, total=total, desc="moefuse tune", unit="tiling", file=sys.stderr)
 
-    points = tune.measure(shape, args.tokens, limits, tune.GpuTimer(), progress)
+    timer = tune.GpuTimer()
+    points = tune.measure(shape, args.tokens, limits, timer, progress)
+    decode = tune.measure_decode(shape, timer.decode, timer.path, progress) if args.decode else None
     base = tiles.table_for(name, arch)
-    table = tune.table(shape, points, name, arch, base)
+    table = tune.table(shape, points, name, arch, base, decode)
     tiles.parse(str(args.out), table)  # the file reads back as a table
     tune.write(Path(args.out), table)
     for point in points:
         kernel = "gate_up" if point.gate_up else "down"
         print(f"{point.tokens} tokens, {kernel}: {point.best()}", file=sys.stderr)
+    if decode is not None:
+        print(f"decode kernels: {table['decode']}", file=sys.stderr)
     print(f"wrote {args.out}: MOEFUSE_TILES={args.out} uses it")
     return 0
 
@@ -464,7 +468,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "tune",
         help="measure the tensor-core tilings on this GPU and write a tile table",
         description="Time every candidate tiling of the tensor-core kernels that fits this "
-        "GPU, for one MoE layer shape at several token counts, and write the fastest as a "
+        "GPU, for one MoE layer shape at several token counts, and the decode kernels' "
+        "tilings and where the tensor cores overtake them, and write the fastest as a "
         "tile table (JSON): MOEFUSE_TILES=FILE uses it. Needs MLX's CUDA backend.",
     )
     shape = p.add_mutually_exclusive_group()
@@ -477,6 +482,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=[16, 32, 64, 128, 256, 512, 1024, 2048, 4096],
         help="token counts to measure",
+    )
+    p.add_argument(
+        "--decode",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the decode kernels' tilings at 1 and 4 tokens and the layer on each "
+        "path at 1-32 tokens, for the table's decode settings (--no-decode keeps the base's)",
     )
     p.add_argument("--out", default="moefuse-tiles.json", help="the table to write")
     p.set_defaults(handler=cmd_tune)

@@ -147,6 +147,70 @@ def test_a_table_tuned_at_prefill_sizes_keeps_its_base_below_them(as_cuda):
             assert table.tiling(rows, gate_up, nvfp4, h90) == base.tiling(rows, gate_up, nvfp4, h90)
 
 
+def fake_decode_timers(crossover: int | None, failing_path_at: int | None = None):
+    """Decode tilings: (2, 8) fastest for gate_up, (4, 4) for down, (1, 4)
+    fails. Paths: the decode kernels faster below ``crossover`` tokens."""
+
+    def tiling_timer(shape, tokens, gate_up, tiling):
+        if tiling == (1, 4):
+            raise RuntimeError("launch failed")
+        best = (2, 8) if gate_up else (4, 4)
+        return 1e-5 * tokens * (1 if tiling == best else 2 + tiling[0] / 10 + tiling[1] / 100)
+
+    def path_timer(shape, tokens, path):
+        if tokens == failing_path_at:
+            raise RuntimeError("out of memory")
+        decode_wins = crossover is None or tokens < crossover
+        return 1e-4 * tokens * (1 if (path == "decode") == decode_wins else 2)
+
+    return tiling_timer, path_timer
+
+
+def test_tune_measures_the_decode_tilings_and_where_the_tensor_cores_win(as_cuda):
+    seen = {}
+
+    def progress(items, total):
+        seen["total"] = total
+        return items
+
+    points = tune.measure_decode(SHAPE, *fake_decode_timers(crossover=16), progress)
+    assert seen["total"] == len(tune.DECODE_TOKENS) * 2 * len(tune.DECODE_TILINGS) + len(
+        tune.BOUNDARY_TOKENS
+    ) * len(tune.PATHS)
+    assert tune.fastest_decode_tiling(points, True) == (2, 8)
+    assert tune.fastest_decode_tiling(points, False) == (4, 4)  # (1, 4) failed: out
+    assert tune.boundary(points, SHAPE) == 8 * SHAPE.top_k / SHAPE.experts  # up to 8 tokens
+    base = tiles.table_for("NVIDIA H100 80GB HBM3", "sm_90")
+    table = tune.table(
+        SHAPE,
+        tune.measure(SHAPE, (512,), ARCH_LIMITS[90], fake_timer([])),
+        "Test GPU",
+        "sm_90a",
+        base,
+        points,
+    )
+    decode = tiles.parse("tuned", json.loads(json.dumps(table))).decode
+    assert tune.short_rows(SHAPE, base.decode)  # width 128 at 4 bits: 4 loads a row
+    assert (decode.gate_up_tiling, decode.short_row_tiling) == ((2, 8), (4, 4))
+    assert decode.down_tiling == base.decode.down_tiling
+    assert decode.pairs_per_expert == 0.5 and decode.max_pairs >= 32
+    assert decode.max_pairs_for(SHAPE.experts, True) == max(decode.min_pairs, 32)
+    assert {r["kernel"] for r in table["decode_timings"]["tilings"]} == {"gate_up", "down"}
+    assert len(table["decode_timings"]["paths"]) == len(tune.BOUNDARY_TOKENS)
+
+
+@pytest.mark.parametrize(
+    ("crossover", "failing", "expected"),
+    [(1, None, 0.0), (None, None, 32 * 4 / 64), (4, 1, None), (16, 4, 2 * 4 / 64)],
+)
+def test_the_decode_range_ends_where_the_tensor_cores_first_win(crossover, failing, expected):
+    # the tensor cores win from the first count: no decode range past min_pairs;
+    # decode wins everywhere: the largest count; a path failing at the fewest
+    # count: unknown (the base's stays); failing later: the range ends there
+    points = tune.measure_decode(SHAPE, *fake_decode_timers(crossover, failing))
+    assert tune.boundary(points, SHAPE) == expected
+
+
 def test_shape_of_a_model_directory(demo_model):
     shape = tune.shape_of_model(demo_model)
     config = json.loads((demo_model / "config.json").read_text())

@@ -7,9 +7,18 @@ count's rows per expert is timed on its own (pairs routed once, outside the
 timing; calls launched back to back, so that GPU time is what is timed),
 and the fastest kept. Counts whose fastest tiling is the same become one
 entry, up to the last such count's rows per expert; the last entry takes
-any count. The result is a table in tiles.json's form (`tiles.parse`): point
-``MOEFUSE_TILES`` at it, or contribute it to tiles.json. The decode
-settings are the table's this GPU uses now.
+any count; below the fewest rows timed, the table this GPU uses now keeps
+its choices. The entries hold for the shape's weight format (mode, bits);
+other formats keep that table's.
+
+The decode settings (`measure_decode`): each decode tiling of gate_up and
+of down timed at a decode step's sizes, the fastest kept; and the layer
+timed on the decode kernels and on the tensor cores at 1-32 tokens, the
+decode range ending where the tensor cores first win (`boundary`). With
+``--no-decode``, the decode settings are those of the table this GPU uses.
+
+The result is a table in tiles.json's form (`tiles.parse`): point
+``MOEFUSE_TILES`` at it, or contribute it to tiles.json.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import mlx.nn as nn
 
 from .device import Limits
 from .formats import WeightFormat
-from .tiles import Entry, TileTable, Tiling
+from .tiles import Decode, Entry, TileTable, Tiling
 
 TOKENS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -179,6 +188,124 @@ def measure(
     return list(points.values())
 
 
+DECODE_TILINGS = ((1, 4), (1, 8), (2, 4), (2, 8), (4, 4), (4, 8))
+"""The decode kernels' tilings tried: (outputs per warp, warps per block)."""
+DECODE_TOKENS = (1, 4)
+"""Token counts the decode tilings are timed at (a decode step's sizes)."""
+BOUNDARY_TOKENS = (1, 2, 4, 8, 16, 32)
+"""Token counts the whole layer is timed at on each path, for the boundary
+between the decode kernels and the tensor cores (`boundary`)."""
+PATHS = ("decode", "tensor_cores")
+
+DecodeTimer = Callable[[Shape, int, bool, tuple[int, int]], float]
+"""(shape, tokens, gate_up, tiling) -> seconds of one decode kernel call."""
+PathTimer = Callable[[Shape, int, str], float]
+"""(shape, tokens, path in `PATHS`) -> seconds of one call of the layer on it."""
+
+
+@dataclass
+class DecodePoints:
+    """The decode kernels' timings: ``tilings[(tokens, gate_up)][tiling]``
+    and ``paths[tokens][path]``, seconds, or why a candidate failed."""
+
+    tilings: dict[tuple[int, bool], dict[tuple[int, int], float | str]]
+    paths: dict[int, dict[str, float | str]]
+
+
+def measure_decode(
+    shape: Shape,
+    tiling_timer: DecodeTimer,
+    path_timer: PathTimer,
+    progress: Callable[[Iterable[Any], int], Iterable[Any]] = lambda items, total: items,
+) -> DecodePoints:
+    """Every decode tiling at `DECODE_TOKENS`, and the layer on each path at
+    `BOUNDARY_TOKENS`."""
+    plan: list[tuple] = [
+        ("tiling", count, gate_up, t)
+        for count in DECODE_TOKENS
+        for gate_up in (True, False)
+        for t in DECODE_TILINGS
+    ]
+    plan += [("path", count, path, None) for count in BOUNDARY_TOKENS for path in PATHS]
+    points = DecodePoints({}, {})
+    for what, count, which, tiling in progress(plan, len(plan)):
+        try:
+            if what == "tiling":
+                seconds: float | str = tiling_timer(shape, count, which, tiling)
+            else:
+                seconds = path_timer(shape, count, which)
+        except Exception as error:  # noqa: BLE001 - a failing candidate is recorded
+            seconds = f"failed: {type(error).__name__}: {error}"[:300]
+        if what == "tiling":
+            points.tilings.setdefault((count, which), {})[tiling] = seconds
+        else:
+            points.paths.setdefault(count, {})[which] = seconds
+    return points
+
+
+def fastest_decode_tiling(points: DecodePoints, gate_up: bool) -> tuple[int, int] | None:
+    """The tiling with the least time summed over the counts (one that failed
+    at any count is out), or None."""
+    totals: dict[tuple[int, int], float] = {}
+    for (_, kind), results in points.tilings.items():
+        if kind != gate_up:
+            continue
+        for tiling, seconds in results.items():
+            if isinstance(seconds, float) and totals.get(tiling, 0.0) != float("inf"):
+                totals[tiling] = totals.get(tiling, 0.0) + seconds
+            else:
+                totals[tiling] = float("inf")
+    finite = {t: v for t, v in totals.items() if v != float("inf")}
+    return min(finite, key=lambda t: finite[t]) if finite else None
+
+
+def boundary(points: DecodePoints, shape: Shape) -> float | None:
+    """Pairs per expert up to which the decode kernels beat the tensor cores:
+    the largest of the counts from the fewest up whose decode path was
+    faster, stopping at the first that was not; None if neither path ran
+    at the fewest count."""
+    per_expert = None
+    for count in sorted(points.paths):
+        times = points.paths[count]
+        decode, tensor = times.get("decode"), times.get("tensor_cores")
+        if not isinstance(decode, float) or not isinstance(tensor, float):
+            break
+        if decode >= tensor:
+            return per_expert if per_expert is not None else 0.0
+        per_expert = count * shape.top_k / shape.experts
+    return per_expert
+
+
+def decode_settings(base: Decode, points: DecodePoints, shape: Shape) -> Decode:
+    """``base`` with the measured choices: gate_up's tiling; down's, as its
+    ``short_row_tiling`` when this shape's down rows are short (`short_rows`)
+    or else its ``down_tiling``; and the decode range's pairs per expert
+    (with ``max_pairs`` raised to cover it for this shape)."""
+    settings = base
+    gate_up = fastest_decode_tiling(points, True)
+    if gate_up is not None:
+        settings = dataclasses.replace(settings, gate_up_tiling=gate_up)
+    down = fastest_decode_tiling(points, False)
+    if down is not None and short_rows(shape, base):
+        settings = dataclasses.replace(settings, short_row_tiling=down)
+    elif down is not None:
+        settings = dataclasses.replace(settings, down_tiling=down)
+    per_expert = boundary(points, shape)
+    if per_expert is not None:
+        pairs = int(shape.experts * per_expert)
+        settings = dataclasses.replace(
+            settings, pairs_per_expert=per_expert, max_pairs=max(base.max_pairs, pairs)
+        )
+    return settings
+
+
+def short_rows(shape: Shape, settings: Decode) -> bool:
+    """Whether this shape's down rows take the decode kernels' short-row
+    tiling (decode.down_tiling_for: at most ``short_row_max_loads`` 16-byte
+    loads of packed codes)."""
+    return shape.width * shape.bits // 128 <= settings.short_row_max_loads
+
+
 def entries(points: list[Point], gate_up: bool, weights: WeightFormat) -> list[Entry]:
     """The table's entries for one kernel: runs of counts with the same best
     tiling, each up to its last count's rows per expert; the last for any."""
@@ -221,12 +348,18 @@ def below(base: tuple[Entry, ...], weights: WeightFormat, rows: float) -> list[E
 
 
 def table(
-    shape: Shape, points: list[Point], device: str, arch: str, base: TileTable
+    shape: Shape,
+    points: list[Point],
+    device: str,
+    arch: str,
+    base: TileTable,
+    decode_points: DecodePoints | None = None,
 ) -> dict[str, Any]:
     """The tile table, as JSON: ``base``'s entries for this shape's format
     below the fewest rows measured, the measured entries for the format,
     then ``base``'s for every other format (its last entry of each kind
-    holds any), and ``base``'s decode settings."""
+    holds any), and the decode settings: ``base``'s, with the measured
+    choices where ``decode_points`` are given (`decode_settings`)."""
     weights = WeightFormat(shape.mode, shape.bits)
     fewest = min(p.rows_per_expert for p in points)
 
@@ -234,7 +367,10 @@ def table(
         measured = below(base_entries, weights, fewest) + entries(points, gate_up, weights)
         return [e.json() for e in measured + list(base_entries)]
 
-    decode = dataclasses.asdict(base.decode)
+    chosen = (
+        base.decode if decode_points is None else decode_settings(base.decode, decode_points, shape)
+    )
+    decode = dataclasses.asdict(chosen)
     return {
         "measured_on": f"{device} ({arch}), MLX {getattr(mx, '__version__', '?')}: {shape}",
         "devices": [device],
@@ -243,6 +379,7 @@ def table(
         "gate_up": kind(True, base.gate_up),
         "down": kind(False, base.down),
         "timings": timings(points),
+        **({"decode_timings": decode_timings(decode_points)} if decode_points else {}),
     }
 
 
@@ -258,6 +395,28 @@ def timings(points: list[Point]) -> list[dict[str, Any]]:
         }
         for p in points
     ]
+
+
+def decode_timings(points: DecodePoints) -> dict[str, Any]:
+    """The decode timings, in microseconds, kept in the table's file."""
+
+    def us(value: float | str) -> float | str:
+        return 1e6 * value if isinstance(value, float) else value
+
+    return {
+        "tilings": [
+            {
+                "tokens": count,
+                "kernel": "gate_up" if gate_up else "down",
+                "us": {f"{o}x{w}": us(v) for (o, w), v in results.items()},
+            }
+            for (count, gate_up), results in points.tilings.items()
+        ],
+        "paths": [
+            {"tokens": count, "us": {path: us(v) for path, v in times.items()}}
+            for count, times in points.paths.items()
+        ],
+    }
 
 
 # -- on the GPU ----------------------------------------------------------------
@@ -284,8 +443,9 @@ def shape_of_model(path: Path) -> Shape:
 
 
 class GpuTimer:
-    """Times one kernel's call on this GPU: a layer per shape made once,
-    pairs routed once per count."""
+    """Times on this GPU one call of a tensor-core kernel (a `Timer`), of a
+    decode kernel (`decode`) or of the installed layer on one path
+    (`path`): a layer per shape made once, pairs routed once per count."""
 
     ROUNDS, BATCH = 5, 10
 
@@ -294,7 +454,6 @@ class GpuTimer:
 
     def __call__(self, shape: Shape, tokens: int, gate_up: bool, tiling: Tiling) -> float:
         from .activations import SWIGLU, KernelActivation
-        from .bench import seconds_of
         from .formats import QuantizedArrays
         from .grouped import grouped_gemm, route
 
@@ -309,18 +468,74 @@ class GpuTimer:
         activation = KernelActivation(SWIGLU) if gate_up else None
         top_k = shape.top_k if gate_up else 1
 
-        def batch() -> list[mx.array]:
-            return [
-                grouped_gemm(
-                    x, arrays, order, tiles, activation=activation, top_k=top_k, tiling=tiling
-                )
-                for _ in range(self.BATCH)
-            ]
+        return self._seconds(
+            lambda: grouped_gemm(
+                x, arrays, order, tiles, activation=activation, top_k=top_k, tiling=tiling
+            )
+        )
 
-        seconds_of(batch)  # the kernel's first launch loads it
+    def decode(self, shape: Shape, tokens: int, gate_up: bool, tiling: tuple[int, int]) -> float:
+        """A `DecodeTimer`: one decode kernel (`gather_qmv`) call."""
+        from .activations import SWIGLU, KernelActivation
+        from .decode import gather_qmv
+        from .formats import QuantizedArrays
+
+        pairs = tokens * shape.top_k
+        rows, k = (tokens, shape.hidden) if gate_up else (pairs, shape.width)
+        x = mx.random.normal((rows, k)).astype(mx.bfloat16)
+        indices = mx.random.randint(0, shape.experts, (pairs,)).astype(mx.uint32)
+        mx.eval(x, indices)
+        arrays = QuantizedArrays.of(self._projection(shape, gate_up))
+        activation = KernelActivation(SWIGLU) if gate_up else None
+        outs, warps = tiling
+
+        def call() -> mx.array:
+            return gather_qmv(
+                x,
+                arrays,
+                indices,
+                activation=activation,
+                x_div=shape.top_k if gate_up else 1,
+                outs=outs,
+                warps=warps,
+            )
+
+        return self._seconds(call)
+
+    def path(self, shape: Shape, tokens: int, path: str) -> float:
+        """A `PathTimer`: one call of the installed layer with its decode
+        range moved so that every call takes ``path``."""
+        layer = self._layer(shape)
+        chosen = layer.kernels
+        if path == "tensor_cores" and chosen.grouped is None:
+            raise RuntimeError("this layer has no tensor-core path here")
+        limit = 1 << 30 if path == "decode" else 0
+        forced = dataclasses.replace(
+            chosen, decode=dataclasses.replace(chosen.decode, max_pairs=limit)
+        )
+        x = mx.random.normal((tokens, shape.hidden)).astype(mx.bfloat16)
+        indices = mx.random.randint(0, shape.experts, (tokens, shape.top_k)).astype(mx.uint32)
+        mx.eval(x, indices)
+        layer.kernels = forced
+        try:
+            return self._seconds(lambda: layer(x, indices))
+        finally:
+            layer.kernels = chosen
+
+    def _seconds(self, call: Callable[[], mx.array]) -> float:
+        from .bench import seconds_of
+
+        def batch() -> list[mx.array]:
+            return [call() for _ in range(self.BATCH)]
+
+        seconds_of(batch)  # the first launch loads the kernel
         return statistics.median(seconds_of(batch) for _ in range(self.ROUNDS)) / self.BATCH
 
     def _projection(self, shape: Shape, gate_up: bool) -> nn.Module:
+        layer = self._layer(shape)
+        return layer["gate_up_proj"] if gate_up else layer["down_proj"]
+
+    def _layer(self, shape: Shape) -> nn.Module:
         if shape not in self._layers:
             from mlx_lm.models.switch_layers import SwitchGLU
 
@@ -333,8 +548,7 @@ class GpuTimer:
             mx.eval(layer.parameters())
             install(layer, reserve_bytes=0)
             self._layers[shape] = layer
-        layer = self._layers[shape]
-        return layer["gate_up_proj"] if gate_up else layer["down_proj"]
+        return self._layers[shape]
 
 
 def write(out: Path, data: dict[str, Any]) -> None:
