@@ -72,6 +72,26 @@ def as_cuda(monkeypatch):
         factory.cache_clear()
 
 
+@pytest.fixture
+def launches(as_cuda, monkeypatch) -> list:
+    """Every kernel launch, recorded (spec and inputs) instead of run: outputs
+    are zeros of the shapes asked for. install prepares nothing."""
+    import mlx.core as mx
+
+    from moefuse_runtime import cuda
+    from moefuse_runtime.cuda import jit
+
+    launched: list = []
+
+    def fake_launch(spec, kernel, *, inputs, output_shapes, output_dtypes, **call):
+        launched.append((spec, inputs))
+        return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes, strict=True)]
+
+    monkeypatch.setattr(jit, "launch", fake_launch)
+    monkeypatch.setattr(cuda, "prepare_all", lambda specs, arch, **_: jit.BuildReport({}, 0.0))
+    return launched
+
+
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory) -> Path:
     """A tiny demo model directory, written once per test session."""

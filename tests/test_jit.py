@@ -253,21 +253,6 @@ class StandInDown(nn.Module):
         return mx.zeros((*indices.shape, 1, self.hidden), h.dtype)
 
 
-@pytest.fixture
-def launches(as_cuda, monkeypatch) -> list[tuple[jit.KernelSpec, list]]:
-    """Every kernel launch, recorded (spec and inputs) instead of run: outputs
-    are zeros of the shapes asked for. install prepares nothing."""
-    launched: list[tuple[jit.KernelSpec, list]] = []
-
-    def fake_launch(spec, kernel, *, inputs, output_shapes, output_dtypes, **call):
-        launched.append((spec, inputs))
-        return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes, strict=True)]
-
-    monkeypatch.setattr(jit, "launch", fake_launch)
-    monkeypatch.setattr(cuda, "prepare_all", lambda specs, arch, **_: jit.BuildReport({}, 0.0))
-    return launched
-
-
 def same_array(a: mx.array, b: mx.array) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and mx.array_equal(a, b).item()
 

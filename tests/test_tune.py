@@ -11,7 +11,7 @@ from conftest import run
 from kernel_checks import kernels_on, quantized_layer  # noqa: F401 - kernels_on: autouse
 
 import moefuse_runtime
-from moefuse_runtime.cuda import tiles, tune
+from moefuse_runtime.cuda import decode, grouped, tiles, tune
 from moefuse_runtime.cuda.device import ARCH_LIMITS, Limits
 from moefuse_runtime.cuda.formats import WeightFormat
 from moefuse_runtime.cuda.tiles import Tiling
@@ -209,6 +209,27 @@ def test_the_decode_range_ends_where_the_tensor_cores_first_win(crossover, faili
     # count: unknown (the base's stays); failing later: the range ends there
     points = tune.measure_decode(SHAPE, *fake_decode_timers(crossover, failing))
     assert tune.boundary(points, SHAPE) == expected
+
+
+def test_the_gpu_timer_launches_the_kernels_it_times(launches):
+    # on the CPU with launches recorded, not run: each timer launches what
+    # it names, and a forced path leaves the layer's own kernels in place
+    timer = tune.GpuTimer()
+    timer.ROUNDS = timer.BATCH = 1
+    assert timer.decode(SHAPE, 4, True, (2, 8)) > 0
+    assert {(s.name, dict(s.template)["OUTS"]) for s, _ in launches} == {
+        (decode.GEMV_NAMES[True], 2)
+    }
+    layer = timer._layer(SHAPE)
+    installed = layer.kernels
+    for path, names in (
+        ("decode", set(decode.GEMV_NAMES.values())),
+        ("tensor_cores", {grouped.GEMM_NAME, grouped.ROUTE_NAME}),
+    ):
+        launches.clear()
+        assert timer.path(SHAPE, 4, path) > 0
+        assert {s.name for s, _ in launches} == names
+        assert layer.kernels is installed
 
 
 def test_shape_of_a_model_directory(demo_model):
