@@ -38,7 +38,7 @@ Start-up is also timed on its own (``starts``): servers started and stopped
 as soon as ``/health`` answers, plain and fused alternating, since one start
 per server and round says little about a difference of a second. And the
 first single request's prompt is decoded in mlx-lm's own loop (``mlx_lm
-generate``, plain and under ``moefuse run``; `model_loop`): the model's
+generate``, plain, under ``moefuse run`` and FFN-free; `model_loop`): the model's
 time per token without a server, so that what the server adds per token
 stands beside the single-request ratio. JSON plus a PNG.
 """
@@ -613,14 +613,21 @@ GENERATION_RATE = re.compile(r"Generation: \d+ tokens, ([\d.]+) tokens-per-sec")
 
 def model_loop(model: Path, kind: str, workload: Workload, log: Path) -> float:
     """Milliseconds per token of ``workload``'s first prompt decoded by
-    ``mlx_lm generate`` (plain, or fused under ``moefuse run``), which
-    times its own decode steps."""
-    command = [sys.executable, "-m", "mlx_lm", "generate", "--model", str(model)]
-    command += ["--prompt", prompt(1000, workload.prompt_words)]
-    command += ["--max-tokens", str(workload.max_tokens), "--temp", "0"]
+    ``mlx_lm generate`` (plain, fused under ``moefuse run``, or bound: its
+    MoE FFNs a broadcast, `ffn_free`), which times its own decode steps."""
+    arguments = ["mlx_lm", "generate", "--model", str(model)]
+    arguments += ["--prompt", prompt(1000, workload.prompt_words)]
+    arguments += ["--max-tokens", str(workload.max_tokens), "--temp", "0"]
+    command = [sys.executable, *(("-c", LAUNCHER) if kind == "bound" else ("-m",)), *arguments]
     if kind == "fused":
         command = [sys.executable, "-m", "moefuse_runtime.cli", "run", "--", *command]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "EXO_FUSED_MOE": "1" if kind == "fused" else "0"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "EXO_FUSED_MOE": "1" if kind == "fused" else "0",
+        FFN_FREE_ENV: "1" if kind == "bound" else "0",
+        TRACE_ENV: "",
+    }
     done = subprocess.run(
         command, capture_output=True, text=True, env=env, timeout=REQUEST_TIMEOUT_S
     )
@@ -632,20 +639,20 @@ def model_loop(model: Path, kind: str, workload: Workload, log: Path) -> float:
 
 
 def loop_figures(model: Path, single: Workload, summary: dict, folder: Path) -> dict:
-    """`model_loop` for plain and fused, and what the server adds per token:
-    the single request's per-token latency p50 minus the loop's. A loop that
-    fails is reported (``error``), and the servers' figures stand."""
+    """`model_loop` for each server kind that ran (plain, fused, bound), and
+    what the server adds per token: the single request's per-token latency
+    p50 minus the loop's. A loop that fails is reported (``error``), and the
+    servers' figures stand."""
+    served = summary[single.name]["token_latency_p50_s"]
+    kinds = [k for k in ("plain", "fused", "bound") if k in served]
     try:
-        ms = {
-            kind: model_loop(model, kind, single, folder / f"loop-{kind}.log")
-            for kind in ("plain", "fused")
-        }
+        ms = {kind: model_loop(model, kind, single, folder / f"loop-{kind}.log") for kind in kinds}
     except (RuntimeError, subprocess.TimeoutExpired) as error:
         return {"error": str(error)[-2000:]}
-    served = summary[single.name]["token_latency_p50_s"]
     return {
         "ms_per_token": ms,
         "ratio": ms["plain"] / ms["fused"],
+        **({"bound_ratio": ms["plain"] / ms["bound"]} if "bound" in ms else {}),
         "server_adds_ms_per_token": {k: 1e3 * served[k] - ms[k] for k in ms},
     }
 

@@ -161,6 +161,11 @@ def test_the_server_benchmark_runs_real_servers(app, tmp_path):
     for kind, added in loop["server_adds_ms_per_token"].items():
         assert added == pytest.approx(1e3 * served[kind] - loop["ms_per_token"][kind])
     assert "fused 4/4 SwitchGLU layers" in (out / "loop-fused.log").read_text()
+    assert set(loop["ms_per_token"]) == {"plain", "fused", "bound"} and loop["bound_ratio"] > 0
+    texts = {
+        k: (out / f"loop-{k}.log").read_text().split("==========")[1] for k in loop["ms_per_token"]
+    }
+    assert texts["plain"] == texts["fused"] != texts["bound"]  # the bound's MoE FFNs: a broadcast
     starts = result["starts"]
     assert [len(starts["seconds"][s]) for s in ("plain", "fused")] == [1, 1]
     assert min(starts["median_s"].values()) > 0
@@ -259,6 +264,7 @@ def test_the_benchmark_prefills_a_padded_batch_as_a_server_does():
 def test_a_failed_model_loop_is_reported_and_the_servers_figures_stand(tmp_path):
     from moefuse_runtime.server_bench import SMOKE_WORKLOADS, loop_figures
 
-    figures = loop_figures(tmp_path / "no-model", SMOKE_WORKLOADS[0], {}, tmp_path)
+    served = {"single": {"token_latency_p50_s": {"plain": 0.01, "fused": 0.01}}}
+    figures = loop_figures(tmp_path / "no-model", SMOKE_WORKLOADS[0], served, tmp_path)
     assert set(figures) == {"error"} and "mlx_lm generate (plain) failed" in figures["error"]
     assert (tmp_path / "loop-plain.log").read_text()  # mlx-lm's own words are kept
