@@ -8,7 +8,9 @@
 #
 # Compiled kernels are compiled once, not once per shard:
 # - this package's kernel cache is one folder that every shard shares (its
-#   writes are atomic: tests/test_jit.py);
+#   writes are atomic: tests/test_jit.py); $GPU_TESTS_STORE names a folder
+#   that outlives the run, so that a later run (the other half of the
+#   files) reuses what this one compiled;
 # - MLX's own cache is not safe to share while it is written (it writes in
 #   place), so a warm-up process first runs the first test of each file, and
 #   each shard starts from its own copy of the cache that process left.
@@ -28,8 +30,9 @@ pytest_ids() {  # node ids one per line on stdin (they hold spaces: "affine 3-bi
   xargs -r -d '\n' python3 -m pytest -v -rs -p no:cacheprovider "$@"
 }
 
-mkdir -p "$caches/warm" "$caches/moefuse"
-ln -s "$caches/moefuse" "$caches/warm/moefuse"
+store=${GPU_TESTS_STORE:-$caches/moefuse}
+mkdir -p "$caches/warm" "$store"
+ln -s "$store" "$caches/warm/moefuse"
 awk -F'::' '!seen[$1]++' "$logdir/ids.txt" > "$logdir/warm-ids.txt"
 start=$(date +%s)
 MOEFUSE_TEST_CACHE_ROOT="$caches/warm" pytest_ids < "$logdir/warm-ids.txt" > "$logdir/warm.log" 2>&1
@@ -38,7 +41,7 @@ echo "run_gpu_tests: warm-up ($(wc -l < "$logdir/warm-ids.txt") tests) took $(( 
 pids=()
 for ((k = 0; k < shards; k++)); do
   awk -v n="$shards" -v k="$k" '(NR - 1) % n == k' "$logdir/ids.txt" > "$logdir/ids-$k.txt"
-  mkdir -p "$caches/$k" && ln -s "$caches/moefuse" "$caches/$k/moefuse"
+  mkdir -p "$caches/$k" && ln -s "$store" "$caches/$k/moefuse"
   [ -d "$caches/warm/mlx" ] && cp -r "$caches/warm/mlx" "$caches/$k/mlx"
   # a session of its own per shard: stopping the script stops its pytest too
   MOEFUSE_TEST_CACHE_ROOT="$caches/$k" setsid bash -c "$(declare -f pytest_ids); pytest_ids" \
