@@ -52,7 +52,9 @@ def cpu_device():
 @pytest.fixture
 def as_cuda(monkeypatch):
     """Kernel selection and launch arguments as on a CUDA GPU of architecture
-    ``as_cuda["value"]`` (sm_90 unless a test sets it), the kernels on:
+    ``as_cuda["value"]`` (sm_90 unless a test sets it) whose name no tile
+    table lists (the table is the architecture's, on any machine), the
+    kernels on:
     `mx.fast.cuda_kernel` makes stand-ins that a test's fake ``jit.launch``
     may take; nothing runs on a GPU."""
     import mlx.core as mx
@@ -63,6 +65,7 @@ def as_cuda(monkeypatch):
     arch = {"value": "sm_90"}
     monkeypatch.setattr(cuda, "backend", lambda: "cuda")
     monkeypatch.setattr(cuda, "device_arch", lambda: arch["value"])
+    monkeypatch.setattr(cuda, "device_name", lambda: "")
     monkeypatch.setattr(cuda, "device_limits", device.limits_of)  # the table's, not a driver's
     monkeypatch.setenv("MOEFUSE_KERNEL", "1")
     monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **_: object())
