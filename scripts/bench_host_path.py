@@ -10,7 +10,13 @@ batches of 1, 16, 32 and 64 sequences. Medians of
 ``--repeats`` rounds of ``--calls`` calls each, in microseconds per call.
 
     python scripts/bench_host_path.py OUT.json [--calls 200] [--repeats 9]
-        [--emulate-cuda] [--baseline CHECKOUT --rounds 5]
+        [--encode] [--emulate-cuda] [--baseline CHECKOUT --rounds 5]
+
+``--encode`` (on the GPU) also times what MLX adds on the host: 48 blocks
+chained as in a decode step, their graph built (``build_us``) and handed to
+``mx.async_eval`` (``launch_us``: MLX encodes each kernel and launches its
+CUDA graphs), the GPU's own time excluded (each step is synchronized
+outside the timing); per block, medians of ``--repeats`` steps.
 
 ``--emulate-cuda`` runs on any machine: the package selects and calls its
 kernel paths as on an sm_90 GPU, and each launch returns zeros instead of
@@ -51,6 +57,31 @@ def per_call_us(fn, calls: int, repeats: int) -> float:
     return statistics.median(rounds)
 
 
+STEP_LAYERS = 48
+
+
+def encode_us(block, x, repeats: int) -> dict:
+    """Host time per block of a decode step's ``STEP_LAYERS`` chained blocks:
+    building their graph, and MLX encoding and launching it."""
+    import mlx.core as mx
+
+    build, launch = [], []
+    for i in range(repeats + 3):
+        mx.synchronize()
+        start = time.perf_counter()
+        y = x
+        for _ in range(STEP_LAYERS):
+            y = block(y)
+        built = time.perf_counter()
+        mx.async_eval(y)
+        launched = time.perf_counter()
+        mx.synchronize()
+        if i >= 3:
+            build.append((built - start) / STEP_LAYERS * 1e6)
+            launch.append((launched - built) / STEP_LAYERS * 1e6)
+    return {"build_us": statistics.median(build), "launch_us": statistics.median(launch)}
+
+
 def emulate_cuda() -> None:
     """Kernel paths chosen and called as on an sm_90 GPU, launches returning zeros."""
     import mlx.core as mx
@@ -75,7 +106,7 @@ def use_checkout(checkout: str) -> None:
     sys.path.insert(0, checkout)
 
 
-def measure(calls: int, repeats: int, emulate: bool) -> dict:
+def measure(calls: int, repeats: int, emulate: bool, encode: bool = False) -> dict:
     """One process's figures for the package it imports."""
     import mlx.core as mx
 
@@ -106,12 +137,19 @@ def measure(calls: int, repeats: int, emulate: bool) -> dict:
             "block_us": per_call_us(lambda x=x: block(x), calls, repeats),
             "unfused_block_us": per_call_us(lambda x=x: unfused(x), calls, repeats),
         }
+        if encode:
+            result[str(seqs)]["encode"] = {
+                "fused": encode_us(block, x, repeats),
+                "unfused": encode_us(unfused, x, repeats),
+            }
     # the server benchmark's bound: mlx-lm's block with its SwitchGLU a broadcast
     from moefuse_runtime.server_bench import ffn_free
 
     ffn_free("mlx_lm")
     for seqs, x in inputs.items():
         result[str(seqs)]["ffn_free_block_us"] = per_call_us(lambda x=x: unfused(x), calls, repeats)
+        if encode:
+            result[str(seqs)]["encode"]["ffn_free"] = encode_us(unfused, x, repeats)
     return result
 
 
@@ -156,6 +194,7 @@ def main() -> int:
     parser.add_argument("out", help="JSON file to write ('-': print it)")
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--encode", action="store_true")
     parser.add_argument("--emulate-cuda", action="store_true")
     parser.add_argument("--baseline", help="another checkout of the package to compare with")
     parser.add_argument("--rounds", type=int, default=5)
@@ -167,7 +206,7 @@ def main() -> int:
     if args.baseline:
         result = compare(args)
     else:
-        result = measure(args.calls, args.repeats, args.emulate_cuda)
+        result = measure(args.calls, args.repeats, args.emulate_cuda, args.encode)
     text = json.dumps(result, indent=2)
     if args.out == "-":
         print(text)
