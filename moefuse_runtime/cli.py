@@ -414,8 +414,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "--server-loop",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="--server: also decode the single request's prompt in mlx-lm's own loop "
-        "(mlx_lm generate), plain and fused, to show what the server adds per token",
+        help="--server: also decode the single request's prompt without a server, in "
+        "mlx-lm's own loop (mlx_lm generate) and its BatchGenerator, plain, fused and "
+        "bound, to show what the server adds per token",
     )
     p.add_argument(
         "--server-app",

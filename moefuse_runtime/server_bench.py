@@ -40,13 +40,17 @@ per server and round says little about a difference of a second. And the
 first single request's prompt is decoded in mlx-lm's own loop (``mlx_lm
 generate``, plain, under ``moefuse run`` and FFN-free; `model_loop`): the model's
 time per token without a server, so that what the server adds per token
-stands beside the single-request ratio. JSON plus a PNG.
+stands beside the single-request ratio; and by mlx-lm's ``BatchGenerator``
+in a thread, as the server's generation thread runs it but with no HTTP
+(`batch_decode`), its steps timed: what mlx-lm's batching adds to a step
+apart from what the server around it adds. JSON plus a PNG.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import math
 import os
 import random
 import re
@@ -609,16 +613,24 @@ def time_starts(app: App, model: Path, starts: int, folder: Path, server_args: l
 
 
 GENERATION_RATE = re.compile(r"Generation: \d+ tokens, ([\d.]+) tokens-per-sec")
+BATCH_RATE = re.compile(r"Batch decode: ([\d.]+) ms/token")
+LOOPS = ("loop", "batch")
+"""mlx-lm's own loop (``mlx_lm generate``), and a server's generation thread
+without the server (`batch_decode`)."""
 
 
-def model_loop(model: Path, kind: str, workload: Workload, log: Path) -> float:
-    """Milliseconds per token of ``workload``'s first prompt decoded by
-    ``mlx_lm generate`` (plain, fused under ``moefuse run``, or bound: its
-    MoE FFNs a broadcast, `ffn_free`), which times its own decode steps."""
-    arguments = ["mlx_lm", "generate", "--model", str(model)]
-    arguments += ["--prompt", prompt(1000, workload.prompt_words)]
-    arguments += ["--max-tokens", str(workload.max_tokens), "--temp", "0"]
-    command = [sys.executable, *(("-c", LAUNCHER) if kind == "bound" else ("-m",)), *arguments]
+def model_loop(model: Path, kind: str, workload: Workload, log: Path, how: str = "loop") -> float:
+    """Milliseconds per token of ``workload``'s first prompt decoded without
+    a server (``how``: `LOOPS`), plain, fused under ``moefuse run``, or bound
+    (its MoE FFNs a broadcast, `ffn_free`); each times its own decode steps."""
+    text = prompt(1000, workload.prompt_words)
+    if how == "loop":
+        arguments = ["mlx_lm", "generate", "--model", str(model), "--prompt", text]
+        arguments += ["--max-tokens", str(workload.max_tokens), "--temp", "0"]
+        command = [sys.executable, *(("-c", LAUNCHER) if kind == "bound" else ("-m",)), *arguments]
+    else:
+        command = [sys.executable, "-m", __name__, "batch-decode", str(model), text]
+        command.append(str(workload.max_tokens))
     if kind == "fused":
         command = [sys.executable, "-m", "moefuse_runtime.cli", "run", "--", *command]
     env = {
@@ -626,34 +638,100 @@ def model_loop(model: Path, kind: str, workload: Workload, log: Path) -> float:
         "HF_HUB_OFFLINE": "1",
         "EXO_FUSED_MOE": "1" if kind == "fused" else "0",
         FFN_FREE_ENV: "1" if kind == "bound" else "0",
-        TRACE_ENV: "",
+        TRACE_ENV: str(log.with_suffix(".steps.jsonl")) if how == "batch" else "",
     }
     done = subprocess.run(
         command, capture_output=True, text=True, env=env, timeout=REQUEST_TIMEOUT_S
     )
     log.write_text(done.stdout + done.stderr)
-    rate = GENERATION_RATE.search(done.stdout)
+    rate = (GENERATION_RATE if how == "loop" else BATCH_RATE).search(done.stdout)
     if done.returncode != 0 or rate is None:
-        raise RuntimeError(f"mlx_lm generate ({kind}) failed: {log.read_text()[-2000:]}")
-    return 1e3 / float(rate.group(1))
+        program = "mlx_lm generate" if how == "loop" else "batch decode"
+        raise RuntimeError(f"{program} ({kind}) failed: {log.read_text()[-2000:]}")
+    value = float(rate.group(1))
+    return 1e3 / value if how == "loop" else value
+
+
+def batch_decode(model: str, text: str, max_tokens: int) -> None:
+    """What ``mlx_lm.server``'s generation thread does for one request, without
+    the server: mlx-lm's ``BatchGenerator`` on the thread's default stream,
+    in a thread of its own, decoding ``text`` (chat template applied, as the
+    server and ``mlx_lm generate`` do) greedily. Prints the median time per
+    token and the text. `FFN_FREE_ENV` and `TRACE_ENV` as for `serve`."""
+    import threading
+
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import BatchGenerator
+
+    if os.environ.get(FFN_FREE_ENV) == "1":
+        ffn_free("mlx_lm")
+    if os.environ.get(TRACE_ENV):
+        trace_steps(os.environ[TRACE_ENV])
+    loaded, tokenizer = load(model)[:2]
+    messages = [{"role": "user", "content": text}]
+    tokens = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    times: list[float] = []
+    out: list[int] = []
+
+    def decode() -> None:
+        generator = BatchGenerator(loaded, stream=mx.default_stream(mx.default_device()))
+        generator.insert([tokens], max_tokens=[max_tokens])
+        finished = False
+        while not finished:
+            responses = generator.next_generated()
+            times.append(time.perf_counter())
+            out.extend(r.token for r in responses)
+            finished = not responses or any(r.finish_reason is not None for r in responses)
+        generator.close()
+
+    worker = threading.Thread(target=decode)
+    worker.start()
+    worker.join()
+    gaps = [b - a for a, b in pairwise(times)]
+    print(f"Batch decode: {1e3 * statistics.median(gaps):.4f} ms/token, {len(out)} tokens")
+    print(f"=========={tokenizer.decode(out)}==========", flush=True)
+    # MLX 0.32 at times aborts at exit after a thread made its own default
+    # stream (std::terminate in its teardown; so does a plain model): the
+    # figures are out, leave without the teardown
+    os._exit(0)
 
 
 def loop_figures(model: Path, single: Workload, summary: dict, folder: Path) -> dict:
-    """`model_loop` for each server kind that ran (plain, fused, bound), and
-    what the server adds per token: the single request's per-token latency
-    p50 minus the loop's. A loop that fails is reported (``error``), and the
-    servers' figures stand."""
+    """`model_loop`, each way of `LOOPS`, for each server kind that ran
+    (plain, fused, bound), and what the server adds per token over each:
+    the single request's per-token latency p50 minus the loop's. The
+    batch's decode steps are timed (`trace_steps`): ``batch_steps``. A
+    loop that fails is reported (``error``), and the servers' figures stand."""
     served = summary[single.name]["token_latency_p50_s"]
     kinds = [k for k in ("plain", "fused", "bound") if k in served]
     try:
-        ms = {kind: model_loop(model, kind, single, folder / f"loop-{kind}.log") for kind in kinds}
+        ms = {
+            how: {
+                kind: model_loop(model, kind, single, folder / f"{how}-{kind}.log", how)
+                for kind in kinds
+            }
+            for how in LOOPS
+        }
     except (RuntimeError, subprocess.TimeoutExpired) as error:
         return {"error": str(error)[-2000:]}
+    steps = {}
+    for kind in kinds:
+        path = folder / f"batch-{kind}.steps.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        figures = step_figures(rows, (-math.inf, math.inf))
+        if figures is not None:
+            steps[kind] = figures
+    loop, batch = ms["loop"], ms["batch"]
     return {
-        "ms_per_token": ms,
-        "ratio": ms["plain"] / ms["fused"],
-        **({"bound_ratio": ms["plain"] / ms["bound"]} if "bound" in ms else {}),
-        "server_adds_ms_per_token": {k: 1e3 * served[k] - ms[k] for k in ms},
+        "ms_per_token": loop,
+        "ratio": loop["plain"] / loop["fused"],
+        **({"bound_ratio": loop["plain"] / loop["bound"]} if "bound" in loop else {}),
+        "server_adds_ms_per_token": {k: 1e3 * served[k] - loop[k] for k in loop},
+        "batch_ms_per_token": batch,
+        "batch_ratio": batch["plain"] / batch["fused"],
+        "server_adds_over_batch_ms_per_token": {k: 1e3 * served[k] - batch[k] for k in batch},
+        "batch_steps": steps,
     }
 
 
@@ -680,7 +758,8 @@ def run(
     in the JSON): on a machine that never ran MLX, the first server fills
     MLX's own disk cache of its kernels, which any server after it reads.
     ``starts`` start-only servers, plain and fused, are timed after the rounds;
-    with ``loop``, the single request's prompt in mlx-lm's own loop.
+    with ``loop``, the single request's prompt decoded without a server
+    (`loop_figures`).
     """
     import mlx.core as mx
 
@@ -733,15 +812,19 @@ def run(
     if loop:
         in_loop = summary["model_loop"] = loop_figures(model, workloads[0], summary, folder)
         if "error" in in_loop:
-            log(f"mlx-lm's own loop failed: {in_loop['error'][-300:]}")
+            log(f"decoding without a server failed: {in_loop['error'][-300:]}")
         else:
-            log(
-                "mlx-lm's own loop: "
-                + ", ".join(f"{k} {v:.1f} ms/token" for k, v in in_loop["ms_per_token"].items())
-                + "; the server adds "
-                + ", ".join(f"{k} {v:.1f}" for k, v in in_loop["server_adds_ms_per_token"].items())
-                + " ms/token"
-            )
+            for name, ms, adds in (
+                ("mlx-lm's own loop", "ms_per_token", "server_adds_ms_per_token"),
+                ("a BatchGenerator", "batch_ms_per_token", "server_adds_over_batch_ms_per_token"),
+            ):
+                log(
+                    f"{name}: "
+                    + ", ".join(f"{k} {v:.1f} ms/token" for k, v in in_loop[ms].items())
+                    + "; the server adds "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in in_loop[adds].items())
+                    + " ms/token"
+                )
     result = {
         "app": app.name,
         "preset": preset,
@@ -788,3 +871,9 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # `model_loop`'s batch, `batch_decode`
+    if sys.argv[1:2] != ["batch-decode"] or len(sys.argv) != 5:
+        sys.exit("usage: python -m moefuse_runtime.server_bench batch-decode MODEL TEXT MAX_TOKENS")
+    batch_decode(sys.argv[2], sys.argv[3], int(sys.argv[4]))
