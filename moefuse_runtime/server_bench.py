@@ -809,6 +809,21 @@ def run(
                 f"{100 * f['waiting_share']:.0f}% of steps), between steps "
                 f"{f['between_ms']:.1f} ms (medians)"
             )
+    result = {
+        "app": app.name,
+        "preset": preset,
+        "layers": layers,
+        "rounds": rounds,
+        "server_args": server_args,
+        "workloads": [asdict(w) for w in workloads],
+        "summary": summary,
+        "starts": start_only,
+        "runs": results,
+        "warmup": warmup_row,
+    }
+    # written before the loops and again after: a run stopped during them
+    # keeps the servers' figures
+    (folder / "server.json").write_text(json.dumps(result, indent=2))
     if loop:
         in_loop = summary["model_loop"] = loop_figures(model, workloads[0], summary, folder)
         if "error" in in_loop:
@@ -825,18 +840,6 @@ def run(
                     + ", ".join(f"{k} {v:.1f}" for k, v in in_loop[adds].items())
                     + " ms/token"
                 )
-    result = {
-        "app": app.name,
-        "preset": preset,
-        "layers": layers,
-        "rounds": rounds,
-        "server_args": server_args,
-        "workloads": [asdict(w) for w in workloads],
-        "summary": summary,
-        "starts": start_only,
-        "runs": results,
-        "warmup": warmup_row,
-    }
     (folder / "server.json").write_text(json.dumps(result, indent=2))
     plot(result, folder / "server.png")
     return result
