@@ -15,7 +15,8 @@ dynamic shared memory against the architecture's limit (cuda/device.py).
         [--filter TEXT ...] [--jobs N]
 
 The variants: the decode kernels for every format, dtype and activation
-kind; the tensor-core kernels for every tiling of tiles.json (with
+kind (with ``--candidates`` also at each outputs-per-warp `moefuse tune`
+times); the tensor-core kernels for every tiling of tiles.json (with
 ``--candidates`` also `moefuse tune`'s) and every format and dtype; the
 route kernel; the Hopper (wgmma) tilings on sm_90 alone. Exit status 1 if
 any variant fails to compile, needs more shared memory than its
@@ -115,15 +116,25 @@ def label_of(kind: str, dtype, proj, act) -> str:
     )
 
 
-def decode_variants() -> Iterator[Variant]:
+def decode_variants(candidates: bool = False) -> Iterator[Variant]:
+    """The decode kernels at the shipped tables' tilings (`tiles.Decode`), and
+    with ``candidates`` at every outputs-per-warp and block size `moefuse
+    tune` times (`tune.DECODE_TILINGS`; labelled ``outs=``)."""
     settings = tiles.Decode()
     for dtype, proj, act in formats_and_activations():
         k = 2880  # a multiple of every format's load unit
-        outs = settings.gate_up_tiling[0] if act else settings.short_row_tiling[0]
-        spec = decode.gemv_spec(proj, dtype, k, act, 8 if act else 1, outs)
-        threads = 32 * (settings.gate_up_tiling if act else settings.short_row_tiling)[1]
-        label = label_of("gemv", dtype, proj, act)
-        yield Variant(label, spec, decode.shared_bytes(k), threads=threads)
+        shipped = settings.gate_up_tiling if act else settings.short_row_tiling
+        tried = {shipped, *(tune.DECODE_TILINGS if candidates else ())}
+        # the warps per block set the launch, not the kernel: one variant per
+        # outputs per warp, checked at its largest block
+        for outs in sorted({o for o, _ in tried}):
+            warps = max(w for o, w in tried if o == outs)
+            spec = decode.gemv_spec(proj, dtype, k, act, 8 if act else 1, outs)
+            label = label_of("gemv", dtype, proj, act)
+            candidate = outs != shipped[0]
+            if candidate:
+                label += f" outs={outs}"
+            yield Variant(label, spec, decode.shared_bytes(k), candidate, 32 * warps)
 
 
 def tensor_core_variants(
@@ -272,7 +283,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     tilings, shipped = table_tilings(args.candidates), shipped_tilings()
-    variants = [*decode_variants(), *tensor_core_variants(tilings, shipped)]
+    variants = [*decode_variants(args.candidates), *tensor_core_variants(tilings, shipped)]
     variants = [v for v in variants if all(f in v.label for f in args.filter)]
     unique = list({v.spec.kernel_name: v for v in variants}.values())
     with tempfile.TemporaryDirectory() as include:

@@ -257,3 +257,26 @@ def test_tune_on_the_cpu_says_what_it_needs(args, code, words):
     assert done.returncode == code
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], done.stderr
+
+
+def test_the_compile_check_covers_every_decode_tiling_tune_times():
+    # scripts/check_kernel_source.py --candidates compiles each outputs-per-warp
+    # tune times, at its largest block; the shipped one is not a candidate
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import check_kernel_source as check
+
+    shipped = tiles.Decode().gate_up_tiling
+    label = "gemv bfloat16_t affine 4-bit g64 act=swiglu bias=False"
+    found = {
+        dict(v.spec.template)["OUTS"]: v
+        for v in check.decode_variants(candidates=True)
+        if v.label.startswith(label)
+    }
+    assert set(found) == {shipped[0]} | {outs for outs, _ in tune.DECODE_TILINGS}
+    for outs, variant in found.items():
+        warps = max(w for o, w in {shipped, *tune.DECODE_TILINGS} if o == outs)
+        assert variant.threads == 32 * warps
+        assert variant.candidate == (outs != shipped[0])
+    assert [v.label for v in check.decode_variants() if v.label.startswith(label)] == [label]
