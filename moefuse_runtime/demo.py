@@ -56,7 +56,8 @@ def build_demo_model(
     layers: int | None = None,
     dtype: mx.Dtype = mx.float32,
 ) -> nn.Module:
-    """The demo model in memory: random weights, 4-bit, evaluated.
+    """The demo model in memory: random weights, 4-bit, evaluated, in
+    inference mode (``eval()``) as mlx-lm's loaders leave a model.
 
     ``dtype`` is that of the activations, scales and unquantized weights:
     float32 runs everywhere; released checkpoints are bfloat16 (GPU only).
@@ -75,7 +76,7 @@ def build_demo_model(
     for layer in model.model.layers:  # still lazy: one layer's float weights at a time
         mx.eval(layer.parameters())
     mx.eval(model.parameters())
-    return model
+    return model.eval()
 
 
 def _quantizable(_path: str, module: nn.Module) -> bool:

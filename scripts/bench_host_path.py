@@ -115,8 +115,11 @@ def measure(calls: int, repeats: int, emulate: bool, encode: bool = False) -> di
     import moefuse_runtime
     from moefuse_runtime.demo import build_demo_model
 
-    model = build_demo_model("qwen3-30b-a3b", layers=1, dtype=mx.bfloat16)
+    # in inference mode, as mlx-lm's loaders leave a model (a baseline
+    # checkout's demo model may not be): only then do blocks run compiled
+    model = build_demo_model("qwen3-30b-a3b", layers=1, dtype=mx.bfloat16).eval()
     unfused = build_demo_model("qwen3-30b-a3b", layers=1, dtype=mx.bfloat16).model.layers[0].mlp
+    unfused.eval()
     report = moefuse_runtime.install(model, reserve_bytes=0)
     block = model.model.layers[0].mlp
     layer = block.switch_mlp
@@ -142,9 +145,12 @@ def measure(calls: int, repeats: int, emulate: bool, encode: bool = False) -> di
                 "fused": encode_us(block, x, repeats),
                 "unfused": encode_us(unfused, x, repeats),
             }
-    # the server benchmark's bound: mlx-lm's block with its SwitchGLU a broadcast
-    from moefuse_runtime.server_bench import ffn_free
-
+    # the server benchmark's bound: mlx-lm's block with its SwitchGLU a
+    # broadcast (not in checkouts older than the server benchmark's bound)
+    try:
+        from moefuse_runtime.server_bench import ffn_free
+    except ImportError:
+        return result
     ffn_free("mlx_lm")
     for seqs, x in inputs.items():
         result[str(seqs)]["ffn_free_block_us"] = per_call_us(lambda x=x: unfused(x), calls, repeats)

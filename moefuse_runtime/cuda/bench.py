@@ -301,8 +301,6 @@ def _model_pair(layers: int, preset: str = "qwen3-30b-a3b", dtype: mx.Dtype = mx
     from ..demo import build_demo_model
 
     plain, fused = (build_demo_model(preset, layers=layers, dtype=dtype) for _ in range(2))
-    for model in (plain, fused):
-        model.eval()
     return plain, fused, install(fused, reserve_bytes=0)
 
 
