@@ -17,9 +17,11 @@ and a block that does not qualify keeps running its forward as before:
 
 * at `compile_blocks`: it holds no distributed group (a sharded block's
   collectives stay outside compiled graphs);
-* at each call: eval mode, at most `COMPILED_TOKENS` tokens, and arguments
-  that are arrays or None, positional or keyword (mlx-vlm's ernie4_5_moe_vl
-  passes ``token_type_ids=``). Any other value (a cache, an int) keeps the
+* at each call: eval mode (mlx-lm's and mlx-vlm's loaders leave a model
+  so; the install report says when a model is not), at most
+  `COMPILED_TOKENS` tokens, and arguments that are arrays or None,
+  positional or keyword (mlx-vlm's ernie4_5_moe_vl passes
+  ``token_type_ids=``). Any other value (a cache, an int) keeps the
   call uncompiled: mx.compile would make each value a constant of its
   graph, a new trace for every new value;
 * when traced: it returns one array, raises nothing (reading an array's
@@ -211,6 +213,8 @@ def compile_blocks(model: nn.Module, is_layer: Callable[[nn.Module], bool]) -> l
         block.__class__ = compiled_class_for(own_class(block))
         compiled += 1
     notes = [f"MoE blocks: {compiled} compiled for calls of <= {COMPILED_TOKENS} tokens"]
+    if compiled and model.training:
+        notes[0] += " (the model is in training mode: they run uncompiled until model.eval())"
     notes += [f"MoE blocks: {n} not compiled, {why}" for why, n in left.items()]
     return notes[0 if compiled else 1 :]
 

@@ -130,6 +130,19 @@ def test_calls_outside_the_rules_run_uncompiled():
     assert state.graph is not None
 
 
+def test_the_notes_say_when_a_model_left_in_training_mode_runs_uncompiled():
+    block = fused_block()
+    assert "training mode" not in " ".join(blocks.compile_blocks(block, is_fused))
+    block.train()  # as nn.Module starts; mlx-lm's loaders call eval()
+    notes = blocks.compile_blocks(block, is_fused)
+    assert notes == [
+        f"MoE blocks: 1 compiled for calls of <= {blocks.COMPILED_TOKENS} tokens (the model"
+        " is in training mode: they run uncompiled until model.eval())"
+    ]
+    block(mx.random.normal((1, 1, 64)))
+    assert block.__dict__[blocks.STATE].graph is None
+
+
 def test_array_and_none_arguments_compile_other_values_do_not():
     # Keyword and positional arrays (mlx-vlm's ernie4_5_moe_vl passes
     # token_type_ids=) and None are inputs of the compiled call; a Python
