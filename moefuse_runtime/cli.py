@@ -285,9 +285,28 @@ def cmd_tune(args: argparse.Namespace) -> int:
     def progress(items, total):
         return tqdm(items, total=total, desc="moefuse tune", unit="tiling", file=sys.stderr)
 
-    timer = tune.GpuTimer()
-    points = tune.measure(shape, args.tokens, limits, timer, progress)
-    decode = tune.measure_decode(shape, timer.decode, timer.path, progress) if args.decode else None
+    timer, measured = tune.GpuTimer(), dict[str, object]()
+    partial = Path(args.out).with_suffix(".partial.json")
+
+    def hung(what, so_far) -> None:
+        """What was measured goes to ``partial`` before tune stops."""
+        kind = "tensor_cores" if isinstance(so_far, list) else "decode"
+        timings = tune.timings(so_far) if kind == "tensor_cores" else tune.decode_timings(so_far)
+        tune.write(partial, {**measured, kind: timings, "hung": what})
+        print(
+            f"\nmoefuse tune: {what} has run for {tune.CANDIDATE_SECONDS:.0f} s, as a kernel "
+            f"that never finishes would: stopped; what was measured is in {partial}",
+            file=sys.stderr,
+        )
+
+    watchdog = tune.Watchdog(tune.CANDIDATE_SECONDS, hung)
+    points = tune.measure(shape, args.tokens, limits, timer, progress, watchdog)
+    measured["tensor_cores"] = tune.timings(points)
+    decode = (
+        tune.measure_decode(shape, timer.decode, timer.path, progress, watchdog)
+        if args.decode
+        else None
+    )
     base = tiles.table_for(name, arch)
     table = tune.table(shape, points, name, arch, base, decode)
     tiles.parse(str(args.out), table)  # the file reads back as a table

@@ -280,3 +280,45 @@ def test_the_compile_check_covers_every_decode_tiling_tune_times():
         assert variant.threads == 32 * warps
         assert variant.candidate == (outs != shipped[0])
     assert [v.label for v in check.decode_variants() if v.label.startswith(label)] == [label]
+
+
+HANGING_TUNE = """
+import sys, time
+import moefuse_runtime.memory
+from moefuse_runtime import cli
+from moefuse_runtime.cuda import device, jit, tune
+
+moefuse_runtime.memory.backend = lambda: "cuda"
+jit.device_arch, jit.device_name = lambda: "sm_89", lambda: "a GPU of no table"
+device.device_limits = device.limits_of
+tune.CANDIDATE_SECONDS = 1.0
+
+
+class Timer:  # the third candidate's kernel never finishes
+    calls = 0
+
+    def __call__(self, shape, tokens, gate_up, tiling):
+        Timer.calls += 1
+        if Timer.calls == 3:
+            time.sleep(120)
+        return 1e-3
+
+
+tune.GpuTimer = Timer
+sys.exit(cli.main(["tune", "--preset", "qwen3-30b-a3b", "--tokens", "64", "--out", sys.argv[1]]))
+"""
+
+
+def test_a_kernel_that_never_finishes_stops_tune_with_what_was_measured(tmp_path):
+    # it cannot be interrupted from Python: the watchdog writes the timings
+    # so far beside the table and ends the process instead of waiting forever
+    out = tmp_path / "tiles.json"
+    done = run([sys.executable, "-c", HANGING_TUNE, str(out)], timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert "has run for 1 s" in done.stderr and "tiles.partial.json" in done.stderr
+    assert not out.exists()
+    partial = json.loads((tmp_path / "tiles.partial.json").read_text())
+    assert partial["hung"].startswith("64 tokens, gate_up, Tiling(")
+    (point,) = partial["tensor_cores"]
+    timed = [v for v in point["tflops"].values() if isinstance(v, float)]
+    assert len(timed) == 2  # the two candidates before it

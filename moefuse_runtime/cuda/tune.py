@@ -23,10 +23,13 @@ The result is a table in tiles.json's form (`tiles.parse`): point
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import statistics
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,12 +165,51 @@ def flops(shape: Shape, tokens: int, gate_up: bool) -> int:
     return 2 * pairs * shape.hidden * shape.width * (2 if gate_up else 1)
 
 
+CANDIDATE_SECONDS = 300.0
+"""The longest one measurement (a candidate's compile and timing, a few
+seconds) may take before `Watchdog` takes its kernel for one that never
+finishes."""
+
+
+class Watchdog:
+    """Ends the process, exit status 3, when one measurement runs longer
+    than ``seconds``: a kernel that never finishes (a tiling on a GPU no
+    table was measured on) cannot be interrupted from Python, and tune would
+    wait forever. ``on_expiry(what, so_far)`` runs first: the CLI writes what
+    was measured, ``so_far`` (the list of `Point` or the `DecodePoints` until
+    then)."""
+
+    def __init__(self, seconds: float, on_expiry: Callable[[str, Any], None]) -> None:
+        self.seconds, self.on_expiry = seconds, on_expiry
+
+    @contextlib.contextmanager
+    def watching(self, what: str, so_far: Callable[[], Any]) -> Iterator[None]:
+        timer = threading.Timer(self.seconds, self._expire, (what, so_far))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def _expire(self, what: str, so_far: Callable[[], Any]) -> None:
+        try:
+            self.on_expiry(what, so_far())
+        finally:
+            os._exit(3)
+
+
+def _watching(watchdog: Watchdog | None, what: str, so_far: Callable[[], Any]):
+    return watchdog.watching(what, so_far) if watchdog else contextlib.nullcontext()
+
+
 def measure(
     shape: Shape,
     tokens: Iterable[int],
     limits: Limits,
     timer: Timer,
     progress: Callable[[Iterable[Any], int], Iterable[Any]] = lambda items, total: items,
+    watchdog: Watchdog | None = None,
 ) -> list[Point]:
     """Every candidate at every count, for gate_up and for down."""
     plan = []
@@ -180,8 +222,10 @@ def measure(
     points: dict[tuple[int, bool], Point] = {}
     for count, rows, gate_up, tiling in progress(plan, len(plan)):
         point = points.setdefault((count, gate_up), Point(count, rows, gate_up, {}))
+        what = f"{count} tokens, {'gate_up' if gate_up else 'down'}, {tiling}"
         try:
-            seconds = timer(shape, count, gate_up, tiling)
+            with _watching(watchdog, what, lambda: list(points.values())):
+                seconds = timer(shape, count, gate_up, tiling)
             point.results[tiling] = flops(shape, count, gate_up) / seconds / 1e12
         except Exception as error:  # noqa: BLE001 - a failing candidate is recorded
             point.results[tiling] = f"failed: {type(error).__name__}: {error}"[:300]
@@ -217,6 +261,7 @@ def measure_decode(
     tiling_timer: DecodeTimer,
     path_timer: PathTimer,
     progress: Callable[[Iterable[Any], int], Iterable[Any]] = lambda items, total: items,
+    watchdog: Watchdog | None = None,
 ) -> DecodePoints:
     """Every decode tiling at `DECODE_TOKENS`, and the layer on each path at
     `BOUNDARY_TOKENS`."""
@@ -229,11 +274,13 @@ def measure_decode(
     plan += [("path", count, path, None) for count in BOUNDARY_TOKENS for path in PATHS]
     points = DecodePoints({}, {})
     for what, count, which, tiling in progress(plan, len(plan)):
+        label = f"{count} tokens, decode {what} {tiling or which}"
         try:
-            if what == "tiling":
-                seconds: float | str = tiling_timer(shape, count, which, tiling)
-            else:
-                seconds = path_timer(shape, count, which)
+            with _watching(watchdog, label, lambda: points):
+                if what == "tiling":
+                    seconds: float | str = tiling_timer(shape, count, which, tiling)
+                else:
+                    seconds = path_timer(shape, count, which)
         except Exception as error:  # noqa: BLE001 - a failing candidate is recorded
             seconds = f"failed: {type(error).__name__}: {error}"[:300]
         if what == "tiling":
