@@ -300,6 +300,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         )
 
     watchdog = tune.Watchdog(tune.CANDIDATE_SECONDS, hung)
+    build = timer.prepare(shape, tune.plan(shape, args.tokens, limits), args.decode)
+    print(build.summary(), file=sys.stderr)
     points = tune.measure(shape, args.tokens, limits, timer, progress, watchdog)
     measured["tensor_cores"] = tune.timings(points)
     decode = (

@@ -11,7 +11,7 @@ from conftest import run
 from kernel_checks import kernels_on, quantized_layer  # noqa: F401 - kernels_on: autouse
 
 import moefuse_runtime
-from moefuse_runtime.cuda import decode, grouped, tiles, tune
+from moefuse_runtime.cuda import decode, grouped, jit, tiles, tune
 from moefuse_runtime.cuda.device import ARCH_LIMITS, Limits
 from moefuse_runtime.cuda.formats import WeightFormat
 from moefuse_runtime.cuda.tiles import Tiling
@@ -232,6 +232,30 @@ def test_the_gpu_timer_launches_the_kernels_it_times(launches):
         assert layer.kernels is installed
 
 
+def test_the_gpu_timer_prepares_every_kernel_it_will_launch(launches, monkeypatch):
+    # compiled ahead, in parallel, before the first timing: exactly the
+    # variants the candidates' and the decode tilings' timings launch
+    prepared: list = []
+
+    def prepare_all(specs, arch):
+        prepared.extend(specs)
+        return jit.BuildReport({}, 0.0)
+
+    monkeypatch.setattr(jit, "prepare_all", prepare_all)
+    timer = tune.GpuTimer()
+    timer.ROUNDS = timer.BATCH = 1
+    planned = tune.plan(SHAPE, [16, 512], ARCH_LIMITS[90])
+    assert {t.wgmma for *_, t in planned} == {False, True}
+    timer.prepare(SHAPE, planned, decode=True)
+    launches.clear()
+    for count, _, gate_up, tiling in planned:
+        timer(SHAPE, count, gate_up, tiling)
+    for tiling in tune.DECODE_TILINGS:
+        for gate_up in (True, False):
+            timer.decode(SHAPE, 1, gate_up, tiling)
+    assert set(prepared) == {spec for spec, _ in launches}
+
+
 def test_shape_of_a_model_directory(demo_model):
     shape = tune.shape_of_model(demo_model)
     config = json.loads((demo_model / "config.json").read_text())
@@ -296,6 +320,9 @@ tune.CANDIDATE_SECONDS = 1.0
 
 class Timer:  # the third candidate's kernel never finishes
     calls = 0
+
+    def prepare(self, shape, planned, decode):
+        return jit.BuildReport({}, 0.0)
 
     def __call__(self, shape, tokens, gate_up, tiling):
         Timer.calls += 1

@@ -37,6 +37,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import jit
 from .device import Limits
 from .formats import WeightFormat
 from .tiles import Decode, Entry, TileTable, Tiling
@@ -203,6 +204,22 @@ def _watching(watchdog: Watchdog | None, what: str, so_far: Callable[[], Any]):
     return watchdog.watching(what, so_far) if watchdog else contextlib.nullcontext()
 
 
+Plan = list[tuple[int, float, bool, Tiling]]
+"""(tokens, rows per expert, gate_up, tiling) of each measurement, in order."""
+
+
+def plan(shape: Shape, tokens: Iterable[int], limits: Limits) -> Plan:
+    """Every candidate at every count, for gate_up and for down."""
+    planned: Plan = []
+    for count in tokens:
+        rows = count * shape.top_k / shape.experts
+        for gate_up in (True, False):
+            planned += [
+                (count, rows, gate_up, t) for t in candidates_for(rows, gate_up, shape.bits, limits)
+            ]
+    return planned
+
+
 def measure(
     shape: Shape,
     tokens: Iterable[int],
@@ -211,16 +228,10 @@ def measure(
     progress: Callable[[Iterable[Any], int], Iterable[Any]] = lambda items, total: items,
     watchdog: Watchdog | None = None,
 ) -> list[Point]:
-    """Every candidate at every count, for gate_up and for down."""
-    plan = []
-    for count in tokens:
-        rows = count * shape.top_k / shape.experts
-        for gate_up in (True, False):
-            plan += [
-                (count, rows, gate_up, t) for t in candidates_for(rows, gate_up, shape.bits, limits)
-            ]
+    """Every candidate at every count, for gate_up and for down (`plan`)."""
+    planned = plan(shape, tokens, limits)
     points: dict[tuple[int, bool], Point] = {}
-    for count, rows, gate_up, tiling in progress(plan, len(plan)):
+    for count, rows, gate_up, tiling in progress(planned, len(planned)):
         point = points.setdefault((count, gate_up), Point(count, rows, gate_up, {}))
         what = f"{count} tokens, {'gate_up' if gate_up else 'down'}, {tiling}"
         try:
@@ -498,6 +509,31 @@ class GpuTimer:
 
     def __init__(self) -> None:
         self._layers: dict[Shape, Any] = {}
+
+    def prepare(self, shape: Shape, planned: Plan, decode: bool) -> jit.BuildReport:
+        """Compile every kernel variant the timings will launch, in parallel
+        worker processes (install's mechanism), before the first is timed:
+        one by one at their first launches, their compiles took most of a
+        tune run. ``decode``: the decode tilings' variants too."""
+        from .activations import SWIGLU, KernelActivation
+        from .decode import gemv_spec
+        from .formats import QuantizedArrays
+        from .grouped import gemm_spec, route_spec
+
+        swiglu = KernelActivation(SWIGLU)
+        specs, bms = [], set()
+        for gate_up in (True, False):
+            proj = QuantizedArrays.of(self._projection(shape, gate_up))
+            k, activation = (shape.hidden, swiglu) if gate_up else (shape.width, None)
+            top_k = shape.top_k if gate_up else 1
+            for tiling in dict.fromkeys(t for *_, g, t in planned if g == gate_up):
+                specs.append(gemm_spec(proj, mx.bfloat16, k, activation, top_k, tiling))
+                bms.add(tiling.bm)
+            if decode:
+                for outs in dict.fromkeys(outs for outs, _ in DECODE_TILINGS):
+                    specs.append(gemv_spec(proj, mx.bfloat16, k, activation, top_k, outs))
+        specs += [route_spec(shape.experts, (bm, bm)) for bm in sorted(bms)]
+        return jit.prepare_all(specs, jit.kernel_arch())
 
     def __call__(self, shape: Shape, tokens: int, gate_up: bool, tiling: Tiling) -> float:
         from .activations import SWIGLU, KernelActivation
