@@ -276,15 +276,15 @@ def measure_decode(
 ) -> DecodePoints:
     """Every decode tiling at `DECODE_TOKENS`, and the layer on each path at
     `BOUNDARY_TOKENS`."""
-    plan: list[tuple] = [
+    steps: list[tuple] = [
         ("tiling", count, gate_up, t)
         for count in DECODE_TOKENS
         for gate_up in (True, False)
         for t in DECODE_TILINGS
     ]
-    plan += [("path", count, path, None) for count in BOUNDARY_TOKENS for path in PATHS]
+    steps += [("path", count, path, None) for count in BOUNDARY_TOKENS for path in PATHS]
     points = DecodePoints({}, {})
-    for what, count, which, tiling in progress(plan, len(plan)):
+    for what, count, which, tiling in progress(steps, len(steps)):
         label = f"{count} tokens, decode {what} {tiling or which}"
         try:
             with _watching(watchdog, label, lambda: points):
