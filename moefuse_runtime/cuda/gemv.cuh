@@ -249,7 +249,8 @@ __device__ void gemv(const T* x, const unsigned* w, const S* scales, const S* bi
       out[(size_t)pair * N + n] = static_cast<T>(first);
     } else if constexpr (ACT == NONE) {
       out[(size_t)pair * 2 * N + n] = static_cast<T>(first);
-      out[(size_t)pair * 2 * N + N + n] = static_cast<T>(with_bias<T>(second, bias, expert_row + N + n));
+      out[(size_t)pair * 2 * N + N + n] =
+          static_cast<T>(with_bias<T>(second, bias, expert_row + N + n));
     } else {
       const float up = with_bias<T>(second, bias, expert_row + N + n);
       out[(size_t)pair * N + n] = static_cast<T>(activate<T, ACT, ACT_P, ACT_Q>(first, up));
