@@ -662,6 +662,18 @@ def test_header_inlines_common_once():
     assert "__device__ void grouped_wgmma(" in hopper and "__device__ void route(" in hopper
 
 
+def test_kernel_sources_keep_the_python_line_length():
+    # The .cuh files read as the Python does: at most 100 characters a line.
+    folder = Path(cuda.__file__).parent
+    long_lines = [
+        f"{path.name}:{number}"
+        for path in sorted(folder.glob("*.cuh"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if len(line) > 100
+    ]
+    assert len(list(folder.glob("*.cuh"))) >= 4 and not long_lines, long_lines
+
+
 def test_kernel_header_includes_the_file_on_disk():
     # MLX hashes a kernel's whole source per launch: the launchers pass one
     # #include line naming the shipped file, which inlines to `header`.
