@@ -96,6 +96,21 @@ def test_wgmma_tilings_fit_sm_90_alone():
     assert dataclasses.replace(overlap, stages=4).why_not(True, 4, h100) is None
     mma_sync = grouped.Tiling(64, 128, 1, 4, 4, b_regs=True, overlap=True)
     assert "only the wgmma kernel" in mma_sync.why_not(True, 4, h100)
+    copying = grouped.Tiling(64, 128, 1, 4, 4, b_regs=True, producer=True)
+    assert "a copying warp" in copying.why_not(True, 4, h100)
+
+
+def test_a_copying_warpgroup_is_four_more_warps_and_two_barriers_a_stage():
+    t = grouped.Tiling(128, 256, 1, 8, 4, wgmma=True, producer=True)
+    assert t.threads == 12 * 32
+    plain = dataclasses.replace(t, producer=False)
+    assert t.shared_bytes(4) == plain.shared_bytes(4) + 4 * 2 * 8
+    h100 = ARCH_LIMITS[90]
+    assert t.why_not(True, 4, h100) is None and t.why_not(False, 8, h100) is None
+    for arch in (80, 89, 120):
+        assert "needs wgmma (sm_90)" in t.why_not(True, 4, ARCH_LIMITS[arch])
+    # it lends its registers to the other warpgroups of the SM's one block
+    assert "one block per SM" in dataclasses.replace(t, min_blocks=2).why_not(True, 4, h100)
 
 
 def test_a_table_of_wgmma_tilings_falls_through_off_hopper():
@@ -129,10 +144,16 @@ def test_wgmma_specs_name_the_hopper_kernel():
     assert spec.name == grouped.WGMMA_NAME and "moefuse::grouped_wgmma<" in spec.source
     assert "grouped_wgmma.cuh" in spec.header and "__launch_bounds__" not in spec.header
     names = [name for name, _ in spec.template]
-    assert names[-5:] == ["BM", "BN", "WARPS", "STAGES", "OVERLAP"]  # warpgroups, no B_REGS
+    # warpgroups, no B_REGS
+    assert names[-6:] == ["BM", "BN", "WARPS", "STAGES", "OVERLAP", "PRODUCER"]
+    assert dict(spec.template)["PRODUCER"] is False
     # 512 threads: a launch bound caps the registers at 128 (64K per SM)
     spec = grouped.gemm_spec(proj, mx.bfloat16, 256, SWIGLU_ACT, 8, four_groups)
     assert "__launch_bounds__(512, 1)" in spec.header
+    # a copying warpgroup: 384 threads under one launch bound
+    copying = dataclasses.replace(two_groups, producer=True)
+    spec = grouped.gemm_spec(proj, mx.bfloat16, 256, SWIGLU_ACT, 8, copying)
+    assert "__launch_bounds__(384, 1)" in spec.header and dict(spec.template)["PRODUCER"] is True
 
 
 def test_both_paths_are_selected_with_their_pair_ranges(as_cuda):
@@ -382,21 +403,32 @@ HOPPER_TILINGS = [
     grouped.Tiling(128, 256, 1, 16, 3, wgmma=True),
     grouped.Tiling(256, 128, 1, 8, 3, wgmma=True),
     grouped.Tiling(128, 256, 1, 16, 4, wgmma=True, overlap=True),
+    grouped.Tiling(128, 256, 1, 8, 4, wgmma=True, producer=True),
+    grouped.Tiling(256, 128, 1, 8, 3, wgmma=True, producer=True),
+    grouped.Tiling(64, 128, 1, 8, 4, wgmma=True, overlap=True, producer=True),
+]
+HOPPER_IDS = [
+    "bm64",
+    "bm128-bn256",
+    "bm256",
+    "bm128-bn256-overlap",
+    "bm128-bn256-producer",
+    "bm256-producer",
+    "bm64-producer-overlap",
 ]
 
 
 @needs_cuda
 @pytest.mark.parametrize(("mode", "bits", "group_size", "dtype"), HOPPER_FORMATS)
 @pytest.mark.parametrize("swiglu", [True, False])
-@pytest.mark.parametrize(
-    "tiling", HOPPER_TILINGS, ids=["bm64", "bm128-bn256", "bm256", "bm128-bn256-overlap"]
-)
+@pytest.mark.parametrize("tiling", HOPPER_TILINGS, ids=HOPPER_IDS)
 def test_wgmma_matches_the_mma_sync_kernel(mode, bits, group_size, dtype, swiglu, tiling):
     # The same dequantized weights and products as the register-fragment
     # mma.sync kernel of the same BM, summed in the tensor cores' own order:
     # close, not bitwise. gate_up: hidden 2912 (a k tail) or 2944, width 90
     # (columns past N); down: k 96 or 384, 2912/2944 outputs. 7 experts,
-    # 1-300 rows each (one tile of a BM 256, partial ones everywhere).
+    # 1-300 rows each (one tile of a BM 256, partial ones everywhere). A
+    # copying warpgroup (producer) changes who copies, not what is summed.
     needs_hopper()
     hidden = 2912 if group_size == 32 else 2944
     width = 90 if swiglu else 96 if group_size == 32 else 384
@@ -433,6 +465,46 @@ def test_wgmma_matches_the_mma_sync_kernel(mode, bits, group_size, dtype, swiglu
     )
     assert not mx.isnan(wgmma).any().item()
     assert relative_error(wgmma, expected) < TOLERANCE[dtype] / 4
+
+
+@needs_cuda
+@pytest.mark.parametrize(("mode", "bits", "group_size", "dtype"), HOPPER_FORMATS[1::3])
+@pytest.mark.parametrize("swiglu", [True, False])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_copying_warpgroup_changes_no_bit(mode, bits, group_size, dtype, swiglu, overlap):
+    # The same fragments and wgmmas in the same order, whoever copies the
+    # stages and however they are handed over: bitwise the same output.
+    # 2,944 inputs: 46 k-tiles through 4 stages, so every barrier phase
+    # turns over many times; down's 384: 6 k-tiles.
+    needs_hopper()
+    width = 90 if swiglu else 384
+    quant = {"bits": bits, "group_size": group_size} if mode == "affine" else {"mode": mode}
+    layer = quantized_layer(2944, width, 7, dtype=dtype, quantize_down=not swiglu, **quant)
+    moefuse_runtime.install(layer, reserve_bytes=0)
+    proj = QuantizedArrays.of(layer.gate_up_proj if swiglu else layer.down_proj)
+    k = proj.weight.shape[-1] * 32 // bits
+    counts = [1, 63, 64, 65, 130, 300, 7]
+    indices = np.random.default_rng(2).permutation(np.repeat(np.arange(7), counts))
+    indices = mx.array(indices, dtype=mx.uint32)
+    x = mx.random.normal((indices.size // (2 if swiglu else 1), k)).astype(dtype)
+    block_barrier = grouped.Tiling(128, 256, 1, 8, 4, wgmma=True, overlap=overlap)
+    copying = dataclasses.replace(block_barrier, producer=True)
+    order, tiles, _ = grouped.route(indices, 7, (128, 128))
+    plain, produced = (
+        grouped.grouped_gemm(
+            x,
+            proj,
+            order,
+            tiles,
+            activation=SWIGLU_ACT if swiglu else None,
+            top_k=2 if swiglu else 1,
+            tiling=tiling,
+            init_value=float("nan"),
+        )
+        for tiling in (block_barrier, copying)
+    )
+    assert not mx.isnan(produced).any().item()
+    assert mx.array_equal(plain, produced).item()
 
 
 def hopper_table(path: Path) -> Path:

@@ -155,7 +155,7 @@ GEMM_SOURCE = (
 WGMMA_NAME = "moefuse_grouped_wgmma"
 WGMMA_SOURCE = (
     "moefuse::grouped_wgmma<T, MODE, BITS, GROUP, K, N, GATE_UP, ACT, ACT_P, ACT_Q, TOP_K, BM, "
-    "BN, WARPS, STAGES, OVERLAP>(x, {args}, order, tiles, out);"
+    "BN, WARPS, STAGES, OVERLAP, PRODUCER>(x, {args}, order, tiles, out);"
 )
 
 
@@ -200,7 +200,11 @@ def gemm_spec(
         if tiling.wgmma
         else (("WARPS_M", tiling.warps_m), ("WARPS_N", tiling.warps_n))
     )
-    last = (("OVERLAP", tiling.overlap),) if tiling.wgmma else (("B_REGS", tiling.b_regs),)
+    last = (
+        (("OVERLAP", tiling.overlap), ("PRODUCER", tiling.producer))
+        if tiling.wgmma
+        else (("B_REGS", tiling.b_regs),)
+    )
     spec = jit.KernelSpec(
         name=WGMMA_NAME if tiling.wgmma else GEMM_NAME,
         inputs=(

@@ -24,6 +24,16 @@
 //
 // 4- and 8-bit codes (every format of common.cuh but the wordwise bits).
 // The schedule (route), the tiles and the rounding are grouped_gemm's.
+//
+// PRODUCER (warp specialization): one more warpgroup does every copy, and
+// the others only dequantize and multiply. They hand the stages over
+// through mbarriers, `full` (the copies of a stage landed:
+// cp.async.mbarrier.arrive) and `empty` (the wgmmas reading it are done),
+// instead of a block barrier per k-tile, so a warpgroup waits only for the
+// data it reads next, never for the slowest warp of the block. The copying
+// warpgroup gives its registers to the computing ones (setmaxnreg), whose
+// fragments and accumulators then fit where a block of the same threads
+// would spill.
 #pragma once
 
 #include "grouped_gemm.cuh"
@@ -103,14 +113,80 @@ __device__ __forceinline__ void hold(float& v) {
   asm volatile("" : "+f"(v)::"memory");
 }
 
+// ---- mbarriers (the PRODUCER hand-over) -------------------------------------
+
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbarrier_init(unsigned long long* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(shared_address(bar)),
+               "r"(count)
+               : "memory");
+}
+
+// Arrives once this thread's cp.asyncs issued so far have landed (.noinc:
+// the arrival is one of the barrier's expected count).
+__device__ __forceinline__ void mbarrier_arrive_copies(unsigned long long* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(
+                   shared_address(bar))
+               : "memory");
+}
+
+__device__ __forceinline__ void mbarrier_arrive(unsigned long long* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(shared_address(bar))
+               : "memory");
+}
+
+// The copying warpgroup's registers per thread, and the rest of a block's
+// 64K (one block per SM) spread over the computing warpgroups, in setmaxnreg's
+// units of 8 and up to its 256. A register file quarter (one SM
+// sub-partition) then holds one copying warp and WARPS / 4 computing ones.
+constexpr int COPY_REGISTERS = 64;
+
+__host__ __device__ constexpr int compute_registers(int warps) {
+  const int even = (65536 - 128 * COPY_REGISTERS) / (32 * warps) / 8 * 8;
+  return even < 256 ? even : 256;
+}
+
+template <int REGISTERS>
+__device__ __forceinline__ void registers_down() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGISTERS));
+#endif
+}
+
+template <int REGISTERS>
+__device__ __forceinline__ void registers_up() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGISTERS));
+#endif
+}
+
+// Waits until the barrier's phase of this parity has completed (acquire):
+// the n-th completion of a barrier ends phase n, of parity n % 2; a phase
+// before the first (parity 1 at the start) counts as completed.
+__device__ __forceinline__ void mbarrier_wait(unsigned long long* bar, unsigned parity) {
+  unsigned done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n.reg .pred complete;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 complete, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, complete;\n}\n"
+        : "=r"(done)
+        : "r"(shared_address(bar)), "r"(parity)
+        : "memory");
+  }
+}
+
 // out = act(x @ W[e]^T + bias[e]) for the tiles of `tiles`, as grouped_gemm
 // (same parameters and outputs). Block: WARPS warps (whole warpgroups), each
-// MT = BN / (16 WARPS) m-tiles of 16 weight rows; grid: tiles x column
-// tiles; dynamic shared memory: tiles.py's Tiling.shared_bytes(), 1,024
-// bytes of it for alignment.
+// MT = BN / (16 WARPS) m-tiles of 16 weight rows, and with PRODUCER one
+// copying warpgroup after them; grid: tiles x column tiles; dynamic shared
+// memory: tiles.py's Tiling.shared_bytes(), 1,024 bytes of it for alignment.
 template <typename T, int MODE, int BITS, int GROUP, int K, int N, bool GATE_UP, int ACT,
           int ACT_P, int ACT_Q, int TOP_K, int BM, int BN, int WARPS, int STAGES, bool OVERLAP,
-          typename S>
+          bool PRODUCER, typename S>
 __device__ void grouped_wgmma(const T* x, const unsigned* w, const S* scales, const S* biases,
                               const T* bias, const float* global_scale, const unsigned* order,
                               const int* tiles, T* out) {
@@ -132,9 +208,11 @@ __device__ void grouped_wgmma(const T* x, const unsigned* w, const S* scales, co
   // Copies run LEAD k-tiles ahead. With OVERLAP a k-tile's wgmmas still run
   // while the next k-tile starts (its barrier, copies, first fragments), so
   // the stage they read is refilled one k-tile later.
+  // (PRODUCER: as far ahead as the released stages allow, the same bound.)
   constexpr int LEAD = STAGES - 1 - (OVERLAP ? 1 : 0);
-  constexpr int A_ITERS = (BM * 8 + THREADS - 1) / THREADS;
-  constexpr int B_ITERS = (Q_STAGE_CHUNKS + THREADS - 1) / THREADS;
+  constexpr int COPIERS = PRODUCER ? 128 : THREADS;  // the threads that copy
+  constexpr int A_ITERS = (BM * 8 + COPIERS - 1) / COPIERS;
+  constexpr int B_ITERS = (Q_STAGE_CHUNKS + COPIERS - 1) / COPIERS;
   using Scale = GroupScale<T, MODE>;
   static_assert(BITS == 4 || BITS == 8, "wgmma path: 4- and 8-bit codes");
   static_assert(BM % 64 == 0 && BM <= 256 && WARPS % 4 == 0, "warpgroups, n64 wgmmas");
@@ -158,6 +236,9 @@ __device__ void grouped_wgmma(const T* x, const unsigned* w, const S* scales, co
   const unsigned skip = (1024u - (base & 1023u)) & 1023u;
   uint4* x_smem = smem + skip / 16;                  // STAGES x BM x 8 chunks
   uint4* q_smem = x_smem + STAGES * BM * 8;          // STAGES x BN x B_CHUNKS chunks
+  // PRODUCER: STAGES `full` then STAGES `empty` barriers
+  unsigned long long* full = reinterpret_cast<unsigned long long*>(q_smem + STAGES * Q_STAGE_CHUNKS);
+  unsigned long long* empty = full + STAGES;
 
   // The expert's weight row behind row r of the block's packed tile (gate_up:
   // the first BN/2 are gate rows, the rest the up rows of the same columns),
@@ -169,26 +250,30 @@ __device__ void grouped_wgmma(const T* x, const unsigned* w, const S* scales, co
     return static_cast<unsigned>(expert * ROWS + (exists ? n + (upper ? N : 0) : 0));
   };
 
-  // Where this thread's copies come from (fixed for the block).
+  // Where this thread's copies come from (fixed for the block; planned by
+  // the threads that copy: all, or the PRODUCER warpgroup's).
+  const int copier = PRODUCER ? tid - THREADS : tid;
   unsigned x_src[A_ITERS];  // offsets into x
   bool x_ok[A_ITERS];
-  const int x_chunk = tid % 8;
-#pragma unroll
-  for (int j = 0; j < A_ITERS; ++j) {
-    const int r = (tid + j * THREADS) / 8;
-    x_ok[j] = r < BM && r < rows;
-    const int src = !x_ok[j] ? 0 : GATE_UP ? order[row0 + r] / TOP_K : row0 + r;
-    x_src[j] = static_cast<unsigned>(src) * K + x_chunk * 8;
-  }
+  const int x_chunk = copier % 8;
   unsigned q_src[B_ITERS];  // offsets into w, in words (grouped.py: below 2^32)
   bool q_ok[B_ITERS];
+  auto plan_copies = [&]() {
 #pragma unroll
-  for (int j = 0; j < B_ITERS; ++j) {
-    const int i = tid + j * THREADS;
-    const unsigned row = weight_row(i / B_CHUNKS, q_ok[j]);
-    q_ok[j] = q_ok[j] && i < Q_STAGE_CHUNKS;
-    q_src[j] = row * WORDS + (i % B_CHUNKS) * 4;
-  }
+    for (int j = 0; j < A_ITERS; ++j) {
+      const int r = (copier + j * COPIERS) / 8;
+      x_ok[j] = r < BM && r < rows;
+      const int src = !x_ok[j] ? 0 : GATE_UP ? order[row0 + r] / TOP_K : row0 + r;
+      x_src[j] = static_cast<unsigned>(src) * K + x_chunk * 8;
+    }
+#pragma unroll
+    for (int j = 0; j < B_ITERS; ++j) {
+      const int i = copier + j * COPIERS;
+      const unsigned row = weight_row(i / B_CHUNKS, q_ok[j]);
+      q_ok[j] = q_ok[j] && i < Q_STAGE_CHUNKS;
+      q_src[j] = row * WORDS + (i % B_CHUNKS) * 4;
+    }
+  };
 
   auto fetch = [&](int kt) {
     if (kt < KT) {
@@ -196,7 +281,7 @@ __device__ void grouped_wgmma(const T* x, const unsigned* w, const S* scales, co
       const bool x_k = kt * BK + x_chunk * 8 < K;
 #pragma unroll
       for (int j = 0; j < A_ITERS; ++j) {
-        const int r = (tid + j * THREADS) / 8;
+        const int r = (copier + j * COPIERS) / 8;
         if (r < BM) {
           const bool ok = x_ok[j] && x_k;
           cp_async_16(x_stage + swizzle(r, x_chunk), ok ? x + x_src[j] + kt * BK : x, ok);
@@ -205,7 +290,7 @@ __device__ void grouped_wgmma(const T* x, const unsigned* w, const S* scales, co
       uint4* q_stage = q_smem + (kt % STAGES) * Q_STAGE_CHUNKS;
 #pragma unroll
       for (int j = 0; j < B_ITERS; ++j) {
-        const int i = tid + j * THREADS;
+        const int i = copier + j * COPIERS;
         if (i < Q_STAGE_CHUNKS) {
           const bool ok = q_ok[j] && kt * BK + (i % B_CHUNKS) * (BK / B_CHUNKS) < K;
           cp_async_16<256>(q_stage + q_swizzle<B_CHUNKS>(i / B_CHUNKS, i % B_CHUNKS),
@@ -323,9 +408,38 @@ __device__ void grouped_wgmma(const T* x, const unsigned* w, const S* scales, co
     wgmma_wait<OVERLAP ? BK / 16 : 0>();
   };
 
+  if constexpr (PRODUCER) {
+    if (tid == 0) {
 #pragma unroll
-  for (int s = 0; s < LEAD; ++s) {
-    fetch(s);
+      for (int s = 0; s < STAGES; ++s) {
+        mbarrier_init(&full[s], 128);      // the copying warpgroup's threads
+        mbarrier_init(&empty[s], WARPS);   // one arrival per computing warp
+      }
+    }
+    __syncthreads();  // the barriers are initialized; the block's last barrier
+    if (warp >= WARPS) {
+      // The copying warpgroup: stage kt % STAGES once the wgmmas of the
+      // k-tile STAGES before it are done, then arrive when the copies land.
+      registers_down<COPY_REGISTERS>();
+      plan_copies();
+      for (int kt = 0; kt < KT; ++kt) {
+        const int stage = kt % STAGES;
+        if (kt >= STAGES) {
+          mbarrier_wait(&empty[stage], (kt / STAGES - 1) & 1);
+        }
+        fetch(kt);
+        mbarrier_arrive_copies(&full[stage]);
+      }
+      cp_async_wait<0>();
+      return;
+    }
+    registers_up<compute_registers(WARPS)>();
+  } else {
+    plan_copies();
+#pragma unroll
+    for (int s = 0; s < LEAD; ++s) {
+      fetch(s);
+    }
   }
 #pragma unroll
   for (int s = 0; s < SCALE_RING; ++s) {
@@ -336,12 +450,28 @@ __device__ void grouped_wgmma(const T* x, const unsigned* w, const S* scales, co
     for (int u = 0; u < SCALE_RING; ++u) {
       const int kt = kt0 + u;
       if (kt < KT) {
-        cp_async_wait<LEAD - 1>();  // this thread's copies of k-tile kt have landed
-        fence_proxy_async();        // and are visible to wgmma
-        __syncthreads();            // every thread's; the wgmmas of k-tile
-                                    // kt + LEAD - STAGES are done
-        fetch(kt + LEAD);           // into the stage that k-tile used
-        mma_ktile(kt, u);
+        if constexpr (PRODUCER) {
+          mbarrier_wait(&full[kt % STAGES], (kt / STAGES) & 1);  // k-tile kt landed
+          fence_proxy_async();  // the copies are visible to wgmma
+          mma_ktile(kt, u);
+          // Release the stage whose wgmmas mma_ktile waited for (OVERLAP:
+          // the previous k-tile's), once every lane's reads of it are done.
+          const int done = OVERLAP ? kt - 1 : kt;
+          if (done >= 0) {
+            fence_proxy_async();
+            __syncwarp();
+            if (lane == 0) {
+              mbarrier_arrive(&empty[done % STAGES]);
+            }
+          }
+        } else {
+          cp_async_wait<LEAD - 1>();  // this thread's copies of k-tile kt have landed
+          fence_proxy_async();        // and are visible to wgmma
+          __syncthreads();            // every thread's; the wgmmas of k-tile
+                                      // kt + LEAD - STAGES are done
+          fetch(kt + LEAD);           // into the stage that k-tile used
+          mma_ktile(kt, u);
+        }
         fetch_scales(kt + SCALE_RING, u);  // the slot tile kt used
       }
     }

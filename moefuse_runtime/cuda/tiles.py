@@ -61,18 +61,23 @@ class Tiling:
     overlap: bool = False
     """WGMMA only: a k-tile's wgmmas run on while the next k-tile starts
     (its copies one stage less ahead)."""
+    producer: bool = False
+    """WGMMA only: one more warpgroup does every copy, handing stages to
+    the others through mbarriers instead of a block barrier per k-tile, and
+    its registers to them (one block per SM)."""
 
     @property
     def threads(self) -> int:
-        return 32 * self.warps_m * self.warps_n
+        return 32 * (self.warps_m * self.warps_n + 4 * self.producer)
 
     def shared_bytes(self, bits: int) -> int:
         """A stages, packed B stages and (without B_REGS) two dequantized B
         tiles, in 16-byte chunks; WGMMA: 1,024 bytes more, to align the
-        stages on wgmma's swizzle atoms."""
+        stages on wgmma's swizzle atoms, and with PRODUCER two 8-byte
+        mbarriers per stage."""
         chunks = self.stages * (self.bm * 8 + self.bn * GEMM_BK * bits // 128)
         if self.wgmma:
-            return 16 * chunks + WGMMA_ALIGN
+            return 16 * chunks + WGMMA_ALIGN + (16 * self.stages if self.producer else 0)
         return 16 * (chunks + (0 if self.b_regs else 2 * self.bn * 8))
 
     def why_not(self, gate_up: bool, bits: int, limits: Limits) -> str | None:
@@ -94,8 +99,8 @@ class Tiling:
         wm, wn = self.bm // self.warps_m, self.bn // self.warps_n
         if wm % 16 or wn % (32 if gate_up else 16) or self.stages < 3:
             return f"{self} does not split into warp tiles"
-        if self.overlap:
-            return f"{self}: only the wgmma kernel overlaps k-tiles"
+        if self.overlap or self.producer:
+            return f"{self}: only the wgmma kernel overlaps k-tiles or has a copying warp"
         return None
 
     def _why_not_wgmma(self, bits: int, limits: Limits) -> str | None:
@@ -107,6 +112,8 @@ class Tiling:
         warpgroups = self.warps_m == 1 and self.warps_n % 4 == 0 and rows_per_warp in (16, 32)
         if self.bm % 64 or self.bm > 256 or not warpgroups:
             return f"{self} does not split into warpgroups"
+        if self.producer and self.min_blocks != 1:
+            return f"{self}: a copying warpgroup lends its registers within one block per SM"
         if self.stages < (4 if self.overlap else 3):
             return f"{self} needs {4 if self.overlap else 3} stages or more"
         return None
