@@ -20,7 +20,8 @@ times); the tensor-core kernels for every tiling of tiles.json (with
 ``--candidates`` also `moefuse tune`'s) and every format and dtype; the
 route kernel; the Hopper (wgmma) tilings on sm_90 alone. Exit status 1 if
 any variant fails to compile, needs more shared memory than its
-architecture has or more registers than an SM holds for its block, or (a
+architecture has or more registers than an SM holds for its block (with a
+copying warpgroup, also fewer than would keep a second block off its SM), or (a
 tiling of the shipped tables, at the weight formats its entry holds for)
 spills more than 16 bytes; a candidate's spill is reported.
 """
@@ -262,6 +263,10 @@ def check(arch: str, variants: list[Variant], include: Path, jobs: int) -> int:
             shared = dynamic + usage.get("smem", 0)
             spills = usage.get("spills", 0) > SPILL_LIMIT
             registers = usage.get("registers", 0) * threads > REGISTERS_PER_SM
+            if dict(spec.template).get("PRODUCER"):
+                # setmaxnreg moves registers within one block per SM: a second
+                # block beside it could leave its warpgroups waiting for them
+                registers |= 2 * usage.get("registers", 0) * threads <= REGISTERS_PER_SM
             bad = (spills and not candidate) or shared > limits.shared_per_block or registers
             problems += bad
             print(

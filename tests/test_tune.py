@@ -349,3 +349,27 @@ def test_a_kernel_that_never_finishes_stops_tune_with_what_was_measured(tmp_path
     (point,) = partial["tensor_cores"]
     timed = [v for v in point["tflops"].values() if isinstance(v, float)]
     assert len(timed) == 2  # the two candidates before it
+
+
+@pytest.mark.parametrize(("registers", "problems"), [(168, 0), (80, 1)])
+def test_the_compile_check_keeps_a_copying_warpgroup_alone_on_its_sm(
+    registers, problems, monkeypatch, capsys
+):
+    # setmaxnreg hands registers over within one block per SM: a copying
+    # warpgroup's kernel whose launch registers would let a second block in
+    # is a problem (84 x 384 x 2 fits an SM's 64K, 168 x 384 x 2 does not)
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import check_kernel_source as check
+
+    producer = next(
+        v
+        for v in check.tensor_core_variants(check.table_tilings(True), check.shipped_tilings())
+        if dict(v.spec.template).get("PRODUCER")
+    )
+    assert producer.threads == 384
+    usage = {producer.spec.kernel_name: {"registers": registers}}
+    monkeypatch.setattr(check, "compile_unit", lambda *args: usage)
+    assert check.check("sm_90", [producer], Path("."), 1) == problems
+    assert ("PROBLEM" in capsys.readouterr().out) == bool(problems)

@@ -274,6 +274,9 @@ __device__ void grouped_wgmma(const T* x, const unsigned* w, const S* scales, co
       q_src[j] = row * WORDS + (i % B_CHUNKS) * 4;
     }
   };
+  if constexpr (!PRODUCER) {
+    plan_copies();
+  }
 
   auto fetch = [&](int kt) {
     if (kt < KT) {
@@ -435,7 +438,6 @@ __device__ void grouped_wgmma(const T* x, const unsigned* w, const S* scales, co
     }
     registers_up<compute_registers(WARPS)>();
   } else {
-    plan_copies();
 #pragma unroll
     for (int s = 0; s < LEAD; ++s) {
       fetch(s);
