@@ -392,8 +392,12 @@ __device__ void grouped_wgmma(const T* x, const unsigned* w, const S* scales, co
       for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
         for (int r = 0; r < REPS; ++r) {
-          // rows 64 r of the x tile, 16 values (32 bytes) into the k-tile
-          wgmma_m64n64k16<T>(acc[mt][r], a[ks][mt], b_descriptor(x_stage + r * 64 * 8) + 2 * ks);
+          // rows 64 r of the x tile, 16 values (32 bytes) into the k-tile;
+          // none there (a tile's last rows): nothing to multiply or store
+          if (r == 0 || 64 * r < rows) {
+            wgmma_m64n64k16<T>(acc[mt][r], a[ks][mt],
+                               b_descriptor(x_stage + r * 64 * 8) + 2 * ks);
+          }
         }
       }
       wgmma_commit();
