@@ -142,7 +142,7 @@ __device__ __forceinline__ void mbarrier_arrive(unsigned long long* bar) {
 // 64K (one block per SM) spread over the computing warpgroups, in setmaxnreg's
 // units of 8 and up to its 256. A register file quarter (one SM
 // sub-partition) then holds one copying warp and WARPS / 4 computing ones.
-constexpr int COPY_REGISTERS = 64;
+constexpr int COPY_REGISTERS = 72;
 
 __host__ __device__ constexpr int compute_registers(int warps) {
   const int even = (65536 - 128 * COPY_REGISTERS) / (32 * warps) / 8 * 8;

@@ -81,24 +81,30 @@ width, this one at most 16 bytes up to 6 bits and more at 8
 sm_90 and sm_100."""
 WIDE_MAX_BITS = 6
 
-_WGMMA_SHAPES = (
-    (64, 128, 8, 4, 1),
-    (128, 128, 8, 4, 1),
-    (128, 128, 8, 3, 2),
-    (256, 128, 8, 3, 1),
-    (256, 128, 8, 4, 1),
-    (64, 256, 8, 4, 1),
-    (128, 256, 8, 4, 1),
-    (128, 256, 16, 3, 1),
-)
 WGMMA = tuple(
     Tiling(bm, bn, 1, warps, stages, min_blocks, wgmma=True)
-    for bm, bn, warps, stages, min_blocks in _WGMMA_SHAPES
+    for bm, bn, warps, stages, min_blocks in (
+        (64, 128, 8, 4, 1),
+        (128, 128, 8, 4, 1),
+        (128, 128, 8, 3, 2),
+        (256, 128, 8, 3, 1),
+        (256, 128, 8, 4, 1),
+        (64, 256, 8, 4, 1),
+        (128, 256, 8, 4, 1),
+        (128, 256, 16, 3, 1),
+    )
 ) + tuple(
-    Tiling(bm, bn, 1, warps, stages, wgmma=True, overlap=overlap, producer=True)
-    for bm, bn, warps, stages, min_blocks in _WGMMA_SHAPES
-    for overlap in (False, True)
-    if warps == 8 and min_blocks == 1 and (stages >= 4 or not overlap)
+    Tiling(bm, bn, 1, 8, stages, wgmma=True, overlap=overlap, producer=True)
+    for bm, bn, stages, overlap in (
+        (64, 128, 4, False),
+        (64, 128, 4, True),
+        (128, 128, 4, False),
+        (128, 128, 4, True),
+        (256, 128, 3, False),
+        (256, 128, 4, False),
+        (64, 256, 4, False),
+        (128, 256, 4, False),
+    )
 )
 """The Hopper kernel's tilings (grouped_wgmma.cuh), tried on sm_90 for 4-
 and 8-bit weights (`Tiling.why_not`): BM x rows, BN weight rows over 2 or
@@ -108,11 +114,14 @@ at prefill sizes. The kernel issues its dequantization next to few warps
 (docs/benchmarks.md: Nsight Compute), so one candidate caps its registers
 at 128 for two blocks of 8 warps per SM (no more than 16 bytes spilled at
 affine 4-bit g64 and g128; three blocks of BM 64 would cap them at 80 and
-spill 100-500 bytes in every format). The 2-warpgroup ones of one block
+spill 100-500 bytes in every format). The 2-warpgroup shapes of one block
 per SM are also tried with a copying warpgroup (``producer``), which frees
 the others of the copies and of the block barrier per k-tile and lends
-them its registers. ``overlap`` is tried only there (4 stages): without
-that warpgroup it was slower at every size measured."""
+them its registers; ``overlap`` only with it and 16 weight rows per warp
+(BM 64 and 128 x BN 128): without that warpgroup it was slower at every
+size measured, and with 32 rows per warp or BM 256 the previous k-tile's
+fragments it keeps live spill in most formats
+(scripts/check_kernel_source.py --candidates)."""
 
 
 def tried(tiling: Tiling, bits: int) -> bool:
