@@ -237,8 +237,8 @@ __device__ void grouped_wgmma(const T* x, const unsigned* w, const S* scales, co
   uint4* x_smem = smem + skip / 16;                  // STAGES x BM x 8 chunks
   uint4* q_smem = x_smem + STAGES * BM * 8;          // STAGES x BN x B_CHUNKS chunks
   // PRODUCER: STAGES `full` then STAGES `empty` barriers
-  unsigned long long* full = reinterpret_cast<unsigned long long*>(q_smem + STAGES * Q_STAGE_CHUNKS);
-  unsigned long long* empty = full + STAGES;
+  auto* full = reinterpret_cast<unsigned long long*>(q_smem + STAGES * Q_STAGE_CHUNKS);
+  auto* empty = full + STAGES;
 
   // The expert's weight row behind row r of the block's packed tile (gate_up:
   // the first BN/2 are gate rows, the rest the up rows of the same columns),
