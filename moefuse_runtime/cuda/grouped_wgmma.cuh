@@ -165,10 +165,15 @@ __device__ __forceinline__ void registers_up() {
 
 // Waits until the barrier's phase of this parity has completed (acquire):
 // the n-th completion of a barrier ends phase n, of parity n % 2; a phase
-// before the first (parity 1 at the start) counts as completed.
+// before the first (parity 1 at the start) counts as completed. TRAP (the
+// copying warpgroup's waits): 2^26 tries (seconds: each may suspend the
+// warp for a while; a k-tile takes microseconds) can only be a hand-over
+// that never comes, and the wait traps, a launch error for the caller,
+// rather than a GPU that never finishes.
+template <bool TRAP = false>
 __device__ __forceinline__ void mbarrier_wait(unsigned long long* bar, unsigned parity) {
   unsigned done = 0;
-  while (!done) {
+  for (int tries = 0; !done; ++tries) {
     asm volatile(
         "{\n.reg .pred complete;\n"
         "mbarrier.try_wait.parity.shared::cta.b64 complete, [%1], %2;\n"
@@ -176,6 +181,9 @@ __device__ __forceinline__ void mbarrier_wait(unsigned long long* bar, unsigned 
         : "=r"(done)
         : "r"(shared_address(bar)), "r"(parity)
         : "memory");
+    if (TRAP && !done && tries == (1 << 26)) {
+      __trap();
+    }
   }
 }
 
@@ -432,12 +440,17 @@ __device__ void grouped_wgmma(const T* x, const unsigned* w, const S* scales, co
       for (int kt = 0; kt < KT; ++kt) {
         const int stage = kt % STAGES;
         if (kt >= STAGES) {
-          mbarrier_wait(&empty[stage], (kt / STAGES - 1) & 1);
+          mbarrier_wait<true>(&empty[stage], (kt / STAGES - 1) & 1);
         }
         fetch(kt);
         mbarrier_arrive_copies(&full[stage]);
       }
-      cp_async_wait<0>();
+      // Stay until the computing warpgroups release their last stage: should
+      // they wait for a hand-over that never comes, this wait traps.
+      const int last = OVERLAP ? KT - 2 : KT - 1;
+      if (last >= 0) {
+        mbarrier_wait<true>(&empty[last % STAGES], (last / STAGES) & 1);
+      }
       return;
     }
     registers_up<compute_registers(WARPS)>();
