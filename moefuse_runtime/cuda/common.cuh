@@ -256,6 +256,13 @@ __device__ __forceinline__ float e8m0(unsigned s) {
   return __uint_as_float(s ? (s & 0xFFu) << 23 : 0x00400000u);
 }
 
+// The scale a float format's scale byte c stands for (NVFP4: times the
+// expert's global factor).
+template <int MODE>
+__device__ __forceinline__ float byte_scale(unsigned c, float global) {
+  return MODE == NVFP4 ? e4m3(c) * global : e8m0(c);
+}
+
 // What a kernel holds per scale group: affine, {scale, bias} as a T pair;
 // the float formats, the scale as a float (the global scale folded in).
 template <typename T, int MODE>
@@ -266,10 +273,8 @@ __device__ __forceinline__ GroupScale<T, MODE> group_scale(const S* scales, cons
                                                            unsigned i, float global) {
   if constexpr (MODE == AFFINE) {
     return {scales[i], biases[i]};
-  } else if constexpr (MODE == NVFP4) {
-    return e4m3(scales[i]) * global;
   } else {
-    return e8m0(scales[i]);
+    return byte_scale<MODE>(scales[i], global);
   }
 }
 

@@ -329,8 +329,15 @@ __device__ void grouped_wgmma(const T* x, const unsigned* w, const S* scales, co
       s_idx[mt][h] = weight_row(tile_rows[mt][h], s_ok[mt][h]) * GROUPS;
     }
   }
-  // Their scales (affine: {scale, bias}), SCALE_RING k-tiles ahead.
-  Scale sb[SCALE_RING][MT][2][G_T];
+  // Their scales, SCALE_RING k-tiles ahead. Affine: {scale, bias} per group.
+  // The float formats: a k-tile's G_T (at most 4) scale bytes of a row in
+  // one register, lowest first, read where used (G_T floats per row would
+  // spill nvfp4's 32-row-per-warp tiles). A missing group holds byte 0: its
+  // codes were copied as zeros, so any scale gives the same zero products.
+  constexpr bool BYTES = MODE != AFFINE;
+  static_assert(!BYTES || G_T <= 4, "a k-tile's scale bytes fit one register");
+  using Held = typename pick_type<BYTES, unsigned, Scale>::type;
+  Held sb[SCALE_RING][MT][2][BYTES ? 1 : G_T];
   auto fetch_scales = [&](int kt, int slot) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
@@ -340,11 +347,23 @@ __device__ void grouped_wgmma(const T* x, const unsigned* w, const S* scales, co
         for (int gi = 0; gi < G_T; ++gi) {
           const int k = kt * BK + gi * (BK / G_T);
           const bool ok = s_ok[mt][h] && kt < KT && k < K;
-          sb[slot][mt][h][gi] =
-              ok ? group_scale<T, MODE>(scales, biases, s_idx[mt][h] + k / GROUP, global)
-                 : zero_scale<T, MODE>();
+          if constexpr (BYTES) {
+            const unsigned byte = ok ? static_cast<unsigned>(scales[s_idx[mt][h] + k / GROUP]) : 0u;
+            sb[slot][mt][h][0] = (gi ? sb[slot][mt][h][0] : 0u) | byte << (8 * gi);
+          } else {
+            sb[slot][mt][h][gi] =
+                ok ? group_scale<T, MODE>(scales, biases, s_idx[mt][h] + k / GROUP, global)
+                   : zero_scale<T, MODE>();
+          }
         }
       }
+    }
+  };
+  auto scale_of = [&](int slot, int mt, int h, int gi) -> Scale {
+    if constexpr (BYTES) {
+      return byte_scale<MODE>((sb[slot][mt][h][0] >> (8 * gi)) & 0xFFu, global);
+    } else {
+      return sb[slot][mt][h][gi];
     }
   };
 
@@ -356,7 +375,7 @@ __device__ void grouped_wgmma(const T* x, const unsigned* w, const S* scales, co
     const int gi = ks * 16 / (BK / G_T);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const Scale s = sb[slot][mt][h][gi];
+      const Scale s = scale_of(slot, mt, h, gi);
       const unsigned* q = q_stage + 4 * q_swizzle<B_CHUNKS>(tile_rows[mt][h], c);
       if constexpr (BITS == 4) {
         const uint2 words = *reinterpret_cast<const uint2*>(q + 2 * kk);
