@@ -162,7 +162,12 @@ def shipped_tilings() -> set[tuple[bool, tiles.Tiling, WeightFormat]]:
     formats it holds for (an entry of affine 4-bit weights never runs nvfp4
     or 8-bit ones)."""
     tables, _ = tiles.shipped()
-    every = [WeightFormat(mode, b) for mode, (bits, _) in formats.FORMATS.items() for b in bits]
+    every = [
+        WeightFormat(mode, b, g)
+        for mode, (bits, groups) in formats.FORMATS.items()
+        for b in bits
+        for g in groups
+    ]
     return {
         (gate_up, entry.tiling, weights)
         for table in tables.values()

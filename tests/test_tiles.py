@@ -117,7 +117,8 @@ def test_a_table_needs_a_last_entry_for_any_rows():
 @pytest.mark.parametrize(
     ("where", "change", "words"),
     [
-        (0, {"modes": ["affine"]}, "down needs a last entry for any rows, bits and modes"),
+        (0, {"modes": ["affine"]}, "down needs a last entry for any rows, bits, modes"),
+        (0, {"group_sizes": [64]}, "down needs a last entry for any rows, bits, modes"),
         (0, {"modes": ["int4"]}, "unknown modes"),
     ],
 )
@@ -136,6 +137,34 @@ def test_an_entry_holds_for_its_modes_and_bits_alone():
     anything = {"max_rows_per_expert": None, "tiling": entry.json()["tiling"]}
     kinds = {kind: [entry.json(), anything] for kind in ("gate_up", "down")}
     assert tiles.parse("read back", kinds).gate_up[0] == entry
+
+
+def test_an_entry_for_some_group_sizes_holds_for_those_alone():
+    entry = tiles.Entry(None, Tiling(16, 128, 1, 4, 4), bits=(4,), group_sizes=(64, 128))
+    assert entry.holds(1, WeightFormat("affine", 4, 64))
+    assert entry.holds(1, WeightFormat("affine", 4, 128))
+    assert not entry.holds(1, WeightFormat("affine", 4, 32))
+    assert not entry.holds(1, WeightFormat("affine", 4))  # a format of no group size
+    assert tiles.Entry(None, entry.tiling).holds(1, WeightFormat("affine", 4, 32))
+    anything = {"max_rows_per_expert": None, "tiling": entry.json()["tiling"]}
+    kinds = {kind: [entry.json(), anything] for kind in ("gate_up", "down")}
+    assert entry.json()["group_sizes"] == [64, 128]
+    assert tiles.parse("read back", kinds).down[0] == entry
+
+
+def test_the_h100_table_takes_two_blocks_per_sm_for_down_at_group_64_and_128_alone():
+    # BM 128 x BN 128 at two blocks per SM was the fastest down above 128 rows
+    # per expert (moefuse tune, H100) and spills at g32 (scripts/check_kernel_source.py)
+    table, h90 = tiles.table_for("NVIDIA H100 80GB HBM3", "sm_90a"), ARCH_LIMITS[90]
+    for group in (64, 128):
+        two = table.tiling(512, False, WeightFormat("affine", 4, group), h90)
+        assert (two.wgmma, two.bm, two.bn, two.min_blocks) == (True, 128, 128, 2)
+        assert table.tiling(128, False, WeightFormat("affine", 4, group), h90).bm == 64
+    wide = table.tiling(512, False, WeightFormat("affine", 4, 32), h90)
+    assert (wide.wgmma, wide.bm, wide.bn, wide.warps_n) == (True, 128, 256, 16)
+    for weights in (WeightFormat("affine", 4, 64), WeightFormat("affine", 4, 32)):
+        gate_up = table.tiling(512, True, weights, h90)  # gate_up keeps BN 256
+        assert (gate_up.bm, gate_up.bn, gate_up.warps_n) == (128, 256, 16)
 
 
 def test_the_h200_table_takes_the_widest_wgmma_tiling_for_affine_4_bit_alone():

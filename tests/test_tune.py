@@ -17,7 +17,7 @@ from moefuse_runtime.cuda.formats import WeightFormat
 from moefuse_runtime.cuda.tiles import Tiling
 
 SHAPE = tune.Shape("test", hidden=256, experts=64, top_k=4, width=128)
-AFFINE_4 = WeightFormat("affine", 4)
+AFFINE_4 = WeightFormat("affine", 4, 64)  # SHAPE's format
 
 
 FAST_FEW = Tiling(16, 128, 1, 4, 4, 4, True)
@@ -107,6 +107,7 @@ def test_the_table_merges_counts_and_reads_back(tmp_path, monkeypatch, as_cuda):
         (None, 64),
     ]
     assert gate_up[0]["bits"] == [4] and gate_up[0]["modes"] == ["affine"]
+    assert gate_up[0]["group_sizes"] == [64]  # what was measured
     assert gate_up[2:] == json.loads(
         json.dumps(tune.table(SHAPE, points, "x", "sm_90", base)["gate_up"][2:])
     )
@@ -142,9 +143,12 @@ def test_a_table_tuned_at_prefill_sizes_keeps_its_base_below_them(as_cuda):
             )
         for rows in (32, 128, 1e4):
             assert table.tiling(rows, gate_up, AFFINE_4, h90) == FAST_MANY
-        nvfp4 = WeightFormat("nvfp4", 4)  # another format: the base's at every size
-        for rows in (1, 32, 1e4):
-            assert table.tiling(rows, gate_up, nvfp4, h90) == base.tiling(rows, gate_up, nvfp4, h90)
+        # another format, or the same at a group size not measured: the base's
+        for other in (WeightFormat("nvfp4", 4, 16), WeightFormat("affine", 4, 32)):
+            for rows in (1, 32, 1e4):
+                assert table.tiling(rows, gate_up, other, h90) == base.tiling(
+                    rows, gate_up, other, h90
+                )
 
 
 def fake_decode_timers(crossover: int | None, failing_path_at: int | None = None):

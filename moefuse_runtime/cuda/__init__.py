@@ -210,8 +210,8 @@ def _why_not_tensor_cores(
         return f"{arch or 'this GPU'} is older than sm_{MIN_TENSOR_CORE_ARCH}"
     gate_up, down_proj = layer.gate_up_proj, layer.down_proj
     weights = (
-        WeightFormat(gate_up.mode, gate_up.bits),
-        WeightFormat(down_proj.mode, down_proj.bits) if down else None,
+        WeightFormat(gate_up.mode, gate_up.bits, gate_up.group_size),
+        WeightFormat(down_proj.mode, down_proj.bits, down_proj.group_size) if down else None,
     )
     return why_not_grouped(layer) or why_not_tiled(table, weights, limits)
 

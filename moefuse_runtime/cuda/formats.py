@@ -72,10 +72,12 @@ def _with_dtypes(cls: type, values: dict):
 class WeightFormat(NamedTuple):
     """A projection's format as a tile table tells formats apart (tiles.py):
     a tiling can suit one mode's dequantization and not another's at the
-    same bits (registers)."""
+    same bits, or one group size and not a smaller one (more scales per
+    k-tile: registers). ``group_size`` None: any."""
 
     mode: str
     bits: int
+    group_size: int | None = None
 
 
 ARRAY_NAMES = ("weight", "scales", "biases", "bias", "global_scale")
@@ -98,7 +100,7 @@ class Layout(NamedTuple):
 
     @property
     def format(self) -> WeightFormat:
-        return WeightFormat(self.mode, self.bits)
+        return WeightFormat(self.mode, self.bits, self.group_size)
 
 
 class QuantizedArrays(NamedTuple):
@@ -140,7 +142,7 @@ class QuantizedArrays(NamedTuple):
 
     @property
     def format(self) -> WeightFormat:
-        return WeightFormat(self.mode, self.bits)
+        return WeightFormat(self.mode, self.bits, self.group_size)
 
     @property
     def layout(self) -> Layout:

@@ -3,11 +3,12 @@
 A table holds, for one kind of GPU, the decode kernels' settings (their
 pair range and tilings) and the tensor-core tilings by rows per expert
 (pairs / experts hit) and weight format, for gate_up and for down: each
-kind's list is read in order, and the first entry whose ``modes`` and
-``bits`` (if given) and ``max_rows_per_expert`` (null: any) hold, and whose
-tiling fits the GPU (`Tiling.why_not`), is used. Modes matter where bits do
-not tell enough: a tiling whose registers suffice for affine 4-bit codes can
-spill for nvfp4's at the same bits.
+kind's list is read in order, and the first entry whose ``modes``,
+``bits`` and ``group_sizes`` (if given) and ``max_rows_per_expert`` (null:
+any) hold, and whose tiling fits the GPU (`Tiling.why_not`), is used. Modes
+and group sizes matter where bits do not tell enough: a tiling whose
+registers suffice for affine 4-bit codes can spill for nvfp4's at the same
+bits, or for affine's at group size 32 (twice the scales of 64 per k-tile).
 
 The table of a GPU (`table_for`): ``MOEFUSE_TILES=path.json`` if set (a
 table ``moefuse tune`` wrote, or one of the same form); else the shipped
@@ -131,18 +132,29 @@ class Entry:
     tiling: Tiling
     bits: tuple[int, ...] | None = None
     modes: tuple[str, ...] | None = None
+    group_sizes: tuple[int, ...] | None = None
 
     def holds(self, rows_per_expert: float, weights: WeightFormat) -> bool:
+        """Whether this entry applies; weights of no group size (None) are held
+        by an entry for some group sizes only where it names none."""
         limit = self.max_rows_per_expert
         bits_hold = self.bits is None or weights.bits in self.bits
         mode_holds = self.modes is None or weights.mode in self.modes
-        return bits_hold and mode_holds and (limit is None or rows_per_expert <= limit)
+        group_holds = self.group_sizes is None or weights.group_size in self.group_sizes
+        rows_hold = limit is None or rows_per_expert <= limit
+        return bits_hold and mode_holds and group_holds and rows_hold
+
+    @property
+    def conditional(self) -> bool:
+        """Whether it holds for some formats only."""
+        return bool(self.bits or self.modes or self.group_sizes)
 
     def json(self) -> dict[str, Any]:
         """This entry in tiles.json's form (`parse` reads it back)."""
         return {
             **({"modes": list(self.modes)} if self.modes else {}),
             **({"bits": list(self.bits)} if self.bits else {}),
+            **({"group_sizes": list(self.group_sizes)} if self.group_sizes else {}),
             "max_rows_per_expert": self.max_rows_per_expert,
             "tiling": dataclasses.asdict(self.tiling),
         }
@@ -214,6 +226,7 @@ def parse(name: str, data: dict[str, Any]) -> TileTable:
                     Tiling(**e["tiling"]),
                     tuple(e["bits"]) if "bits" in e else None,
                     tuple(e["modes"]) if "modes" in e else None,
+                    tuple(e["group_sizes"]) if "group_sizes" in e else None,
                 )
                 for e in data[kind]
             )
@@ -226,9 +239,10 @@ def parse(name: str, data: dict[str, Any]) -> TileTable:
         if unknown:
             raise ValueError(f"tile table {name}: {kind}: unknown modes {sorted(unknown)}")
         last = entries[-1] if entries else None
-        if last is None or last.max_rows_per_expert is not None or last.bits or last.modes:
+        if last is None or last.max_rows_per_expert is not None or last.conditional:
             raise ValueError(
-                f"tile table {name}: {kind} needs a last entry for any rows, bits and modes"
+                f"tile table {name}: {kind} needs a last entry for any rows, bits, modes "
+                "and group sizes"
             )
     return TileTable(
         name,

@@ -404,6 +404,7 @@ def entries(points: list[Point], gate_up: bool, weights: WeightFormat) -> list[E
             tiling,
             bits=(weights.bits,),
             modes=(weights.mode,),
+            group_sizes=measured_group(weights),
         )
         for i, (limit, tiling) in enumerate(runs)
     ]
@@ -420,8 +421,21 @@ def below(base: tuple[Entry, ...], weights: WeightFormat, rows: float) -> list[E
             continue  # another format's
         if limit is None or limit >= rows:
             break
-        kept.append(dataclasses.replace(entry, bits=(weights.bits,), modes=(weights.mode,)))
+        kept.append(
+            dataclasses.replace(
+                entry,
+                bits=(weights.bits,),
+                modes=(weights.mode,),
+                group_sizes=measured_group(weights),
+            )
+        )
     return kept
+
+
+def measured_group(weights: WeightFormat) -> tuple[int, ...] | None:
+    """The group sizes a measured entry holds for: the one measured (a tiling
+    fast at group size 64 can spill at 32), or any when none is given."""
+    return None if weights.group_size is None else (weights.group_size,)
 
 
 def table(
@@ -437,7 +451,7 @@ def table(
     then ``base``'s for every other format (its last entry of each kind
     holds any), and the decode settings: ``base``'s, with the measured
     choices where ``decode_points`` are given (`decode_settings`)."""
-    weights = WeightFormat(shape.mode, shape.bits)
+    weights = WeightFormat(shape.mode, shape.bits, shape.group_size)
     fewest = min(p.rows_per_expert for p in points)
 
     def kind(gate_up: bool, base_entries: tuple[Entry, ...]) -> list[dict[str, Any]]:
