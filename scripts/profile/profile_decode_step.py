@@ -19,10 +19,9 @@ import json
 import statistics
 import sys
 import time
-from collections import defaultdict
 
 import mlx.core as mx
-from torch.profiler import ProfilerActivity, profile
+from cupti import kernel_timeline
 
 from moefuse_runtime import blocks, install
 from moefuse_runtime.cuda.bench import BroadcastFFN, decode_cache, use_kernels
@@ -31,19 +30,6 @@ from moefuse_runtime.walk import find_switch_glus
 
 STEPS = 10
 PROFILED = 5
-
-
-def busy_and_span(intervals):
-    intervals.sort()
-    busy, end = 0.0, None
-    for s, e in intervals:
-        if end is None or s > end:
-            busy += e - s
-            end = e
-        elif e > end:
-            busy += e - end
-            end = e
-    return busy, intervals[-1][1] - intervals[0][0] if intervals else 0.0
 
 
 def measure(model, step, cache):
@@ -57,24 +43,17 @@ def measure(model, step, cache):
         mx.synchronize()
         walls.append(time.perf_counter() - start)
         builds.append(built - start)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(PROFILED):
-            mx.eval(model(step, cache=cache))
+
+    def run() -> None:
+        mx.eval(model(step, cache=cache))
         mx.synchronize()
-    per_kernel = defaultdict(float)
-    intervals = []
-    for event in prof.events():
-        if event.device_type.name == "CUDA" and event.device_time_total > 0:
-            per_kernel[event.name[:80]] += event.device_time_total / PROFILED
-            intervals.append((event.time_range.start, event.time_range.end))
-    busy, span = busy_and_span(intervals)
+
+    gpu = kernel_timeline(run, PROFILED)
     return {
         "wall_ms": 1e3 * statistics.median(walls[1:]),
         "graph_build_ms": 1e3 * statistics.median(builds[1:]),
-        "gpu_busy_ms": busy / PROFILED / 1e3,
-        "gpu_span_ms": span / PROFILED / 1e3,
-        "gpu_kernel_sum_ms": sum(per_kernel.values()) / 1e3,
-        "kernels_us": dict(sorted(per_kernel.items(), key=lambda kv: -kv[1])),
+        **gpu,
+        "gpu_kernel_sum_ms": sum(gpu["kernels_us"].values()) / 1e3,
     }
 
 

@@ -25,29 +25,15 @@ import json
 import statistics
 import sys
 import time
-from collections import defaultdict
 
 import mlx.core as mx
-from torch.profiler import ProfilerActivity, profile
+from cupti import kernel_timeline
 
 import moefuse_runtime
 from moefuse_runtime import bench
 from moefuse_runtime.cuda.bench import LAYER_SHAPES
 
 CALLS = 10
-
-
-def busy_and_span(intervals):
-    intervals.sort()
-    busy, end = 0.0, None
-    for s, e in intervals:
-        if end is None or s > end:
-            busy += e - s
-            end = e
-        elif e > end:
-            busy += e - end
-            end = e
-    return busy, intervals[-1][1] - intervals[0][0] if intervals else 0.0
 
 
 def one_call_ms(call) -> float:
@@ -71,24 +57,12 @@ def batched_ms(call) -> float:
 
 def timeline(call) -> dict:
     """GPU busy, span and per-kernel time of one call, averaged over CALLS."""
-    per_kernel: dict[str, float] = defaultdict(float)
-    busy = span = 0.0
-    for _ in range(CALLS):
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            mx.eval(call())
-            mx.synchronize()
-        intervals = []
-        for event in prof.events():
-            if event.device_type.name == "CUDA" and event.device_time_total > 0:
-                per_kernel[event.name[:80]] += event.device_time_total / CALLS
-                intervals.append((event.time_range.start, event.time_range.end))
-        b, s = busy_and_span(intervals)
-        busy, span = busy + b / CALLS, span + s / CALLS
-    return {
-        "gpu_busy_ms": busy / 1e3,
-        "gpu_span_ms": span / 1e3,
-        "kernels_us": dict(sorted(per_kernel.items(), key=lambda kv: -kv[1])),
-    }
+
+    def run() -> None:
+        mx.eval(call())
+        mx.synchronize()
+
+    return kernel_timeline(run, CALLS)
 
 
 def main(out_path: str, token_counts: list[int]) -> None:
