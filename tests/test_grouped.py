@@ -38,6 +38,7 @@ from moefuse_runtime.cuda import activations, grouped, jit, source
 from moefuse_runtime.cuda.device import ARCH_LIMITS
 from moefuse_runtime.cuda.formats import QuantizedArrays, WeightFormat
 from moefuse_runtime.cuda.tiles import parse as parse_table
+from moefuse_runtime.cuda.tiles import shipped as shipped_tables
 from moefuse_runtime.layer import kernel_paths
 
 AFFINE_4 = WeightFormat("affine", 4)
@@ -406,6 +407,7 @@ HOPPER_TILINGS = [
     grouped.Tiling(128, 256, 1, 8, 4, wgmma=True, producer=True),
     grouped.Tiling(256, 128, 1, 8, 3, wgmma=True, producer=True),
     grouped.Tiling(64, 128, 1, 8, 4, wgmma=True, overlap=True, producer=True),
+    grouped.Tiling(128, 128, 1, 8, 3, min_blocks=2, wgmma=True),
 ]
 HOPPER_IDS = [
     "bm64",
@@ -415,7 +417,20 @@ HOPPER_IDS = [
     "bm128-bn256-producer",
     "bm256-producer",
     "bm64-producer-overlap",
+    "bm128-two-per-sm",
 ]
+
+
+def test_every_shipped_hopper_tiling_is_a_gpu_test_tiling():
+    # what a table can pick on an H100 or H200 runs in the GPU tests below
+    tables, _ = shipped_tables()
+    shipped = {
+        entry.tiling
+        for table in tables.values()
+        for entry in (*table.gate_up, *table.down)
+        if entry.tiling.wgmma
+    }
+    assert shipped and shipped <= set(HOPPER_TILINGS), shipped - set(HOPPER_TILINGS)
 
 
 @needs_cuda
