@@ -135,8 +135,9 @@ class Entry:
     group_sizes: tuple[int, ...] | None = None
 
     def holds(self, rows_per_expert: float, weights: WeightFormat) -> bool:
-        """Whether this entry applies; weights of no group size (None) are held
-        by an entry for some group sizes only where it names none."""
+        """Whether this entry applies to these weights at this many rows per
+        expert. An entry that names group sizes never holds for weights whose
+        group size is not given (None)."""
         limit = self.max_rows_per_expert
         bits_hold = self.bits is None or weights.bits in self.bits
         mode_holds = self.modes is None or weights.mode in self.modes
