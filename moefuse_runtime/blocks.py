@@ -46,10 +46,13 @@ from .twins import Twin, original_class, twin_class
 
 logger = logging.getLogger(__name__)
 
-COMPILED_TOKENS = 16
-"""Calls of up to this many tokens run compiled: decode steps of up to 16
-sequences, short speculative blocks. Each new shape costs a trace, and
-host work matters only where the GPU work is small."""
+COMPILED_TOKENS = 64
+"""Calls of up to this many tokens run compiled: decode steps of up to 64
+sequences (a server's decode batch), short speculative blocks. Each new
+shape costs a trace (well under a millisecond per block), and host work
+matters only where the GPU work is small: a decode step of a served MoE
+model waits on the host up to that size (docs/benchmarks.md), a prefill
+chunk does not."""
 
 STATE = "_moefuse_compiled"
 IGNORED = frozenset({"_moefuse_pending"})

@@ -220,7 +220,7 @@ def test_install_compiles_blocks_only_around_kernel_layers(monkeypatch):
     monkeypatch.setattr("moefuse_runtime.layer.kernels_for", lambda *_: (NoPath(), "test"))
     report = moefuse_runtime.install(model, reserve_bytes=0)
     assert report.already_fused and len(compiled_states(model)) == 2
-    assert "MoE blocks: 2 compiled for calls of <= 16 tokens" in report.summary()
+    assert f"MoE blocks: 2 compiled for calls of <= {blocks.COMPILED_TOKENS} tokens" in report.summary()
     copied = copy.deepcopy(model)  # a copy compiles its own graphs
     assert [s.graph for s in compiled_states(copied)] == [None, None]
     assert mx.array_equal(logits_sequence(copied)[-1], logits_sequence(model)[-1]).item()
@@ -229,7 +229,7 @@ def test_install_compiles_blocks_only_around_kernel_layers(monkeypatch):
 
 
 @pytest.mark.skipif(backend() != "cuda", reason="the CUDA kernels: lent GPU")
-@pytest.mark.parametrize("sequences", [1, 4, 16])
+@pytest.mark.parametrize("sequences", [1, 4, 16, 32, 64])
 def test_kernel_blocks_compile_bitwise_on_the_gpu(sequences, monkeypatch):
     monkeypatch.setenv("MOEFUSE_KERNEL", "1")
     from mlx_lm.models.cache import make_prompt_cache
