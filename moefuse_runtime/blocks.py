@@ -5,8 +5,9 @@ weighted sum) is a dozen small ops. On CUDA, with the fused layer on the
 kernels, their host work (Python, graph building, launches) costs more than
 their GPU time, and single-stream decode waits on the host
 (docs/design.md). `compile_blocks` rebinds the class of each module that
-holds a fused SwitchGLU to a twin, ``Compiled<Class>``, whose calls of up to
-`COMPILED_TOKENS` tokens run the block's own forward under ``mx.compile``:
+holds a fused SwitchGLU to a twin, ``Compiled<Class>``, whose short calls
+(`COMPILED_TOKENS`) and decode steps (`COMPILED_SEQUENCES`) run the block's
+own forward under ``mx.compile``:
 the first call of a shape traces it, later ones replay the graph without
 Python per op, and MLX fuses its elementwise ops into fewer kernels. The
 block's arrays are the compiled call's inputs (``inputs=``), read afresh at
@@ -19,7 +20,8 @@ and a block that does not qualify keeps running its forward as before:
   collectives stay outside compiled graphs);
 * at each call: eval mode (mlx-lm's and mlx-vlm's loaders leave a model
   so; the install report says when a model is not), at most
-  `COMPILED_TOKENS` tokens, and arguments that are arrays or None,
+  `COMPILED_TOKENS` tokens or a decode step of at most
+  `COMPILED_SEQUENCES` sequences, and arguments that are arrays or None,
   positional or keyword (mlx-vlm's ernie4_5_moe_vl passes
   ``token_type_ids=``). Any other value (a cache, an int) keeps the
   call uncompiled: mx.compile would make each value a constant of its
@@ -46,13 +48,17 @@ from .twins import Twin, original_class, twin_class
 
 logger = logging.getLogger(__name__)
 
-COMPILED_TOKENS = 64
-"""Calls of up to this many tokens run compiled: decode steps of up to 64
-sequences (a server's decode batch), short speculative blocks. Each new
-shape costs a trace (well under a millisecond per block), and host work
-matters only where the GPU work is small: a decode step of a served MoE
-model waits on the host up to that size (docs/benchmarks.md), a prefill
-chunk does not."""
+COMPILED_TOKENS = 16
+"""Calls of up to this many tokens run compiled: decode steps of up to 16
+sequences, short speculative blocks. Each new shape costs a trace, and
+host work matters only where the GPU work is small."""
+
+COMPILED_SEQUENCES = 64
+"""Decode steps (one token per sequence, x of shape (sequences, 1, hidden))
+of up to this many sequences run compiled too: a server's decode batch,
+which runs at the host's pace (docs/benchmarks.md). Other calls of more
+than `COMPILED_TOKENS` tokens do not: MLX looks a call's graph up among
+its traces one by one, so the shapes traced stay few."""
 
 STATE = "_moefuse_compiled"
 IGNORED = frozenset({"_moefuse_pending"})
@@ -108,14 +114,19 @@ class _Compiled:
 
 
 def _compilable_call(args: tuple, kwargs: dict) -> bool:
-    """x (the first argument) of at most COMPILED_TOKENS tokens, and every
-    other argument an array or None."""
+    """x (the first argument) of at most COMPILED_TOKENS tokens, or a decode
+    step of at most COMPILED_SEQUENCES sequences, and every other argument
+    an array or None."""
     if not args or not isinstance(args[0], mx.array):
         return False
     if not all(a is None or isinstance(a, mx.array) for a in (*args, *kwargs.values())):
         return False
     x = args[0]
-    return x.ndim >= 1 and x.size <= COMPILED_TOKENS * x.shape[-1]
+    if x.ndim < 1 or x.shape[-1] == 0:
+        return False
+    tokens = x.size // x.shape[-1]
+    decode_step = x.ndim == 3 and x.shape[1] == 1
+    return tokens <= (COMPILED_SEQUENCES if decode_step else COMPILED_TOKENS)
 
 
 def _compile(block: nn.Module, forward: Callable, state: _Compiled) -> Callable:
@@ -215,7 +226,10 @@ def compile_blocks(model: nn.Module, is_layer: Callable[[nn.Module], bool]) -> l
         block.__dict__[STATE] = _Compiled()
         block.__class__ = compiled_class_for(own_class(block))
         compiled += 1
-    notes = [f"MoE blocks: {compiled} compiled for calls of <= {COMPILED_TOKENS} tokens"]
+    notes = [
+        f"MoE blocks: {compiled} compiled for calls of <= {COMPILED_TOKENS} tokens "
+        f"and decode steps of <= {COMPILED_SEQUENCES} sequences"
+    ]
     if compiled and model.training:
         notes[0] += " (the model is in training mode: they run uncompiled until model.eval())"
     notes += [f"MoE blocks: {n} not compiled, {why}" for why, n in left.items()]

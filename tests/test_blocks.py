@@ -130,14 +130,33 @@ def test_calls_outside_the_rules_run_uncompiled():
     assert state.graph is not None
 
 
+@pytest.mark.parametrize(
+    ("shape", "compiled"),
+    [
+        ((1, 16, 8), True),  # a short prompt
+        ((1, 17, 8), False),
+        ((2, 8, 8), True),
+        ((4, 8, 8), False),  # 32 tokens, not a decode step
+        ((64, 1, 8), True),  # a decode step of 64 sequences
+        ((65, 1, 8), False),
+        ((16, 8), True),
+        ((17, 8), False),  # flat tokens: not known to be a decode step
+    ],
+)
+def test_short_calls_and_decode_steps_compile(shape, compiled):
+    x = mx.zeros(shape)
+    assert blocks._compilable_call((x, None), {}) is compiled
+    assert blocks._compilable_call((x, 3), {}) is False  # not an array: a constant
+
+
 def test_the_notes_say_when_a_model_left_in_training_mode_runs_uncompiled():
     block = fused_block()
     assert "training mode" not in " ".join(blocks.compile_blocks(block, is_fused))
     block.train()  # as nn.Module starts; mlx-lm's loaders call eval()
     notes = blocks.compile_blocks(block, is_fused)
     assert notes == [
-        f"MoE blocks: 1 compiled for calls of <= {blocks.COMPILED_TOKENS} tokens (the model"
-        " is in training mode: they run uncompiled until model.eval())"
+        "MoE blocks: 1 compiled for calls of <= 16 tokens and decode steps of <= 64 sequences"
+        " (the model is in training mode: they run uncompiled until model.eval())"
     ]
     block(mx.random.normal((1, 1, 64)))
     assert block.__dict__[blocks.STATE].graph is None
@@ -220,7 +239,9 @@ def test_install_compiles_blocks_only_around_kernel_layers(monkeypatch):
     monkeypatch.setattr("moefuse_runtime.layer.kernels_for", lambda *_: (NoPath(), "test"))
     report = moefuse_runtime.install(model, reserve_bytes=0)
     assert report.already_fused and len(compiled_states(model)) == 2
-    assert f"MoE blocks: 2 compiled for calls of <= {blocks.COMPILED_TOKENS} tokens" in report.summary()
+    assert "MoE blocks: 2 compiled for calls of <= 16 tokens and decode steps of <= 64" in (
+        report.summary()
+    )
     copied = copy.deepcopy(model)  # a copy compiles its own graphs
     assert [s.graph for s in compiled_states(copied)] == [None, None]
     assert mx.array_equal(logits_sequence(copied)[-1], logits_sequence(model)[-1]).item()
