@@ -149,6 +149,18 @@ def test_short_calls_and_decode_steps_compile(shape, compiled):
     assert blocks._compilable_call((x, 3), {}) is False  # not an array: a constant
 
 
+@pytest.mark.parametrize("sequences", [17, 64])
+def test_a_decode_step_of_many_sequences_runs_compiled_and_bitwise(sequences):
+    block = fused_block()
+    blocks.compile_blocks(block, is_fused)
+    state = block.__dict__[blocks.STATE]
+    x = mx.random.normal((sequences, 1, 64))
+    compiled = block(x)
+    assert state.graph is not None and state.failure is None
+    blocks.uncompile(block)
+    assert mx.array_equal(compiled, block(x)).item()
+
+
 def test_the_notes_say_when_a_model_left_in_training_mode_runs_uncompiled():
     block = fused_block()
     assert "training mode" not in " ".join(blocks.compile_blocks(block, is_fused))
