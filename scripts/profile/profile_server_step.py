@@ -39,6 +39,7 @@ import mlx.core as mx
 
 CHAIN = 480
 CACHES = ("kv", "batch", "batch_unmasked")
+PREFILL_TOKENS = 2048
 
 
 def serialized(build: Callable[[], mx.array], repeats: int) -> dict:
@@ -130,8 +131,7 @@ class Steps:
             batch.make_mask = _without_mask(masked)
         try:
             prompt = mx.random.randint(0, 1000, (self.sequences, self.context))
-            state = {"y": mx.argmax(self.model(prompt, cache=caches)[:, -1], axis=-1)}
-            mx.eval(state["y"])
+            state = {"y": self.prefill(prompt, caches)}
 
             def step():
                 logits = self.model(state["y"][:, None], cache=caches)
@@ -141,6 +141,16 @@ class Steps:
             return serialized(step, self.repeats)
         finally:
             batch.make_mask = masked
+
+    def prefill(self, prompt: mx.array, caches: list) -> mx.array:
+        """The prompt in chunks of about PREFILL_TOKENS tokens, as a server
+        prefills: MLX's CUDA graph of one 32 x 256-token unfused call fails
+        to build (cuGraphAddKernelNode: invalid argument, H100, MLX 0.32.4)."""
+        width = max(1, PREFILL_TOKENS // self.sequences)
+        for start in range(0, prompt.shape[1], width):
+            logits = self.model(prompt[:, start : start + width], cache=caches)
+            mx.eval(logits)
+        return mx.argmax(logits[:, -1], axis=-1)
 
 
 def _without_mask(masked):
