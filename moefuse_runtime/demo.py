@@ -179,6 +179,27 @@ def build_tokenizer(vocab_size: int):
     return tokenizer
 
 
+def _predict_only(head: nn.Module, token_ids: list[int]) -> None:
+    """Zero the output projection's rows of every other token id.
+
+    The presets keep their models' vocabularies (151,936 for Qwen3) for the
+    output projection's cost, while the tokenizer writes a few hundred
+    tokens: random weights would mostly predict ids it cannot write, which
+    `mlx_vlm.server` streams as no text at all, or an end-of-sequence id
+    that ends a request early. Their logits become 0, below the maximum of
+    the rest; the projection keeps its shape and cost.
+    """
+    keep = mx.zeros((head.weight.shape[0], 1))
+    keep[mx.array(token_ids)] = 1
+    if isinstance(head, nn.QuantizedLinear):
+        head.scales = head.scales * keep.astype(head.scales.dtype)
+        if head.biases is not None:
+            head.biases = head.biases * keep.astype(head.biases.dtype)
+    else:
+        head.weight = head.weight * keep.astype(head.weight.dtype)
+    mx.eval(head.parameters())
+
+
 def write_demo_model(
     path: str | os.PathLike,
     preset: str = "tiny",
@@ -198,7 +219,10 @@ def write_demo_model(
     tokenizer = build_tokenizer(config["vocab_size"])
     eos_id = tokenizer.token_to_id("<|im_end|>")
     config["eos_token_id"] = eos_id
-    save_model(folder, build_demo_model(preset, layers=layers, dtype=dtype))
+    model = build_demo_model(preset, layers=layers, dtype=dtype)
+    writable = [i for token, i in tokenizer.get_vocab().items() if token not in SPECIAL_TOKENS]
+    _predict_only(model.lm_head, writable)
+    save_model(folder, model)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save(str(folder / "tokenizer.json"))
     tokenizer_config = {
