@@ -54,6 +54,16 @@ positive_int = whole_number_from(1)
 non_negative_int = whole_number_from(0)
 
 
+def model_directory(text: str) -> str:
+    """A local model directory (with its config.json), checked before anything runs."""
+    from .server_bench import model_directory as checked
+
+    try:
+        return str(checked(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def command_line(text: str) -> list[str]:
     """Arguments given as one string, split as a shell would."""
     try:
@@ -183,8 +193,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.server:
         from . import server_bench
 
+        if args.server_model is not None and args.server_layers is not None:
+            print(
+                "moefuse bench: --server-layers sizes the model the benchmark writes; "
+                "it cannot apply to --server-model",
+                file=sys.stderr,
+            )
+            return 2
         server_bench.run(
             args.out,
+            model_dir=args.server_model,
             preset=args.server_preset,
             layers=args.server_layers,
             rounds=args.server_rounds,
@@ -445,7 +463,20 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         choices=("mlx_lm", "mlx_vlm"),
         help="--server: mlx_lm.server or mlx_vlm.server",
     )
-    p.add_argument("--server-preset", default="qwen3-30b-a3b", choices=sorted(PRESETS))
+    served = p.add_mutually_exclusive_group()
+    served.add_argument(
+        "--server-preset",
+        default="qwen3-30b-a3b",
+        choices=sorted(PRESETS),
+        help="--server: the dimensions of the model it writes (random 4-bit weights)",
+    )
+    served.add_argument(
+        "--server-model",
+        metavar="MODEL_DIR",
+        type=model_directory,
+        default=None,
+        help="--server: serve this local model directory instead (a real checkpoint)",
+    )
     p.add_argument(
         "--server-layers", type=positive_int, default=None, help="--server: model layers"
     )

@@ -2,7 +2,8 @@
 
 ``moefuse bench --server`` writes a model directory (the demo model at a
 preset's dimensions: random 4-bit weights, the demo tokenizer, mlx-lm's
-``save_model``; mlx-vlm loads it as its own ``qwen3_moe``), then for each
+``save_model``; mlx-vlm loads it as its own ``qwen3_moe``), or takes the
+user's own (``--server-model DIR``, any local mlx-lm model), then for each
 round starts three fresh servers of one program (`APPS`: ``mlx_lm.server``
 or ``mlx_vlm.server``) in turn, each on 127.0.0.1 and stopped by its pid
 when done:
@@ -226,7 +227,7 @@ def _stream_chat(port: int, text: str, max_tokens: int, model: str | None, start
                 reply.tokens = usage.get("completion_tokens", reply.tokens)
                 reply.prompt_tokens = usage.get("prompt_tokens", 0)
             for choice in event.get("choices", []):
-                piece = (choice.get("delta") or {}).get("content") or ""
+                piece = streamed_text(choice.get("delta") or {})
                 if not piece:
                     continue
                 now = time.perf_counter()
@@ -238,6 +239,13 @@ def _stream_chat(port: int, text: str, max_tokens: int, model: str | None, start
                 reply.text += piece
     reply.seconds = time.perf_counter() - start
     return reply
+
+
+def streamed_text(delta: dict) -> str:
+    """The text of one streamed chunk, reasoning included: a server whose chat
+    template opens a thinking block streams the first tokens, or all of them,
+    as ``reasoning`` (mlx_vlm.server, mlx_lm.server) or ``reasoning_content``."""
+    return "".join(delta.get(key) or "" for key in ("reasoning_content", "reasoning", "content"))
 
 
 LAUNCHER = "from moefuse_runtime.server_bench import serve; serve()"
@@ -735,6 +743,17 @@ def loop_figures(model: Path, single: Workload, summary: dict, folder: Path) -> 
     }
 
 
+def model_directory(path: str | os.PathLike) -> Path:
+    """``path`` resolved, if it is a local model directory a server can load
+    (its ``config.json`` there); a ValueError that says why if not."""
+    folder = Path(path).expanduser().resolve()
+    if not folder.is_dir():
+        raise ValueError(f"{path}: not a directory (a local model directory is needed)")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{path}: no config.json there: not a model directory")
+    return folder
+
+
 def run(
     out: str,
     *,
@@ -748,11 +767,13 @@ def run(
     starts: int = 0,
     bound: bool = True,
     loop: bool = True,
+    model_dir: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Write the model, serve it with ``app`` plain, fused and (with
-    ``bound``) FFN-free ``rounds`` times, interleaved: each round starts with
-    another kind. ``server_args``: the app's own arguments if None.
+    """Write the model (``preset``, ``layers``), or take ``model_dir``, and
+    serve it with ``app`` plain, fused and (with ``bound``) FFN-free
+    ``rounds`` times, interleaved: each round starts with another kind.
+    ``server_args``: the app's own arguments if None.
 
     With ``warmup``, a round before them is run and kept apart (``warmup``
     in the JSON): on a machine that never ran MLX, the first server fills
@@ -766,10 +787,13 @@ def run(
     from . import demo
 
     folder = Path(out)
+    if model_dir is not None:
+        model = model_directory(model_dir)
     folder.mkdir(parents=True, exist_ok=True)
     server_args = list(app.default_args if server_args is None else server_args)
-    dtype = mx.float32 if smoke else mx.bfloat16
-    model = demo.write_demo_model(folder / "model", preset, layers=layers, dtype=dtype)
+    if model_dir is None:
+        dtype = mx.float32 if smoke else mx.bfloat16
+        model = demo.write_demo_model(folder / "model", preset, layers=layers, dtype=dtype)
     workloads = SMOKE_WORKLOADS if smoke else GPU_WORKLOADS
     kinds = ("plain", "fused", "bound") if bound else ("plain", "fused")
     results: list[dict] = []
@@ -811,8 +835,9 @@ def run(
             )
     result = {
         "app": app.name,
-        "preset": preset,
-        "layers": layers,
+        "model": None if model_dir is None else str(model),
+        "preset": None if model_dir is not None else preset,
+        "layers": None if model_dir is not None else layers,
         "rounds": rounds,
         "server_args": server_args,
         "workloads": [asdict(w) for w in workloads],
@@ -867,10 +892,13 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
         ax.set_ylabel(label)
         ax.legend()
-    fig.suptitle(
-        f"{result['app']}, {result['preset']} ({result['layers'] or 'all'} layers), "
-        f"medians of {result['rounds']} rounds of fresh servers"
+    served = (
+        Path(result["model"]).name
+        if result["model"]
+        else f"{result['preset']} ({result['layers'] or 'all'} layers)"
     )
+    rounds = result["rounds"]
+    fig.suptitle(f"{result['app']}, {served}, medians of {rounds} rounds of fresh servers")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

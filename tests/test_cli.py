@@ -194,3 +194,34 @@ def test_server_bench_options_reach_the_benchmark(monkeypatch, tmp_path, flags, 
     assert {key: seen[key] for key in expected} == expected
     if "app" not in expected:
         assert seen["app"] == "mlx_lm.server"
+
+
+def test_server_bench_serves_a_model_directory_given(monkeypatch, tmp_path):
+    from moefuse_runtime import cli, server_bench
+
+    model = tmp_path / "my-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    seen = {}
+    monkeypatch.setattr(server_bench, "run", lambda out, **kwargs: seen.update(kwargs))
+    flags = ["--server-model", str(model)]
+    assert cli.main(["bench", "--server", "--out", str(tmp_path), *flags]) == 0
+    assert seen["model_dir"] == str(model.resolve())
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--server-model", "{tmp}/absent"], "not a directory"),
+        (["--server-model", "{tmp}"], "no config.json there"),
+        (["--server-model", "{tmp}/m", "--server-preset", "tiny"], "not allowed with argument"),
+        (["--server-model", "{tmp}/m", "--server-layers", "2"], "cannot apply to --server-model"),
+    ],
+)
+def test_server_bench_refuses_a_model_it_cannot_serve(tmp_path, flags, message):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    args = [flag.format(tmp=tmp_path) for flag in flags]
+    done = run(["moefuse", "bench", "--server", "--out", str(tmp_path / "out"), *args])
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything ran

@@ -117,11 +117,13 @@ def test_fused_server_answers_exactly_like_a_plain_one(program, demo_model, tmp_
 
 
 @pytest.mark.parametrize("app", ["mlx_lm", "mlx_vlm"])
-def test_the_server_benchmark_runs_real_servers(app, tmp_path):
+def test_the_server_benchmark_runs_real_servers(app, tmp_path, demo_model):
     # `moefuse bench --server --quick`: a plain, a fused and an FFN-free
     # server on the tiny demo model, every workload streamed; the figures
-    # exist and plain and fused agree
+    # exist and plain and fused agree. mlx_lm: on a model the benchmark
+    # writes; mlx_vlm: on a model directory given (--server-model)
     out = tmp_path / "bench"
+    served = ["--server-preset", "tiny"] if app == "mlx_lm" else ["--server-model", str(demo_model)]
     done = run(
         [
             "moefuse",
@@ -130,8 +132,7 @@ def test_the_server_benchmark_runs_real_servers(app, tmp_path):
             "--quick",
             "--server-app",
             app,
-            "--server-preset",
-            "tiny",
+            *served,
             "--server-rounds",
             "1",
             "--server-starts",
@@ -143,6 +144,12 @@ def test_the_server_benchmark_runs_real_servers(app, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads((out / "server.json").read_text())
     assert result["app"] == f"{app}.server"
+    if app == "mlx_lm":
+        assert (result["preset"], result["model"]) == ("tiny", None)
+        assert (out / "model" / "config.json").is_file()
+    else:
+        assert (result["preset"], result["model"]) == (None, str(demo_model.resolve()))
+        assert not (out / "model").exists()  # the given model served, none written
     summary = result["summary"]
     assert summary["start_s"]["plain"] > 0 and summary["start_s"]["fused"] > 0
     for workload in ("single", "concurrent", "long_prompts"):
@@ -186,6 +193,9 @@ def test_the_server_benchmark_runs_real_servers(app, tmp_path):
     runs = result["runs"][0]
     assert runs["bound"]["install_log"] == []  # FFN-free, not fused: other replies
     assert runs["bound"]["concurrent"]["texts"] != runs["plain"]["concurrent"]["texts"]
+    for kind in ("plain", "fused", "bound"):  # every reply streamed text, timed from it
+        for workload in ("single", "concurrent", "long_prompts"):
+            assert all(runs[kind][workload]["texts"]), (kind, workload)
     fused_log = result["runs"][0]["fused"]["install_log"]
     assert any("fused 4/4 SwitchGLU layers" in line for line in fused_log)
     assert (out / "server.png").stat().st_size > 0
@@ -284,3 +294,14 @@ def test_a_failed_model_loop_is_reported_and_the_servers_figures_stand(tmp_path)
     figures = loop_figures(tmp_path / "no-model", SMOKE_WORKLOADS[0], served, tmp_path)
     assert set(figures) == {"error"} and "mlx_lm generate (plain) failed" in figures["error"]
     assert (tmp_path / "loop-plain.log").read_text()  # mlx-lm's own words are kept
+
+
+def test_streamed_text_takes_reasoning_and_content():
+    # a thinking block streams as `reasoning` (mlx_vlm.server, mlx_lm.server)
+    # or `reasoning_content`: those tokens count for time to first token
+    from moefuse_runtime.server_bench import streamed_text
+
+    assert streamed_text({"role": "assistant", "content": None, "reasoning": "Hm"}) == "Hm"
+    assert streamed_text({"reasoning_content": "a", "content": "b"}) == "ab"
+    assert streamed_text({"content": "x", "reasoning": None}) == "x"
+    assert streamed_text({"role": "assistant"}) == ""
