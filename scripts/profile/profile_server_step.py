@@ -22,7 +22,13 @@ that host work with each step serialized (the GPU idle when it begins):
   same math when nothing is padded); in the main thread and in a worker
   thread, as the server's generation thread runs it. Milliseconds,
   medians of ``--steps``; plain and fused twice, alternating, bound once
-  (last: it patches mlx-lm's SwitchGLU for good).
+  (last: it patches mlx-lm's SwitchGLU for good);
+* ``pipelined``: the same steps as a server's generation thread runs them
+  (``batch`` cache, in a worker thread): each step built and handed to
+  ``mx.async_eval`` before the previous step's tokens are read, so the GPU
+  runs one step while the host builds the next. ``period_ms`` per step and,
+  on CUDA (CUPTI through PyTorch's profiler), ``gpu_busy_ms`` per step: a
+  period the GPU is busy for most of is bound by the GPU, not the host.
 """
 
 from __future__ import annotations
@@ -59,6 +65,33 @@ def serialized(build: Callable[[], mx.array], repeats: int) -> dict:
             parts["async_eval_ms"].append(1e3 * (launched - built))
             parts["gpu_after_ms"].append(1e3 * (time.perf_counter() - launched))
     return {key: statistics.median(values) for key, values in parts.items()}
+
+
+def overlapped(step: Callable[[], mx.array], repeats: int) -> dict:
+    """``repeats`` steps as mlx-lm's generate loop runs them: the next step
+    built and launched before the current one's tokens are read. Per step:
+    the period, and the GPU's busy time where CUPTI is there."""
+
+    def run() -> None:
+        current = step()
+        mx.async_eval(current)
+        for _ in range(repeats):
+            following = step()
+            mx.async_eval(following)
+            current.tolist()  # the server reads each step's tokens
+            current = following
+        current.tolist()
+
+    run()  # warm-up
+    start = time.perf_counter()
+    run()
+    figures = {"period_ms": 1e3 * (time.perf_counter() - start) / (repeats + 1)}
+    if mx.default_device() == mx.gpu:
+        from cupti import kernel_timeline
+
+        busy = kernel_timeline(run, 1)["gpu_busy_ms"]
+        figures["gpu_busy_ms"] = busy / (repeats + 1)
+    return figures
 
 
 def primitives(repeats: int) -> dict:
@@ -118,7 +151,7 @@ class Steps:
     def __init__(self, model, sequences: int, context: int, repeats: int) -> None:
         self.model, self.sequences, self.context, self.repeats = model, sequences, context, repeats
 
-    def run(self, kind: str) -> dict:
+    def run(self, kind: str, pipelined: bool = False) -> dict:
         from mlx_lm.models import cache
 
         batch = cache.BatchKVCache
@@ -138,7 +171,7 @@ class Steps:
                 state["y"] = mx.argmax(logits[:, -1], axis=-1)
                 return state["y"]
 
-            return serialized(step, self.repeats)
+            return overlapped(step, self.repeats) if pipelined else serialized(step, self.repeats)
         finally:
             batch.make_mask = masked
 
@@ -174,6 +207,10 @@ def all_steps(model, label: str, args, out: dict) -> None:
                 out.setdefault(f"{sequences} {label} {kind} {where}", []).append(figures)
                 shown = ", ".join(f"{k} {v:.2f}" for k, v in figures.items())
                 print(f"{sequences} sequences, {label}, {kind}, {where}: {shown}", flush=True)
+        figures = in_thread(functools.partial(steps.run, "batch", pipelined=True))
+        out.setdefault(f"{sequences} {label} batch pipelined", []).append(figures)
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in figures.items())
+        print(f"{sequences} sequences, {label}, batch, pipelined: {shown}", flush=True)
 
 
 def main() -> None:
