@@ -26,9 +26,12 @@ that host work with each step serialized (the GPU idle when it begins):
 * ``pipelined``: the same steps as a server's generation thread runs them
   (``batch`` cache, in a worker thread): each step built and handed to
   ``mx.async_eval`` before the previous step's tokens are read, so the GPU
-  runs one step while the host builds the next. ``period_ms`` per step and,
-  on CUDA (CUPTI through PyTorch's profiler), ``gpu_busy_ms`` per step: a
-  period the GPU is busy for most of is bound by the GPU, not the host.
+  runs one step while the host builds the next; ``server``: the same, then
+  one ``.item()`` per sequence as ``mlx_lm.server`` reads each response's
+  log-probability, the first of which waits for the next step's GPU work.
+  ``period_ms`` per step and, on CUDA (CUPTI through PyTorch's profiler),
+  ``gpu_busy_ms`` per step: a period the GPU is busy for most of is bound
+  by the GPU, not the host.
 """
 
 from __future__ import annotations
@@ -67,10 +70,14 @@ def serialized(build: Callable[[], mx.array], repeats: int) -> dict:
     return {key: statistics.median(values) for key, values in parts.items()}
 
 
-def overlapped(step: Callable[[], mx.array], repeats: int) -> dict:
-    """``repeats`` steps as mlx-lm's generate loop runs them: the next step
-    built and launched before the current one's tokens are read. Per step:
-    the period, and the GPU's busy time where CUPTI is there."""
+def overlapped(step: Callable[[], mx.array], repeats: int, per_sequence: bool) -> dict:
+    """``repeats`` steps as mlx-lm's BatchGenerator runs them: the next step
+    built and launched before the current one's tokens are read. With
+    ``per_sequence``, then one ``.item()`` per sequence on a new op of the
+    current step's output, as ``mlx_lm.server`` reads each response's
+    log-probability (``r.logprobs[r.token].item()``): on one stream, the
+    first of those waits for the whole next step. Per step: the period, and
+    the GPU's busy time where CUPTI is there."""
 
     def run() -> None:
         current = step()
@@ -78,7 +85,10 @@ def overlapped(step: Callable[[], mx.array], repeats: int) -> dict:
         for _ in range(repeats):
             following = step()
             mx.async_eval(following)
-            current.tolist()  # the server reads each step's tokens
+            tokens = current.tolist()
+            if per_sequence:
+                for s in range(len(tokens)):
+                    current[s].item()
             current = following
         current.tolist()
 
@@ -151,7 +161,7 @@ class Steps:
     def __init__(self, model, sequences: int, context: int, repeats: int) -> None:
         self.model, self.sequences, self.context, self.repeats = model, sequences, context, repeats
 
-    def run(self, kind: str, pipelined: bool = False) -> dict:
+    def run(self, kind: str, pipelined: str = "") -> dict:
         from mlx_lm.models import cache
 
         batch = cache.BatchKVCache
@@ -171,7 +181,9 @@ class Steps:
                 state["y"] = mx.argmax(logits[:, -1], axis=-1)
                 return state["y"]
 
-            return overlapped(step, self.repeats) if pipelined else serialized(step, self.repeats)
+            if pipelined:
+                return overlapped(step, self.repeats, per_sequence=pipelined == "server")
+            return serialized(step, self.repeats)
         finally:
             batch.make_mask = masked
 
@@ -207,10 +219,11 @@ def all_steps(model, label: str, args, out: dict) -> None:
                 out.setdefault(f"{sequences} {label} {kind} {where}", []).append(figures)
                 shown = ", ".join(f"{k} {v:.2f}" for k, v in figures.items())
                 print(f"{sequences} sequences, {label}, {kind}, {where}: {shown}", flush=True)
-        figures = in_thread(functools.partial(steps.run, "batch", pipelined=True))
-        out.setdefault(f"{sequences} {label} batch pipelined", []).append(figures)
-        shown = ", ".join(f"{k} {v:.2f}" for k, v in figures.items())
-        print(f"{sequences} sequences, {label}, batch, pipelined: {shown}", flush=True)
+        for pipelined in ("pipelined", "server"):
+            figures = in_thread(functools.partial(steps.run, "batch", pipelined=pipelined))
+            out.setdefault(f"{sequences} {label} batch {pipelined}", []).append(figures)
+            shown = ", ".join(f"{k} {v:.2f}" for k, v in figures.items())
+            print(f"{sequences} sequences, {label}, batch, {pipelined}: {shown}", flush=True)
 
 
 def main() -> None:
