@@ -586,11 +586,19 @@ def test_route_matches_the_routing():
 @needs_cuda
 @pytest.mark.parametrize(
     ("pairs", "experts", "skew"),
-    [(1, 8, 0), (257, 128, 0), (4100, 7, 0), (16384, 128, 1), (131072, 128, 0), (3000, 512, 2)],
+    [
+        (1, 8, 0),
+        (257, 128, 0),
+        (4100, 7, 0),
+        (16384, 128, 1),
+        (131072, 128, 0),
+        (3000, 512, 2),
+        (20000, 1024, 0),
+    ],
 )
 def test_route_against_numpy(pairs, experts, skew):
-    # Uniform routings, one expert taking nearly every pair (warp-aggregated
-    # atomics), more pairs than threads, more experts than 128.
+    # Uniform routings, one expert taking nearly every pair (its atomics
+    # serialized), more pairs than threads, more experts than 128.
     rng = np.random.default_rng(pairs)
     ids = rng.integers(0, experts, pairs)
     if skew == 1:

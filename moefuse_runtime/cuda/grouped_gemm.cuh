@@ -72,19 +72,6 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int& total) {
   return exclusive;
 }
 
-// Each lane's place among the lanes of its warp routed to the same expert,
-// and how many there are: one shared-memory atomic per expert per warp, so
-// a prefill whose pairs crowd a few experts does not serialize on them.
-struct Peers {
-  unsigned mask;
-  int rank, count, leader;
-};
-__device__ __forceinline__ Peers peers_of(unsigned expert) {
-  const unsigned lane = threadIdx.x & 31;
-  const unsigned mask = __match_any_sync(0xffffffffu, expert);
-  return {mask, __popc(mask & ((1u << lane) - 1)), __popc(mask), __ffs(mask) - 1};
-}
-
 // Expert e's tiles of BM sorted rows from `start`, into tiles[first...].
 template <int BM>
 __device__ __forceinline__ void write_tiles(int4* tiles, int first, int e, int start, int rows) {
@@ -103,6 +90,9 @@ __device__ __forceinline__ void write_tiles(int4* tiles, int first, int e, int s
 //   tiles_b   the same per BM_B rows (down's).
 // Expert ids past E are counted as expert E - 1: wrong rows rather than
 // reads out of bounds (SwitchGLU's own gather has no check either).
+// Each pair takes its row with a shared-memory atomic of its own: the lanes
+// of a warp on one expert serialize there, in hardware, rather than meet
+// first in a __match_any_sync per pair.
 template <int E, int BM_A, int BM_B>
 __device__ void route(const unsigned* experts, int pairs, unsigned* order, int* tiles_a,
                       int* tiles_b) {
@@ -112,14 +102,8 @@ __device__ void route(const unsigned* experts, int pairs, unsigned* order, int* 
     next_row[e] = 0;
   }
   __syncthreads();
-  // The loops over pairs run whole warps (match_any needs every lane).
-  for (int base = 0; base < pairs; base += blockDim.x) {
-    const int i = base + tid;
-    const unsigned e = i < pairs ? min(experts[i], E - 1u) : E;
-    const Peers peers = peers_of(e);
-    if (i < pairs && peers.rank == 0) {
-      atomicAdd(&next_row[e], peers.count);
-    }
+  for (int i = tid; i < pairs; i += blockDim.x) {
+    atomicAdd(&next_row[min(experts[i], E - 1u)], 1);
   }
   __syncthreads();
   int rows_before = 0, tiles_before_a = 0, tiles_before_b = 0;
@@ -146,18 +130,8 @@ __device__ void route(const unsigned* experts, int pairs, unsigned* order, int* 
     reinterpret_cast<int4*>(tiles_b)[t] = make_int4(-1, 0, 0, 0);
   }
   __syncthreads();
-  for (int base = 0; base < pairs; base += blockDim.x) {
-    const int i = base + tid;
-    const unsigned e = i < pairs ? min(experts[i], E - 1u) : E;
-    const Peers peers = peers_of(e);
-    int first = 0;
-    if (i < pairs && peers.rank == 0) {
-      first = atomicAdd(&next_row[e], peers.count);
-    }
-    first = __shfl_sync(0xffffffffu, first, peers.leader);
-    if (i < pairs) {
-      order[first + peers.rank] = i;
-    }
+  for (int i = tid; i < pairs; i += blockDim.x) {
+    order[atomicAdd(&next_row[min(experts[i], E - 1u)], 1)] = i;
   }
 }
 
